@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv and installs monai-medplib with everything its tests, bundle and MONAI Label app need.
+# Order matters (see README "Installation"): the CPU torch first, then the stack, then monailabel without
+# its dependency tree (which would pull torchvision, sam2 and a CUDA torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip wheel setuptools
+"${PIP[@]}" -c requirements/constraints.txt torch
+"${PIP[@]}" -c requirements/constraints.txt -r requirements/core.txt -r requirements/app.txt -r requirements/dev.txt
+"${PIP[@]}" --no-deps -c requirements/constraints.txt monailabel pydicom-seg liver-ct-segmentation-package
+"${PIP[@]}" --no-deps -e .
+# torchvision breaks peft and transformers' LLaMA beside the CPU torch: it must not be there.
+if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
+  echo "torchvision got installed; removing it" >&2
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision
+fi
+"$VENV/bin/python" -c "import torch, transformers, peft, monai, monai_medplib; print('monai-medplib installed:', monai_medplib.__version__, 'torch', torch.__version__)"
