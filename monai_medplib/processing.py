@@ -1,0 +1,294 @@
+"""Image and mask processing of the MedPLIB release: CLIP / SAM inputs, region grids, mask output.
+
+Every step reproduces the release data path (``LazySupervisedDataset`` and the demo worker) bit for
+bit where the model depends on it: PIL bilinear ResizeLongestSide, *centre* padding (not SAM's
+bottom-right), the CLIP pad colour, the 24x24 top-left-pixel region grid, and the mask crop quirk
+of ``postprocess_masks``. This module is the one home of the normalisation constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+CLIP_SIZE = 336
+SAM_SIZE = 256
+CLIP_PATCH = 14
+REGION_GRID_SIZE = CLIP_SIZE // CLIP_PATCH  # 24
+LOW_RES_MASK_SIZE = 64
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Release: int(255 * mean) truncated -> (122, 116, 104), painted on the uint8 image before normalising.
+CLIP_PAD_FILL = tuple(int(255 * m) for m in CLIP_MEAN)
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+MASK_THRESHOLD = 0.1  # on sigmoid probabilities (release eval and demo), not 0.5
+POINT_HALF_SIZE = 20  # demo: a click becomes a 41x41 px square
+
+ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_rgb(image: ImageLike) -> np.ndarray:
+    """Return an 8-bit RGB array ``[H, W, 3]``.
+
+    Accepts a file path (read with PIL; grayscale is expanded to three identical channels and an
+    alpha channel is dropped, as ``cv2.imread`` does; 16-bit files are scaled by 1/256), a PIL image,
+    or an array / tensor ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``. uint8 is taken as is; float or
+    bool data whose values all lie in [0, 1] is scaled by 255, other float data is clipped to 0..255;
+    both are then rounded. Other integer types must already lie in 0..255 (window CT / MR first).
+    """
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        with Image.open(path) as pil:
+            return _pil_to_rgb(pil)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image or numpy array")
+
+
+def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
+    if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: cv2.imread(IMREAD_COLOR) converts to 8 bit by value / 256.
+        grey = np.clip(np.rint(np.asarray(pil, dtype=np.float64) / 256.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(pil.convert("RGB"), dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(
+            f"image array must be (H, W) or (H, W, 3) (channels last), got shape {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image array is empty: shape {tuple(array.shape)}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.float64)
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or infinite values")
+        if array.min() >= 0.0 and array.max() <= 1.0:
+            array = array * 255.0
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{array.dtype} image has values {low}..{high}; map it to 0..255 first "
+                "(e.g. a CT window from monai_medplib.transforms.intensity)"
+            )
+        return array.astype(np.uint8)
+    raise TypeError(f"unsupported image dtype {array.dtype}")
+
+
+# ---------------------------------------------------------------------------------- geometry
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """Target ``(h, w)`` of ResizeLongestSide: ``int(x * s + 0.5)`` with ``s = long_side / max(h, w)``."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_longest_side(array: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize a uint8 ``[H, W]`` or ``[H, W, 3]`` array with PIL bilinear (antialiased) like the release."""
+    new_h, new_w = preprocess_shape(array.shape[0], array.shape[1], long_side)
+    resized = Image.fromarray(array).resize((new_w, new_h), Image.BILINEAR)
+    return np.asarray(resized)
+
+
+def _centre_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    # Release pad_tensor_channelwise: the odd pixel goes to the bottom / right.
+    return (size - height) // 2, (size - width) // 2
+
+
+def centre_pad(chw: torch.Tensor, size: int, fill: Sequence[float]) -> torch.Tensor:
+    """Pad ``[C, h, w]`` to ``[C, size, size]`` with a per-channel fill, content centred."""
+    channels, height, width = chw.shape
+    top, left = _centre_offsets(height, width, size)
+    out = torch.empty((channels, size, size), dtype=chw.dtype)
+    for c in range(channels):
+        out[c] = fill[c]
+    out[:, top : top + height, left : left + width] = chw
+    return out
+
+
+# ---------------------------------------------------------------------------------- images
+def clip_pixels(rgb: np.ndarray) -> torch.Tensor:
+    """CLIP input ``float32 [3, 336, 336]`` (release ``image_aspect_ratio='pad'`` path).
+
+    ResizeLongestSide(336), centre pad with (122, 116, 104) on uint8, then the CLIPImageProcessor
+    arithmetic: ``float32(x * (1/255))`` followed by ``(x - mean) / std`` in float32.
+    """
+    rgb = _array_to_rgb(np.asarray(rgb))
+    resized = torch.from_numpy(resize_longest_side(rgb, CLIP_SIZE).copy()).permute(2, 0, 1)
+    padded = centre_pad(resized, CLIP_SIZE, CLIP_PAD_FILL).numpy()
+    scaled = (padded * (1 / 255)).astype(np.float32)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+    return torch.from_numpy((scaled - mean) / std)
+
+
+def sam_pixels(rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM input ``float32 [3, 256, 256]`` and the resized ``(h, w)`` needed by post-processing.
+
+    ResizeLongestSide(256), normalise with the SAM mean / std (0..255 scale), *then* centre pad
+    with 0 (release order: the padding is the mean colour).
+    """
+    rgb = _array_to_rgb(np.asarray(rgb))
+    resized = torch.from_numpy(resize_longest_side(rgb, SAM_SIZE).copy()).permute(2, 0, 1)
+    mean = torch.tensor(SAM_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(SAM_STD, dtype=torch.float32).view(3, 1, 1)
+    normalised = (resized - mean) / std
+    return centre_pad(normalised, SAM_SIZE, (0.0, 0.0, 0.0)), (int(resized.shape[1]), int(resized.shape[2]))
+
+
+# ---------------------------------------------------------------------------------- regions
+def _binary_mask(mask: np.ndarray | torch.Tensor, name: str = "region mask") -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a 2D (H, W) array, got shape {tuple(mask.shape)}")
+    return (mask > 0).astype(np.uint8)
+
+
+def region_grid(mask_hw: np.ndarray | torch.Tensor, keep_largest_component: bool = False) -> torch.Tensor:
+    """24x24 uint8 region grid of a binary mask at original image resolution (non-zero = region).
+
+    ResizeLongestSide(336) with PIL bilinear (a 0/1 image stays 0/1), centre pad with 0, then
+    ``cv2.resize(1/14, INTER_NEAREST)`` == the top-left pixel of every CLIP patch, ``[0::14, 0::14]``.
+
+    ``keep_largest_component=True`` follows the release *dataset* path (training and official
+    evaluation) instead of the demo worker: only the largest 8-connected component of the grid is
+    kept. Release quirk: that path then runs a random-walk ``generate_sub_connected_component``
+    whose area ratio is drawn from ``U(0.2, max_area)``, but ``max_area`` is shadowed by the
+    component's area in cells (>= 10), so the target area almost always exceeds the component and
+    the walk (an 8-neighbour flood fill) covers all of it; components under 10 cells are returned
+    untouched. Keeping the whole component is therefore the deterministic equivalent.
+    """
+    binary = _binary_mask(mask_hw)
+    if not binary.any():
+        raise ValueError("region mask is empty: it has no non-zero pixel")
+    resized = torch.from_numpy(resize_longest_side(binary, CLIP_SIZE).copy())[None]
+    padded = centre_pad(resized, CLIP_SIZE, (0,))[0]
+    grid = padded[::CLIP_PATCH, ::CLIP_PATCH].contiguous()
+    if not grid.any():
+        raise ValueError(
+            "region vanished in the 24x24 grid: it misses the top-left pixel of every 14x14 CLIP patch "
+            "(draw a larger region)"
+        )
+    if keep_largest_component:
+        grid = largest_component(grid)
+    return grid.to(torch.uint8)
+
+
+def largest_component(grid: torch.Tensor) -> torch.Tensor:
+    """Keep the largest 8-connected component (ties: the first in raster order, like cv2)."""
+    labels, count = ndimage.label(grid.numpy() > 0, structure=np.ones((3, 3), dtype=int))
+    if count <= 1:
+        return grid
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = int(np.argmax(sizes)) + 1
+    return torch.from_numpy((labels == keep).astype(np.uint8))
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) < 2 or shape[0] <= 0 or shape[1] <= 0:
+        raise ValueError(f"image shape must start with positive (H, W), got {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def point_region_mask(shape: Sequence[int], points: Sequence[Sequence[float]]) -> np.ndarray:
+    """Demo point prompt: a 41x41 square (+-20 px) around the median clicked pixel, clipped to the image.
+
+    Args:
+        shape: image shape, ``(H, W, ...)``.
+        points: one or more ``(x, y)`` pixel coordinates (x = column, y = row).
+    """
+    height, width = _check_shape(shape)
+    coords = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+    if coords.shape[0] == 0:
+        raise ValueError("point prompt needs at least one (x, y) point")
+    for x, y in coords:
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"point (x={x:g}, y={y:g}) is outside the {height}x{width} image")
+    cols = np.floor(coords[:, 0]).astype(np.int64)
+    rows = np.floor(coords[:, 1]).astype(np.int64)
+    # torch.median semantics (the demo): the lower of the two middle values for an even count.
+    row = int(np.sort(rows)[(len(rows) - 1) // 2])
+    col = int(np.sort(cols)[(len(cols) - 1) // 2])
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[
+        max(0, row - POINT_HALF_SIZE) : min(height, row + POINT_HALF_SIZE + 1),
+        max(0, col - POINT_HALF_SIZE) : min(width, col + POINT_HALF_SIZE + 1),
+    ] = 1
+    return mask
+
+
+def box_region_mask(shape: Sequence[int], box: Sequence[float]) -> np.ndarray:
+    """Box prompt ``(x0, y0, x1, y1)`` in pixels -> filled rectangle, corners inclusive.
+
+    (The release demo indexes the rectangle as ``[x0:x1+1, y0:y1+1]``, i.e. transposed; that bug
+    never reached training, so the box is drawn where the user put it.)
+    """
+    height, width = _check_shape(shape)
+    if len(box) != 4:
+        raise ValueError(f"box must be (x0, y0, x1, y1), got {tuple(box)}")
+    x0, y0, x1, y1 = (int(np.floor(v)) for v in box)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
+        raise ValueError(f"box {tuple(box)} is outside the {height}x{width} image")
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y0 : y1 + 1, x0 : x1 + 1] = 1
+    return mask
+
+
+# ---------------------------------------------------------------------------------- masks out
+def postprocess_mask_logits(
+    low_res: torch.Tensor, resize: Sequence[int], original_size: Sequence[int]
+) -> torch.Tensor:
+    """Low-res SAM logits ``[B, 1, 64, 64]`` -> logits ``[B, 1, H, W]`` at the original image size.
+
+    Release quirk (``MedPLIBForCausalLM.postprocess_masks``, trained with it, so kept): the padding
+    is computed as ``64 - resize`` although ``resize`` is at 256 scale, and the crop
+    ``[top : top + h, left : left + w]`` uses Python slice semantics (a negative start counts from
+    the end, a start below -64 clamps to 0, the stop clamps to 64). Square images keep the whole map;
+    non-square ones keep a band that is then stretched by bilinear interpolation (align_corners=False).
+    """
+    if low_res.dim() == 3:
+        low_res = low_res.unsqueeze(0)
+    if low_res.dim() != 4:
+        raise ValueError(f"low-res masks must be [B, 1, h, w], got shape {tuple(low_res.shape)}")
+    new_h, new_w = (int(v) for v in resize)
+    map_h, map_w = low_res.shape[-2:]
+    top = (map_h - new_h) // 2
+    left = (map_w - new_w) // 2
+    rows = slice(*slice(top, top + new_h).indices(map_h)[:2])
+    cols = slice(*slice(left, left + new_w).indices(map_w)[:2])
+    cropped = low_res[:, :, rows, cols]
+    out_size = (int(original_size[0]), int(original_size[1]))
+    return F.interpolate(cropped, out_size, mode="bilinear", align_corners=False)
+
+
+def binarize(logits: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """Boolean mask ``sigmoid(logits) > threshold`` (release threshold 0.1)."""
+    return torch.sigmoid(logits) > threshold

@@ -1,0 +1,178 @@
+"""Image / mask processing against the tensors the release code stored in the public fixture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from monai_medplib.processing import (
+    CLIP_PAD_FILL,
+    binarize,
+    box_region_mask,
+    clip_pixels,
+    load_rgb,
+    point_region_mask,
+    postprocess_mask_logits,
+    preprocess_shape,
+    region_grid,
+    sam_pixels,
+)
+
+
+def _tensors(fixture: Path, case: str) -> dict[str, torch.Tensor]:
+    return load_file(fixture / "expected" / f"{case}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def expected(public_fixture: Path) -> dict:
+    return json.loads((public_fixture / "expected" / "expected.json").read_text())
+
+
+@pytest.mark.parametrize(("case", "image"), [("a_vqa", "image.png"), ("d_vqa_square", "image_square.png")])
+def test_clip_pixels_match_release(public_fixture, case, image):
+    rgb = load_rgb(public_fixture / "inputs" / image)
+    got = clip_pixels(rgb)
+    want = _tensors(public_fixture, case)["images_clip"][0]
+    assert got.dtype == torch.float32 and got.shape == (3, 336, 336)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("case", "image"), [("c_grounding", "image.png"), ("d_grounding_square", "image_square.png")]
+)
+def test_sam_pixels_and_mask_postprocess_match_release(public_fixture, expected, case, image):
+    rgb = load_rgb(public_fixture / "inputs" / image)
+    stored = _tensors(public_fixture, case)
+    pixels, resize = sam_pixels(rgb)
+    assert pixels.shape == (3, 256, 256)
+    assert (pixels - stored["images_sam"][0]).abs().max().item() <= 1e-5
+    assert list(resize) == expected["cases"][case]["resize"]
+
+    logits = postprocess_mask_logits(stored["low_res_masks"], resize, rgb.shape[:2])
+    assert logits.shape == (1, 1, *rgb.shape[:2])
+    assert (logits[0] - stored["pred_mask_logits"]).abs().max().item() <= 1e-3
+    assert torch.equal(binarize(logits)[0].to(torch.uint8), stored["pred_mask_binary"])
+
+
+def test_region_grids_match_release(public_fixture):
+    stored = _tensors(public_fixture, "b_region_vqa")
+    mask = np.array(Image.open(public_fixture / "inputs" / "region_mask.png"))
+    demo = region_grid(mask)
+    assert demo.dtype == torch.uint8 and demo.shape == (24, 24)
+    assert torch.equal(demo, stored["region_grid24"])
+    dataset = region_grid(mask, keep_largest_component=True)
+    assert torch.equal(dataset.float(), stored["region_grid24_dataset_path"])
+
+
+def test_region_grid_two_blobs_and_sampling():
+    mask = np.zeros((336, 336), dtype=np.uint8)
+    mask[0:28, 0:28] = 1  # patches (0,0),(0,1),(1,0),(1,1): 4 cells
+    mask[140:141, 140:141] = 1  # the top-left pixel of patch (10,10): 1 cell
+    mask[200:210, 15:25] = 1  # inside patches but misses every top-left pixel: 0 cells
+    grid = region_grid(mask)
+    assert grid.sum() == 5 and grid[10, 10] == 1 and grid[:2, :2].all()
+    largest = region_grid(mask, keep_largest_component=True)
+    assert largest.sum() == 4 and largest[10, 10] == 0
+    # Diagonal neighbours are one 8-connected component.
+    diag = np.zeros((336, 336), dtype=np.uint8)
+    diag[0, 0] = diag[14, 14] = diag[28, 28] = 1
+    diag[280, 0] = 1
+    assert region_grid(diag, keep_largest_component=True).sum() == 3
+
+
+def test_region_grid_centre_padding():
+    # 168x336 image -> resized to 168x336 -> 84 rows of padding on top: the mask starts at grid row 6.
+    mask = np.ones((168, 336), dtype=np.uint8)
+    grid = region_grid(mask)
+    rows = torch.nonzero(grid.any(dim=1)).flatten()
+    assert rows.min() == 6 and rows.max() == 17
+
+
+def test_region_errors():
+    with pytest.raises(ValueError, match="empty"):
+        region_grid(np.zeros((20, 20)))
+    thin = np.zeros((336, 336), dtype=np.uint8)
+    thin[5:10, :] = 1
+    with pytest.raises(ValueError, match="vanished"):
+        region_grid(thin)
+    with pytest.raises(ValueError, match="2D"):
+        region_grid(np.ones((4, 4, 3)))
+
+
+def test_point_and_box_masks():
+    point = point_region_mask((100, 200, 3), [(50, 30)])
+    rows, cols = np.nonzero(point)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (10, 50, 30, 70)
+    assert point.sum() == 41 * 41
+    corner = point_region_mask((100, 200), [(2, 95)])  # clipped at the left and bottom borders
+    rows, cols = np.nonzero(corner)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (75, 99, 0, 22)
+    median = point_region_mask((100, 200), [(10, 10), (60, 50), (80, 90), (190, 95)])
+    rows, cols = np.nonzero(median)  # lower median: x=60, y=50
+    assert (rows.min(), cols.min()) == (30, 40)
+
+    box = box_region_mask((100, 200), (10, 20, 30, 25))
+    rows, cols = np.nonzero(box)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 25, 10, 30)
+    assert box.sum() == 21 * 6
+    with pytest.raises(ValueError, match="x=200"):
+        point_region_mask((100, 200), [(200, 5)])
+    with pytest.raises(ValueError, match=r"\(10, 20, 300, 25\)"):
+        box_region_mask((100, 200), (10, 20, 300, 25))
+    with pytest.raises(ValueError, match="at least one"):
+        point_region_mask((100, 200), [])
+
+
+def test_crop_quirk_hand_computed():
+    # 411x233 -> resize (256, 145): left = (64 - 145) // 2 = -41 -> columns 23..63 stretched to 233.
+    assert preprocess_shape(411, 233, 256) == (256, 145)
+    low = torch.arange(64, dtype=torch.float32).repeat(64, 1)[None, None]  # value = column index
+    out = postprocess_mask_logits(low, (256, 145), (411, 233))
+    assert out.shape == (1, 1, 411, 233)
+    assert out[0, 0, 0, 0].item() == pytest.approx(23.0) and out[0, 0, 0, -1].item() == pytest.approx(63.0)
+    # 300x420 -> resize (183, 256): rows 4..63, all columns.
+    low_rows = low.transpose(2, 3)
+    out = postprocess_mask_logits(low_rows, (183, 256), (300, 420))
+    assert out[0, 0, 0, 0].item() == pytest.approx(4.0) and out[0, 0, -1, 0].item() == pytest.approx(63.0)
+    assert binarize(torch.tensor([-2.19, -2.20])).tolist() == [True, False]  # logit(0.1) = -2.1972
+
+
+def test_load_rgb_variants(public_fixture, tmp_path):
+    rgb = load_rgb(public_fixture / "inputs" / "image.png")
+    assert rgb.shape == (300, 420, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(load_rgb(Image.open(public_fixture / "inputs" / "image.png")), rgb)
+    grey = load_rgb(public_fixture / "inputs" / "gt_mask.png")  # 8-bit grayscale PNG
+    assert grey.shape == (300, 420, 3) and (grey[..., 0] == grey[..., 2]).all()
+    assert np.array_equal(load_rgb(np.array([[0.0, 0.5, 1.0]])), np.array([[[0] * 3, [128] * 3, [255] * 3]]))
+    assert load_rgb(np.array([[-5.0, 300.0]]))[0, :, 0].tolist() == [0, 255]  # outside [0,1]: clipped
+    assert load_rgb(np.array([[7, 200]], dtype=np.int32))[0, :, 1].tolist() == [7, 200]
+    sixteen = tmp_path / "s.png"
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(sixteen)
+    assert load_rgb(sixteen)[0, :, 0].tolist() == [0, 255]
+    # 300x420 -> 240x336 with 48 rows of centre padding: the corner pixel is the normalised pad colour.
+    assert CLIP_PAD_FILL == (122, 116, 104)
+    corner = clip_pixels(rgb)[:, 0, 0]
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    assert np.allclose(corner.numpy(), (np.array(CLIP_PAD_FILL) / 255 - mean) / std, atol=1e-6)
+    assert torch.all(sam_pixels(rgb)[0][:, :36] == 0)  # SAM: 183x256 -> 36 zero rows on top
+
+
+def test_load_rgb_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_rgb(tmp_path / "missing.png")
+    with pytest.raises(TypeError, match="list"):
+        load_rgb([[0, 1]])
+    with pytest.raises(ValueError, match=r"\(3, 8, 8, 2\)"):
+        load_rgb(np.zeros((3, 8, 8, 2)))
+    with pytest.raises(ValueError, match=r"\(8, 8, 4\)"):
+        load_rgb(np.zeros((8, 8, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="0..4000"):
+        load_rgb(np.array([[0, 4000]], dtype=np.int16))
+    with pytest.raises(ValueError, match="NaN"):
+        load_rgb(np.array([[np.nan, 0.0]]))
