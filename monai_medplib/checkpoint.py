@@ -1,0 +1,392 @@
+"""Load and save MedPLIB checkpoints in the release layout (spec 6).
+
+A model directory holds ``config.json`` (release fields), the weights as safetensors (one file, or shards with or
+without an index: the release ships safetensors shards with only a ``.bin`` index, so the key -> file map is built
+from the safetensors headers) or as ``*.bin`` (read with ``torch.load(weights_only=True)``), and the tokenizer files.
+The model is built without allocating weights (parameters on the meta device) and each tensor is read, cast and
+assigned in turn, so peak memory stays near one copy of the weights plus the largest tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CLIP_SUBDIR, CONFIG_FILE, MedPLIBConfig
+from .modeling.medplib import MedPLIBForCausalLM
+
+CLIP_PREFIX = "model.vision_tower.vision_tower."
+SAM_PREFIX = "model.visual_model."
+ROUTER_SUFFIX = "deepspeed_moe.gate.wg.weight"
+SAFE_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+# Buffers some writers save but that are recomputed here (transformers 4.31 saved RoPE inv_freq; older CLIP
+# checkpoints carry position_ids; SAM checkpoints may carry pixel_mean/std).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "pixel_mean", "pixel_std")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the architecture in its config."""
+
+
+# ---------------------------------------------------------------------------------------------- reading tensors
+def _safetensors_key_map(files: list[Path]) -> dict[str, Path]:
+    key_to_file: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in key_to_file:
+                    raise CheckpointMismatchError(
+                        f"key {key!r} is stored twice: {key_to_file[key].name} and {file.name}"
+                    )
+                key_to_file[key] = file
+    return key_to_file
+
+
+_SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors one at a time with plain reads (not mmap), so that casting to another dtype never holds
+    more than the converted copy plus one source tensor, and no loaded tensor keeps a checkpoint file mapped
+    (a later save into the same directory would otherwise truncate memory still in use)."""
+    for file in files:
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            base = 8 + header_len
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if info["dtype"] not in _SAFE_DTYPES:
+                    raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                start, end = info["data_offsets"]
+                f.seek(base + start)
+                dtype = _SAFE_DTYPES[info["dtype"]]
+                if end == start:
+                    yield key, torch.empty(info["shape"], dtype=dtype)
+                    continue
+                yield (
+                    key,
+                    torch.frombuffer(bytearray(f.read(end - start)), dtype=dtype).reshape(info["shape"]),
+                )
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]  # SAM-Med2D style {"model": state_dict, ...}
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a state dict (got {type(data).__name__})")
+    return data
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """Weight files of a model directory (safetensors preferred over ``*.bin``), or ``[path]`` for a file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no weights in {path}: expected *.safetensors or *.bin files")
+    return files
+
+
+def iter_state_dict(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` of every weight file of ``path``, one tensor (safetensors) or one file (.bin) at a time.
+
+    Safetensors tensors view a reused read buffer: copy or cast each one before taking the next.
+    """
+    files = weight_files(path)
+    safetensors_files = [f for f in files if f.suffix == ".safetensors"]
+    if safetensors_files:
+        _safetensors_key_map(safetensors_files)  # fail early on a key stored twice
+        yield from _iter_safetensors(safetensors_files)
+        return
+    seen: set[str] = set()
+    for file in files:
+        data = _torch_load(file)
+        for key, tensor in data.items():
+            if key in seen:
+                raise CheckpointMismatchError(f"key {key!r} is stored twice (again in {file.name})")
+            seen.add(key)
+            yield key, tensor
+        del data
+
+
+def _component_state(path: str | Path, prefix: str, strip: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Keys of a separate CLIP / SAM checkpoint mapped into the MedPLIB namespace."""
+    for key, tensor in iter_state_dict(path):
+        if key.startswith(strip):
+            yield prefix + key, tensor
+
+
+# ---------------------------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost) while buffers stay real.
+
+    Buffers (RoPE frequencies, CLIP position ids, SAM pixel statistics) are mostly not in checkpoints and are
+    cheap, so they are computed normally.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_empty_model(config: MedPLIBConfig, attn_implementation: str = "sdpa") -> MedPLIBForCausalLM:
+    """The architecture of ``config`` with parameters on the meta device."""
+    with _parameters_on_meta():
+        return MedPLIBForCausalLM(config, attn_implementation=attn_implementation)
+
+
+def _check_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected))
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong))
+    if problems:
+        raise CheckpointMismatchError(
+            "checkpoint does not match the MedPLIB architecture:\n" + "\n".join(problems)
+        )
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype {dtype} not supported; use float32, bfloat16 or float16")
+    return dtype
+
+
+def _gather_state(
+    path: Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    clip_path: str | Path | None,
+    sam_path: str | Path | None,
+    sam_keys: set[str],
+) -> dict[str, torch.Tensor]:
+    """All tensors to load, cast and moved; separate CLIP / SAM files only fill keys the checkpoint lacks."""
+    state: dict[str, torch.Tensor] = {}
+
+    def take(key: str, tensor: torch.Tensor, override: bool) -> None:
+        if key.endswith(_IGNORED_SUFFIXES) or (not override and key in state):
+            return
+        target = tensor.dtype
+        if tensor.is_floating_point():
+            # DeepSpeed keeps the router fp32 whatever the model dtype
+            target = torch.float32 if key.endswith(ROUTER_SUFFIX) else dtype
+        # copy=True: safetensors tensors view a reused read buffer
+        state[key] = tensor.to(device=device, dtype=target, copy=True)
+
+    for key, tensor in iter_state_dict(path):
+        take(key, tensor, override=True)
+    if clip_path is not None:
+        for key, tensor in _component_state(clip_path, CLIP_PREFIX, "vision_model."):
+            take(key, tensor, override=False)
+    if sam_path is not None:
+        for key, tensor in _component_state(sam_path, SAM_PREFIX, ""):
+            if key[len(SAM_PREFIX) :] in sam_keys:
+                take(key, tensor, override=False)
+    return state
+
+
+def load_medplib(
+    path: str | Path,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    clip_path: str | Path | None = None,
+    sam_path: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    load_tokenizer: bool = True,
+) -> tuple[MedPLIBForCausalLM, MedPLIBConfig, Any]:
+    """Load a release (or :func:`save_medplib`) directory strictly.
+
+    Args:
+        path: model directory (``config.json`` + weights + tokenizer files).
+        dtype: float32, bfloat16 or float16 for all floating weights except the MoE routers (kept fp32, as
+            DeepSpeed does).
+        device: where the weights go.
+        clip_path: CLIP weights in the openai layout (``vision_model.*``; a directory or a file) for keys the
+            MedPLIB checkpoint lacks.
+        sam_path: SAM-Med2D weights (``sam-med2d_b.pth``: ``{"model": state_dict}``) for keys the checkpoint lacks.
+            The mask decoder, projector, routers and experts exist only in the MedPLIB checkpoint.
+        attn_implementation: "sdpa" or "eager".
+        load_tokenizer: also return the :class:`~monai_medplib.tokenization.MedPLIBTokenizer` (None if no
+            ``tokenizer.model``).
+
+    Returns:
+        ``(model in eval mode, config, tokenizer or None)``.
+
+    Raises:
+        CheckpointMismatchError: listing every missing, unexpected and mis-shaped key in one message.
+    """
+    path = Path(path)
+    dtype = _resolve_dtype(dtype)
+    config = MedPLIBConfig.from_pretrained(path)
+    model = build_empty_model(config, attn_implementation)
+    sam_keys = set(model.model.visual_model.state_dict())
+    state = _gather_state(path, dtype, device, clip_path, sam_path, sam_keys)
+    _check_keys(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.to(device)
+    model.eval()
+    tokenizer = None
+    if load_tokenizer and (path / "tokenizer.model").is_file():
+        from .tokenization import MedPLIBTokenizer
+
+        tokenizer = MedPLIBTokenizer.from_pretrained(path)
+    return model, config, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _rope_inv_freq(config: MedPLIBConfig) -> torch.Tensor:
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def release_state_dict(model: MedPLIBForCausalLM) -> dict[str, torch.Tensor]:
+    """The state dict in the release key set: ours plus the per-layer ``rotary_emb.inv_freq`` that 4.31 saved."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    inv_freq = _rope_inv_freq(model.config)
+    for i in range(model.config.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    return state
+
+
+def _copy_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, Path)):
+        src = Path(tokenizer)
+        if not (src / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"no tokenizer.model in {src}")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out_dir / name)
+    elif hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out_dir)
+    else:
+        raise TypeError(
+            f"tokenizer must be a directory or have save_pretrained(), got {type(tokenizer).__name__}"
+        )
+
+
+def save_medplib(
+    model: MedPLIBForCausalLM,
+    config: MedPLIBConfig,
+    tokenizer: Any,
+    out_dir: str | Path,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write ``model`` in the release layout: config.json, ``vision_tower/config.json``, safetensors, tokenizer.
+
+    Weights go to ``model.safetensors`` or, above ``max_shard_size``, to ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json``. ``tokenizer`` is a directory to copy the tokenizer files from, a tokenizer
+    object with ``save_pretrained``, or None.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = release_state_dict(model)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.cpu()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+    release = config.to_release_dict()
+    dtype_name = {v: k for k, v in _DTYPES.items()}.get(model.dtype, "float32")
+    release["torch_dtype"] = dtype_name
+    (out_dir / CONFIG_FILE).write_text(json.dumps(release, indent=2, sort_keys=True))
+    clip_dir = out_dir / CLIP_SUBDIR
+    clip_dir.mkdir(exist_ok=True)
+    clip = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **config.clip}
+    (clip_dir / CONFIG_FILE).write_text(json.dumps(clip, indent=2, sort_keys=True))
+    _copy_tokenizer(tokenizer, out_dir)
+    if not (out_dir / "generation_config.json").is_file():
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        generation["pad_token_id"] = config.pad_token_id
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out_dir
