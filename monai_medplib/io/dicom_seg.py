@@ -1,0 +1,156 @@
+"""Write a 3D label volume as a DICOM Segmentation (highdicom) referencing its source DICOM series.
+
+The label must lie on the voxel grid of the source series as :func:`monai_medplib.io.load_volume` reads
+it (same shape and affine). Each source image's pixel grid is located in that voxel grid from its own
+ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so every SEG frame is cut from exactly the
+voxels of the source instance it references, whatever order the reader sorted the slices in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import torch
+from pydicom.sr.codedict import codes
+
+from monai_medplib import __version__
+from monai_medplib.io.readers import _series_files
+from monai_medplib.transforms.slicing import volume_affine_ras
+
+__all__ = ["ALGORITHM_NAME", "write_dicom_seg", "source_frames"]
+
+ALGORITHM_NAME = "MedPLIB"
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# segment label (lower case) -> (category, type); anything else is "Tissue / Tissue"
+_KNOWN_TYPES = {
+    "liver": (codes.SCT.AnatomicalStructure, codes.SCT.Liver),
+    "tumour": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm),
+    "tumor": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm),
+    "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion),
+}
+
+
+def _source_voxel_grid(
+    ds: pydicom.Dataset, lps_to_voxel: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel coordinates of pixel (0, 0) and the voxel steps of one column and one row of a source image."""
+    origin = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    to_voxel = lps_to_voxel[:3, :3]
+    start = (lps_to_voxel @ np.append(origin, 1.0))[:3]
+    return start, to_voxel @ (iop[:3] * col_spacing), to_voxel @ (iop[3:] * row_spacing)
+
+
+def source_frames(label: np.ndarray, affine: np.ndarray, datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """The label's ``(rows, columns)`` frame for each source image, stacked in ``datasets`` order.
+
+    Raises ValueError naming the SOP instance whose pixels do not fall on the label's voxel grid.
+    """
+    lps_to_voxel = np.linalg.inv(_RAS_TO_LPS @ affine)
+    frames = []
+    for ds in datasets:
+        start, col_step, row_step = _source_voxel_grid(ds, lps_to_voxel)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        grid = (
+            start[:, None, None]
+            + row_step[:, None, None] * np.arange(rows)[None, :, None]
+            + col_step[:, None, None] * np.arange(cols)[None, None, :]
+        )
+        index = np.round(grid).astype(np.int64)
+        off_grid = np.abs(grid - index).max()
+        outside = any((index[d].min() < 0 or index[d].max() >= label.shape[d]) for d in range(3))
+        if off_grid > 1e-2 or outside:
+            raise ValueError(
+                f"source image {ds.SOPInstanceUID} does not lie on the label's voxel grid "
+                f"(shape {label.shape}; off by {off_grid:.3g} voxel, outside={outside})"
+            )
+        frames.append(label[index[0], index[1], index[2]])
+    return np.stack(frames)
+
+
+def write_dicom_seg(
+    label: np.ndarray | torch.Tensor,
+    source: str | Path | Sequence[pydicom.Dataset],
+    out_path: str | Path,
+    segments: Mapping[int, str],
+    affine: np.ndarray | None = None,
+    series_description: str = "MedPLIB segmentation",
+    series_number: int = 300,
+    series_uid: str | None = None,
+) -> Path:
+    """Save a label volume as a binary DICOM-SEG referencing the source series.
+
+    Args:
+        label: integer labels ``(X, Y, Z)`` or ``(1, X, Y, Z)`` on the source series' voxel grid.
+        source: the source series folder (one series) or its datasets.
+        out_path: the ``.dcm`` file to write.
+        segments: label value -> segment label (e.g. the prompt text, ``{1: "liver", 2: "tumour"}``).
+        affine: the label's voxel -> RAS affine; default ``label.affine`` (a MetaTensor from ``load_volume``).
+        series_description, series_number, series_uid: identity of the new SEG series.
+
+    Returns:
+        ``out_path``. Frames exist only for source images with a labelled pixel.
+    """
+    if affine is None and not hasattr(label, "affine"):
+        raise ValueError("write_dicom_seg needs the label's affine (pass affine= or a MetaTensor)")
+    ras = volume_affine_ras(label, None if affine is None else np.asarray(affine))
+    array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    array = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
+    if array.ndim != 3:
+        raise ValueError(f"DICOM-SEG needs a 3D label volume, got shape {array.shape}")
+    if not segments:
+        raise ValueError("segments must name at least one label value")
+    unknown = sorted(set(np.unique(array).tolist()) - {0} - set(segments))
+    if unknown:
+        raise ValueError(f"label values {unknown} have no segment name in segments={dict(segments)}")
+    if isinstance(source, (str, Path)):
+        datasets = [pydicom.dcmread(p) for p in _series_files(Path(source), None)]
+    else:
+        datasets = list(source)
+
+    values = sorted(segments)
+    frames = source_frames(array, ras, datasets)
+    numbered = np.zeros(frames.shape, dtype=np.uint8)  # highdicom wants segment numbers 1..N
+    for number, value in enumerate(values, start=1):
+        numbered[frames == value] = number
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    descriptions = []
+    for number, value in enumerate(values, start=1):
+        text = str(segments[value])
+        category, kind = _KNOWN_TYPES.get(text.strip().lower(), (codes.SCT.Tissue, codes.SCT.Tissue))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=text[:64],
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=numbered,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="monai-medplib",
+        manufacturer_model_name=ALGORITHM_NAME,
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description=series_description,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out_path)
+    return out_path

@@ -1,0 +1,163 @@
+"""Volume I/O on real data: LiTS CT as NIfTI / NRRD / DICOM series, pydicom's real DICOM, nibabel's 4D, DICOM-SEG."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from realdata import lits_variant
+
+from monai_medplib import __version__
+from monai_medplib.io import find_dicom_series, load_volume, save_nifti, write_dicom_seg, write_dicom_series
+from monai_medplib.transforms import PLANES, ExtractSlices, SAMed2DNormalize
+
+DICOMDIR_TESTS = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """LiTS in two orientations, each as NIfTI and as a DICOM series."""
+    root = tmp_path_factory.mktemp("lits")
+    out = {}
+    for name in ("lps", "oblique", "permuted_flipped"):
+        v = lits_variant(name)
+        nifti = save_nifti(v.image, root / f"{name}.nii.gz", v.affine, dtype=np.float32)
+        series = root / f"{name}_dcm"
+        write_dicom_series(v.image, v.affine, series, series_description=f"LiTS 117 {name}")
+        out[name] = (v, nifti, series)
+    return out
+
+
+@pytest.mark.parametrize("name", ["lps", "oblique", "permuted_flipped"])
+def test_nifti_and_dicom_series_load_the_same_volume(written, name):
+    v, nifti, series = written[name]
+    from_nifti = load_volume(nifti)
+    np.testing.assert_array_equal(from_nifti[0].numpy(), v.image)
+    np.testing.assert_allclose(from_nifti.affine.numpy(), v.affine, atol=1e-5)
+    for reader in ("ITKReader", "PydicomReader"):
+        from_dicom = load_volume(series, reader=reader)
+        assert from_dicom.shape == (1, *v.image.shape)
+        # world position of every voxel agrees, whatever order the reader sorted the slices in
+        grid = np.stack(
+            np.meshgrid(*[np.arange(0, s, 37) for s in v.image.shape], indexing="ij"), -1
+        ).reshape(-1, 3)
+        world = (v.affine @ np.c_[grid, np.ones(len(grid))].T).T
+        ijk = np.round((np.linalg.inv(from_dicom.affine.numpy()) @ world.T).T[:, :3]).astype(int)
+        np.testing.assert_array_equal(from_dicom[0].numpy()[tuple(ijk.T)], v.image[tuple(grid.T)])
+
+
+@pytest.mark.parametrize("axis", sorted(PLANES))
+def test_same_8bit_slices_from_nifti_and_dicom(written, axis):
+    _, nifti, series = written["permuted_flipped"]
+    normalise = SAMed2DNormalize()
+    by_position = {}
+    for source in (nifti, series):
+        slices = ExtractSlices(axis)(normalise(load_volume(source)))
+        by_position[source] = {tuple(np.round(s.meta["slice_origin"], 2)): s.as_tensor() for s in slices}
+    a, b = by_position.values()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert next(iter(a.values())).dtype == torch.uint8
+
+
+def test_nrrd_and_label_nifti_keep_geometry(written, tmp_path):
+    import nrrd
+
+    v, _, _ = written["oblique"]
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ v.affine
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,
+        "space origin": lps[:3, 3],
+    }
+    header["encoding"] = "raw"
+    nrrd.write(str(tmp_path / "ct.nrrd"), v.image, header)
+    loaded = load_volume(tmp_path / "ct.nrrd")
+    np.testing.assert_array_equal(loaded[0].numpy(), v.image)
+    np.testing.assert_allclose(loaded.affine.numpy(), v.affine, atol=1e-5)
+    label = loaded.clone()
+    label[0] = torch.from_numpy(v.label.astype(np.float32))
+    path = save_nifti(label, tmp_path / "label.nii.gz")
+    back = nib.load(path)
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(back.dataobj), v.label)
+    np.testing.assert_allclose(back.affine, v.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lps", "permuted_flipped"])
+def test_dicom_seg_frames_reference_the_right_slices(written, tmp_path, name):
+    v, _, series = written[name]
+    # the label's own affine places it; the reader may have sorted the series the other way round
+    # (permuted_flipped: ITK reverses the written slice order), which the SEG writer must not care about
+    affine = load_volume(series).affine.numpy() if name == "lps" else v.affine
+    label = torch.from_numpy(v.label)
+    seg_path = write_dicom_seg(label, series, tmp_path / "seg.dcm", {1: "liver", 2: "tumour"}, affine=affine)
+    datasets = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in sorted(series.iterdir()))}
+    slice_of = {uid: int(ds.InstanceNumber) - 1 for uid, ds in datasets.items()}
+
+    raw = pydicom.dcmread(seg_path)
+    assert raw.Modality == "SEG" and raw.SOPClassUID == pydicom.uid.SegmentationStorage
+    assert [s.SegmentLabel for s in raw.SegmentSequence] == ["liver", "tumour"]
+    algorithm = raw.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("MedPLIB", __version__)
+    referenced = set()
+    for frame in raw.PerFrameFunctionalGroupsSequence:
+        uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        position = [float(c) for c in frame.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(
+            position, [float(c) for c in datasets[uid].ImagePositionPatient], atol=1e-4
+        )
+        referenced.add(uid)
+    labelled = {k for k in range(v.label.shape[2]) if v.label[:, :, k].any()}
+    assert {slice_of[uid] for uid in referenced} == labelled
+
+    seg = hd.seg.segread(seg_path)
+    uids = list(datasets)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=True, skip_overlap_checks=True
+    )
+    rebuilt = np.zeros_like(v.label)
+    for n, uid in enumerate(uids):
+        rebuilt[:, :, slice_of[uid]] = pixels[n].T  # rows = j, columns = i
+    np.testing.assert_array_equal(rebuilt, v.label)
+
+
+def test_real_pydicom_series_and_multiframe():
+    series = load_volume(DICOMDIR_TESTS / "98892001" / "CT5N")
+    assert series.shape == (1, 16, 16, 5)
+    multiframe = load_volume(get_testdata_file("emri_small.dcm"))
+    assert multiframe.shape == (1, 64, 64, 10)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="2D image"):
+        load_volume(get_testdata_file("CT_small.dcm"))
+    from nibabel.testing import data_path
+
+    with pytest.raises(ValueError, match="4D"):
+        load_volume(Path(data_path) / "example4d.nii.gz")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not DICOM")
+    with pytest.raises(FileNotFoundError, match="no DICOM image files"):
+        load_volume(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        load_volume(tmp_path / "missing.nii.gz")
+    mixed = DICOMDIR_TESTS / "98892003" / "MR2"
+    with pytest.raises(ValueError, match="mixes 3 DICOM series"):
+        load_volume(mixed)
+    picked = next(uid for uid, files in find_dicom_series(mixed).items() if len(files) == 3)
+    assert load_volume(mixed, series_uid=picked).shape[-1] == 3
+    both = tmp_path / "both"
+    shutil.copytree(DICOMDIR_TESTS / "98892001" / "CT5N", both)
+    shutil.copy(get_testdata_file("CT_small.dcm"), both / "other.dcm")
+    with pytest.raises(ValueError, match="mixes 2 DICOM series"):
+        load_volume(both)
+    with pytest.raises(ValueError, match="NaN"):
+        write_dicom_series(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "nan")

@@ -1,0 +1,80 @@
+"""Intensity transforms against hand-computed values and the real LiTS CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from monai_medplib.data.lits import load_lits_case
+from monai_medplib.transforms import (
+    CT_WINDOWS,
+    CTWindow,
+    CTWindowd,
+    GreyToRGB,
+    GreyToRGBd,
+    Passthrough8Bit,
+    SAMed2DNormalize,
+    SAMed2DNormalized,
+    window_bounds,
+)
+
+
+def test_samed2d_on_real_ct_matches_numpy_percentiles():
+    ct = load_lits_case().image
+    out = SAMed2DNormalize()(MetaTensor(torch.from_numpy(ct)[None], affine=torch.eye(4) * 2))
+    low, high = np.percentile(ct, [0.5, 99.5])
+    expected = np.round(np.clip((ct.astype(np.float64) - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+    assert out.dtype == torch.uint8 and isinstance(out, MetaTensor)
+    diff = np.abs(out[0].numpy().astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float32 vs float64 rounding ties only
+    assert (out == 0).float().mean().item() >= 0.0049 and (
+        out == 255
+    ).float().mean().item() >= 0.0049  # clipped tails
+    assert torch.equal(out.affine, torch.eye(4, dtype=torch.float64) * 2)
+
+
+def test_ct_window_presets_by_hand():
+    assert CT_WINDOWS["liver"] == (150.0, 30.0) and window_bounds("lung") == (-1350.0, 150.0)
+    hu = torch.tensor([[[-1000.0, -45.0, 30.0, 105.0, 2000.0]]])
+    assert CTWindow("liver")(hu).flatten().tolist() == [0, 0, 128, 255, 255]  # 127.5 rounds to even 128
+    # W400 L40 -> [-160, 240]: (-45+160)/400*255 = 73.3, 190/400*255 = 121.1, 265/400*255 = 168.9
+    assert CTWindow(window=400, level=40)(hu).flatten().tolist() == [0, 73, 121, 169, 255]
+    with pytest.raises(ValueError, match="unknown CT window preset 'heart'"):
+        CTWindow("heart")
+    with pytest.raises(ValueError, match="width must be positive"):
+        CTWindow(window=0, level=40)
+
+
+def test_nan_and_constant_volumes_have_defined_results():
+    vol = torch.arange(1000, dtype=torch.float32).reshape(1, 10, 10, 10)
+    vol[0, 0, 0, :3] = float("nan")
+    out = SAMed2DNormalize()(vol)
+    assert out[0, 0, 0, :3].tolist() == [0, 0, 0] and out.max() == 255
+    assert SAMed2DNormalize()(torch.full((1, 4, 4, 4), 7.0)).eq(0).all()
+    with pytest.raises(ValueError, match="all NaN"):
+        SAMed2DNormalize()(torch.full((1, 2, 2, 2), float("nan")))
+
+
+def test_passthrough_and_grey_to_rgb():
+    grey = torch.tensor([[[0, 17], [200, 255]]], dtype=torch.float32)
+    kept = Passthrough8Bit()(grey)
+    assert kept.dtype == torch.uint8 and kept.flatten().tolist() == [0, 17, 200, 255]
+    with pytest.raises(ValueError, match="not integers in 0-255"):
+        Passthrough8Bit()(torch.tensor([[[-1000.0, 400.0]]]))
+    rgb = GreyToRGB()(kept)
+    assert rgb.shape == (3, 2, 2) and all(torch.equal(rgb[c], kept[0]) for c in range(3))
+    assert GreyToRGB()(rgb).shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="1 \\(or 3\\) channels"):
+        GreyToRGB()(torch.zeros(2, 4, 4))
+
+
+def test_dictionary_versions_compose():
+    ct = torch.from_numpy(load_lits_case().image[:32, :32, :32])[None]
+    out = Compose([SAMed2DNormalized("a"), CTWindowd("b", preset="abdomen"), GreyToRGBd(["a", "b"])])(
+        {"a": ct, "b": ct.clone()}
+    )
+    assert out["a"].shape == (3, 32, 32, 32) and out["b"].dtype == torch.uint8
+    assert torch.equal(out["b"][0], CTWindow("abdomen")(ct)[0])
