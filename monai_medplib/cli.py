@@ -1,0 +1,58 @@
+"""``medplib`` console entry.
+
+Sub-commands live in :mod:`monai_medplib.commands`, one module each, and are found automatically: a module
+``commands/<name>.py`` (not starting with ``_``) defines ``NAME`` (the command word), ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Keep heavy imports (torch, the model) inside
+``run`` so that ``medplib --help`` stays fast. Adding ``serve``, ``eval``, ``train``, ``demo`` or ``ground-volume``
+means adding one module; this file does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from . import __version__, commands
+
+# Errors that mean "bad input": reported in one line with exit code 2 instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, TypeError)
+
+
+def command_modules() -> list[ModuleType]:
+    """Every sub-command module, sorted by command word."""
+    found = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        if not info.name.startswith("_"):
+            found.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
+    return sorted(found, key=lambda module: module.NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medplib", description="MedPLIB: medical VQA, region VQA and text-prompted segmentation."
+    )
+    parser.add_argument("--version", action="version", version=f"monai-medplib {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in command_modules():
+        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``medplib`` with ``argv`` (default: the process arguments); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except USER_ERRORS as err:
+        print(f"medplib {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

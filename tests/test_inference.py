@@ -1,0 +1,244 @@
+"""MedPLIBPipeline on the upstream tiny model: answers, region answers and masks equal the original's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from monai_medplib.features import ImageFeatures
+from monai_medplib.inference import MedPLIBPipeline
+from monai_medplib.modeling.generation import GenerationOutput
+from monai_medplib.processing import box_region_mask, load_rgb, point_region_mask, region_grid
+
+STEPS = 12  # the fixture's greedy length
+
+
+@pytest.fixture(scope="module")
+def pipe(public_fixture):
+    return MedPLIBPipeline.from_pretrained(public_fixture / "model")
+
+
+@pytest.fixture(scope="module")
+def cases(public_fixture):
+    return json.loads((public_fixture / "expected" / "expected.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def inputs(public_fixture):
+    return public_fixture / "inputs"
+
+
+def _question(public_fixture, case):
+    return json.loads((public_fixture / "inputs" / "prompts.json").read_text())["cases"][case]["question"]
+
+
+def test_defaults_on_cpu(pipe):
+    assert pipe.device.type == "cpu" and pipe.dtype == torch.float32 and pipe.template == "vicuna_v1"
+
+
+def test_answer_reproduces_release_greedy_text(pipe, cases, inputs):
+    text = pipe.answer(inputs / "image.png", cases["a_vqa"]["question"], max_new_tokens=STEPS)
+    assert text == cases["a_vqa"]["greedy"]["text"]
+
+
+def test_answer_region_demo_and_official_eval_paths(pipe, cases, inputs, public_fixture):
+    question = _question(public_fixture, "b_region_vqa")  # "<region>region_mask.png</region>" form
+    mask = inputs / "region_mask.png"
+    demo = pipe.answer_region(inputs / "image.png", question, mask=mask, max_new_tokens=STEPS)
+    assert demo == cases["b_region_vqa"]["greedy"]["text"]
+    official = pipe.answer_region(
+        inputs / "image.png", question, mask=mask, max_new_tokens=STEPS, official_eval_region=True
+    )
+    assert official == cases["b_region_vqa"]["evalpath_greedy"]["text"]
+    assert official != demo
+
+
+def test_ground_with_forced_seg_reproduces_release_mask(pipe, cases, inputs, public_fixture):
+    expected = load_file(str(public_fixture / "expected" / "c_grounding.safetensors"))
+    result = pipe.ground(inputs / "image.png", cases["c_grounding"]["question"], force_seg=True)
+    assert result.has_seg and result.answer == "<SEG>" and result.token_ids == [600, 2]
+    assert result.mask.shape == (300, 420) and result.mask.dtype == bool
+    logits = expected["pred_mask_logits"][0]
+    assert np.abs(result.logits - logits.numpy()).max() <= 1e-3
+    differ = result.mask != expected["pred_mask_binary"][0].numpy().astype(bool)
+    near_threshold = np.abs(logits.numpy() - np.log(0.1 / 0.9)) <= 1e-3  # README margin rule
+    assert not (differ & ~near_threshold).any()
+    np.testing.assert_allclose(result.probs, 1 / (1 + np.exp(-result.logits)), atol=1e-6)
+    assert result.low_res_logits.shape == (1, 64, 64) and result.iou_prediction is not None
+
+
+def test_ground_without_seg_gives_empty_mask(pipe, cases, inputs):
+    # the random tiny model does not emit <SEG> by itself (that is why the fixture forced it)
+    result = pipe.ground(inputs / "image.png", cases["c_grounding"]["question"], max_new_tokens=STEPS)
+    assert 600 not in result.token_ids and len(result.token_ids) == STEPS
+    assert not result.has_seg and result.logits is None
+    assert result.mask.shape == (300, 420) and not result.mask.any() and not result.probs.any()
+
+
+def _fake_generation(pipe, new_ids, length=10):
+    hidden = torch.randn(1, length + len(new_ids) - 1, pipe.model.config.hidden_size)
+    return GenerationOutput([new_ids], hidden, length)
+
+
+@pytest.mark.parametrize(
+    ("new_ids", "seg_rule", "all_seg", "expected_positions"),
+    [
+        ([600, 2], "release", False, [9]),  # <SEG></s>: both rules pick the last prompt state
+        ([5, 600, 7, 8, 2], "release", False, [12]),  # release quirk: exactly one <SEG> -> H[-2] = L-1+(n-2)
+        ([5, 600, 7, 8, 2], "clean", False, [10]),  # spec 5.4 clean rule: L-1+j
+        ([600, 7, 600, 2], "release", False, [9]),  # several <SEG>: the first only
+        ([600, 7, 600, 2], "release", True, [9, 11]),  # opt-in: every <SEG>
+    ],
+)
+def test_seg_state_selection(pipe, inputs, monkeypatch, new_ids, seg_rule, all_seg, expected_positions):
+    fake = _fake_generation(pipe, new_ids)
+    seen = {}
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: fake)
+    real_decode = pipe.decode_masks
+
+    def record(features, seg_hidden):
+        seen["hidden"] = seg_hidden
+        return real_decode(features, seg_hidden)
+
+    monkeypatch.setattr(pipe, "decode_masks", record)
+    result = pipe.ground(inputs / "image_square.png", "x", seg_rule=seg_rule, all_seg=all_seg)
+    assert torch.equal(seen["hidden"], fake.hidden_states[0, expected_positions])
+    assert result.has_seg and len(result.all_masks) == (len(expected_positions) if all_seg else 0)
+
+
+def test_bad_seg_rule(pipe, inputs):
+    with pytest.raises(ValueError, match="seg_rule"):
+        pipe.ground(inputs / "image.png", "x", seg_rule="first")
+
+
+def test_points_and_box_become_the_demo_region_masks(pipe, inputs):
+    shape = (300, 420)
+    points = [(200.0, 150.0), (210.0, 140.0), (190.0, 160.0)]
+    by_points = pipe.region_grid(shape, points=points)
+    assert torch.equal(by_points, region_grid(point_region_mask(shape, points)))
+    square = np.zeros(shape, np.uint8)
+    square[130:171, 180:221] = 1  # 41x41 around the median click (x=200, y=150)
+    assert torch.equal(by_points, region_grid(square))
+    box = (100, 50, 260, 200)
+    assert torch.equal(pipe.region_grid(shape, box=box), region_grid(box_region_mask(shape, box)))
+    filled = np.zeros(shape, np.uint8)
+    filled[50:201, 100:261] = 1
+    assert torch.equal(pipe.region_grid(shape, box=box), region_grid(filled))
+    image = inputs / "image.png"
+    question = "What is in <region>?"
+    assert pipe.answer_region(image, question, points=points, max_new_tokens=3) == pipe.answer_region(
+        image, question, mask=square, max_new_tokens=3
+    )
+
+
+def test_image_inputs_are_equivalent(pipe, inputs):
+    rgb = load_rgb(inputs / "image.png")
+    ref = pipe.encode_images([inputs / "image.png"], with_sam=False)[0]
+    for image in (Image.open(inputs / "image.png"), rgb, rgb.astype(np.float32) / 255.0):
+        feats = pipe.encode_images([image], with_sam=False)[0]
+        assert torch.equal(feats.clip_feats, ref.clip_feats) and feats.original_size == (300, 420)
+    grey = pipe.encode_images([rgb[..., 0]], with_sam=False)[0]
+    assert torch.equal(
+        grey.clip_feats, pipe.encode_images([np.repeat(rgb[..., :1], 3, 2)], with_sam=False)[0].clip_feats
+    )
+
+
+def test_left_padded_batch_matches_single_answers(pipe, cases, inputs):
+    answers = pipe.answer_batch(
+        [inputs / "image.png", inputs / "image_square.png"],
+        [cases["a_vqa"]["question"], cases["d_vqa_square"]["question"]],
+        max_new_tokens=STEPS,
+    )
+    assert answers == [cases["a_vqa"]["greedy"]["text"], cases["d_vqa_square"]["greedy"]["text"]]
+
+
+class DictCache:
+    def __init__(self):
+        self.store, self.gets, self.puts = {}, 0, 0
+
+    def get(self, key):
+        self.gets += 1
+        return self.store.get(key)
+
+    def put(self, key, features):
+        self.puts += 1
+        self.store[key] = features
+
+
+def test_feature_cache_and_features_in_place_of_images(public_fixture, cases, inputs):
+    cache = DictCache()
+    base = MedPLIBPipeline.from_pretrained(public_fixture / "model")
+    pipe = MedPLIBPipeline(base.model, base.tokenizer, feature_cache=cache)
+    first = pipe.encode_images([inputs / "image.png"], with_sam=False)[0]
+    assert cache.puts == 1 and first.sam_embedding is None and first.resize == (183, 256)
+    again = pipe.encode_images([load_rgb(inputs / "image.png")], with_sam=True)[0]  # cached CLIP, adds SAM
+    assert (
+        cache.puts == 2
+        and again.clip_feats is first.clip_feats
+        and again.sam_embedding.shape == (256, 16, 16)
+    )
+    pipe.encode_images([inputs / "image.png"])
+    assert cache.puts == 2 and cache.gets == 3  # full hit
+    assert (
+        pipe.answer(again, cases["a_vqa"]["question"], max_new_tokens=STEPS)
+        == cases["a_vqa"]["greedy"]["text"]
+    )
+    with pytest.raises(ValueError, match="sam_embedding"):
+        pipe.ground(first, "segment")
+    moved = again.to("cpu")
+    assert isinstance(moved, ImageFeatures) and moved.has_sam
+
+
+def test_bad_inputs_get_clear_errors(pipe, inputs, tmp_path):
+    image = inputs / "image.png"
+    with pytest.raises(TypeError, match="unsupported image type"):
+        pipe.answer(12345, "What?")
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.answer(tmp_path / "missing.png", "What?")
+    with pytest.raises(ValueError, match="region is empty|region mask is empty"):
+        pipe.answer_region(image, "What?", mask=np.zeros((300, 420), np.uint8))
+    with pytest.raises(ValueError, match="outside"):
+        pipe.answer_region(image, "What?", points=[(500, 10)])
+    with pytest.raises(ValueError, match="outside"):
+        pipe.answer_region(image, "What?", box=(10, 10, 430, 100))
+    with pytest.raises(ValueError, match="does not match|shape"):
+        pipe.answer_region(image, "What?", mask=np.ones((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="exactly one region prompt"):
+        pipe.answer_region(image, "What?")
+    with pytest.raises(ValueError, match="exactly one region prompt"):
+        pipe.answer_region(image, "What?", points=[(5, 5)], box=(0, 0, 9, 9))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a MedPLIB checkpoint"):
+        MedPLIBPipeline.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        MedPLIBPipeline.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        MedPLIBPipeline(None, None, template="alpaca")  # type: ignore[arg-type]
+
+
+def test_demo_path_error_until_the_demo_model_exists():
+    try:
+        from monai_medplib.demo_model import DEMO_MODEL_DIR
+    except ModuleNotFoundError:
+        DEMO_MODEL_DIR = None
+    if DEMO_MODEL_DIR is not None and (DEMO_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the demo model is installed")
+    with pytest.raises(FileNotFoundError, match="demo model"):
+        MedPLIBPipeline.from_pretrained("demo")
+
+
+def test_ground_batch_with_left_padding_matches_single_calls(pipe, inputs):
+    images = [inputs / "image.png", inputs / "image_square.png"]
+    texts = ["Please segment the left kidney.", "Segment the liver and the spleen of this patient, please."]
+    batch = pipe.ground_batch(images, texts, force_seg=True)
+    for image, text, result in zip(images, texts, batch):
+        single = pipe.ground(image, text, force_seg=True)
+        assert np.abs(result.logits - single.logits).max() <= 1e-3
+        assert result.mask.shape == single.mask.shape
