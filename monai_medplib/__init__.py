@@ -1,3 +1,24 @@
 """monai-medplib: a faithful, deepspeed-free re-implementation of MedPLIB for MONAI."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+# Heavy names load on first use so that `import monai_medplib` (and `medplib --help`) stays fast.
+_LAZY = {
+    "MedPLIBPipeline": "monai_medplib.inference",
+    "GroundingResult": "monai_medplib.results",
+    "MedPLIBConfig": "monai_medplib.config",
+    "load_medplib": "monai_medplib.checkpoint",
+    "save_medplib": "monai_medplib.checkpoint",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'monai_medplib' has no attribute {name!r}")
