@@ -13,6 +13,10 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -c requirements/constraints.txt -r requirements/core.txt -r requirements/app.txt -r requirements/dev.txt
 "${PIP[@]}" --no-deps -c requirements/constraints.txt monailabel pydicom-seg liver-ct-segmentation-package
 "${PIP[@]}" --no-deps -e .
+# pydicom-seg (imported by MONAI Label) still imports a module pydicom 3 removed: alias it at start-up,
+# so that a plain `monailabel start_server` works as well as `medplib serve`.
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import monai_medplib.pydicom_compat as m; m.install()" > "$SITE/monai_medplib_pydicom_compat.pth"
 # torchvision breaks peft and transformers' LLaMA beside the CPU torch: it must not be there.
 if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
   echo "torchvision got installed; removing it" >&2

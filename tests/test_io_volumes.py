@@ -161,3 +161,15 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_volume(both)
     with pytest.raises(ValueError, match="NaN"):
         write_dicom_series(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "nan")
+
+
+def test_float_volume_that_needs_a_lossy_slope_round_trips_within_one_step(tmp_path):
+    """-190.3..170.7 with fractional values has no exact int16 encoding: the slope keeps both ends in range."""
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(-190.3, 170.7, size=(6, 5, 4)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    write_dicom_series(volume, affine, tmp_path / "series")
+    loaded = load_volume(tmp_path / "series")
+    step = (170.7 + 190.3) / 2 / 32766
+    assert tuple(loaded.shape[-3:]) == volume.shape
+    assert float(np.abs(np.asarray(loaded).reshape(volume.shape) - volume).max()) <= step

@@ -46,8 +46,9 @@ def choose_rescale(volume: np.ndarray) -> tuple[float, float]:
             break
         if np.all(stored == np.round(stored)):
             return 1.0 / scale, intercept
-    span = max(high - low, 1e-6)
-    return span / (_INT16.max - _INT16.min - 2), intercept  # lossy but in range
+    # Lossy fallback: centre the range on the exact midpoint so both ends fit int16.
+    half_span = max((high - low) / 2, 1e-6)
+    return half_span / (_INT16.max - 1), (low + high) / 2
 
 
 def _geometry(affine: np.ndarray) -> tuple[list[float], list[float], float, np.ndarray]:

@@ -1,0 +1,20 @@
+"""``medplib serve``: the MONAI Label server with the MedPLIB app (3D Slicer / OHIF)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "serve"
+HELP = "run the MONAI Label server with the MedPLIB app (grounding, VQA, region VQA, click refinement)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..serve import add_serve_arguments
+
+    add_serve_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve import run_serve
+
+    return run_serve(args)

@@ -1,0 +1,328 @@
+"""`medplib serve`: run the real MONAI Label server with the MedPLIB app, offline and on pydicom 3.
+
+What this launcher adds to a plain ``monailabel start_server --app apps/medplib``:
+
+* pydicom 3 compatibility: pydicom-seg 0.4.1 (imported by MONAI Label 0.8.5) still imports
+  ``pydicom._storage_sopclass_uids``, which pydicom 3 removed. An alias module backed by ``pydicom.uid``
+  is registered before MONAI Label is imported.
+* No download at start-up: MONAI Label fetches the dcmqi tools when the studies are a DICOMweb URL
+  unless an ``itkimage2segimage`` executable is found; a stub is placed on ``PATH``.
+* DICOM-SEG through pydicom (``use_itk=False``), which needs no dcmqi binary.
+* A hardened ``POST /infer/{model}``: the stock route is an ``async def`` that runs the model on the
+  event loop (so one long inference blocks ``/info``, ``/datastore`` and the DICOMweb proxy) and turns
+  every error into HTTP 500. The replacement is a plain ``def`` (FastAPI runs it in its thread pool) and
+  maps user errors to 4xx with a message.
+
+The uvicorn application is ``monai_medplib.serve:app`` (built lazily on first access).
+"""
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_APP_DIR = REPO_ROOT / "apps" / "medplib"
+UVICORN_APP = "monai_medplib.serve:app"
+DCMQI_TOOL = "itkimage2segimage"
+_HARDENED_FLAG = "_medplib_hardened"
+
+
+def install_pydicom3_compat() -> None:
+    """Serve ``pydicom._storage_sopclass_uids`` from ``pydicom.uid`` when pydicom 3 lacks it."""
+    from .pydicom_compat import install
+
+    install()
+
+
+def install_dcmqi_stub(bin_dir: str | Path | None = None) -> Path:
+    """Put a stub ``itkimage2segimage`` first on ``PATH`` so MONAI Label skips the dcmqi download.
+
+    The stub is never run by this launcher (DICOM-SEG goes through pydicom); if something calls it, it
+    fails with a message instead of hanging on a network download.
+    """
+    bin_dir = Path(bin_dir or Path(tempfile.gettempdir()) / "medplib-bin")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tool = bin_dir / DCMQI_TOOL
+    if not tool.exists():
+        tool.write_text(
+            "#!/bin/sh\n"
+            'echo "itkimage2segimage (dcmqi) is not installed; medplib serve writes DICOM-SEG with pydicom" >&2\n'
+            "exit 2\n"
+        )
+        tool.chmod(0o755)
+    path = os.environ.get("PATH", "")
+    if str(bin_dir) not in path.split(os.pathsep):
+        os.environ["PATH"] = str(bin_dir) + os.pathsep + path
+    return tool
+
+
+def nifti_to_dicom_seg_pydicom(
+    series_dir: str, label: str, label_info: Any, file_ext: str = "*", **_: Any
+) -> str:
+    """MONAI Label's NIfTI -> DICOM-SEG converter on its pydicom path (no dcmqi), with segments named right.
+
+    MONAI Label pairs ``label_info[i]`` with the i-th label value present in the mask; entries that carry an
+    ``id`` are re-ordered here so a missing label value does not shift every name.
+    """
+    from monailabel.datastore.utils import convert
+
+    return convert.nifti_to_dicom_seg(
+        series_dir, label, align_label_info(label, label_info), file_ext=file_ext, use_itk=False
+    )
+
+
+def align_label_info(label_path: str, label_info: Any) -> Any:
+    """``label_info`` ordered like the label values present in ``label_path`` (entries matched on ``id``)."""
+    if not label_info or not all(isinstance(i, dict) and "id" in i for i in label_info):
+        return label_info
+    import numpy as np
+    import SimpleITK as sitk
+
+    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))) if v != 0]
+    by_id = {int(i["id"]): i for i in label_info}
+    return [by_id.get(v, {"name": f"label {v}"}) for v in values]
+
+
+def label_info_from_result(info: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """DICOM-SEG segment descriptions from an infer result's ``label_names`` ({name: value})."""
+    names = (info.get("params") or {}).get("label_names") if isinstance(info, dict) else None
+    if not isinstance(names, dict) or not names:
+        return None
+    model = f"MedPLIB {info.get('model', '')}".strip()
+    return [
+        {"name": str(name), "id": int(value), "description": str(name), "model_name": model}
+        for name, value in sorted(names.items(), key=lambda item: item[1])
+    ]
+
+
+def use_pydicom_dicom_seg() -> None:
+    """Rebind the converter in the MONAI Label modules that call it with dcmqi by default, and let
+    ``save_label`` on a DICOMweb datastore name the segments from the result's ``label_names``."""
+    for module_name in ("monailabel.datastore.dicom", "monailabel.endpoints.infer"):
+        module = importlib.import_module(module_name)
+        module.nifti_to_dicom_seg = nifti_to_dicom_seg_pydicom
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    if getattr(DICOMWebDatastore.save_label, "_medplib", False):
+        return
+    stock_save_label = DICOMWebDatastore.save_label
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        if isinstance(label_info, dict) and not label_info.get("label_info"):
+            derived = label_info_from_result(label_info)
+            if derived:
+                label_info = {**label_info, "label_info": derived}
+        return stock_save_label(self, image_id, label_filename, label_tag, label_info, label_id)
+
+    save_label._medplib = True
+    DICOMWebDatastore.save_label = save_label
+
+
+def prepare_environment(bin_dir: str | Path | None = None) -> None:
+    """Everything that must happen before ``monailabel`` server modules are imported."""
+    install_pydicom3_compat()
+    install_dcmqi_stub(bin_dir)
+
+
+def harden_infer_route(fastapi_app: Any) -> None:
+    """Put a thread-pool ``POST /infer/{model}`` that answers user errors with 4xx in front of the stock one.
+
+    Starlette matches routes in order, so the route added first in the list shadows MONAI Label's (which
+    stays registered, unreachable); this works whether FastAPI flattens included routers or not.
+    Idempotent: the app's main.py calls it too, so a plain ``monailabel start_server`` gets the fix.
+    """
+    if getattr(fastapi_app.state, _HARDENED_FLAG, None) is not None:
+        return
+    infer_router = _make_infer_router()
+    before = list(fastapi_app.router.routes)
+    fastapi_app.include_router(infer_router, prefix=_api_prefix())
+    added = [r for r in fastapi_app.router.routes if not any(r is b for b in before)]
+    fastapi_app.router.routes[:] = added + before
+    setattr(fastapi_app.state, _HARDENED_FLAG, infer_router)
+
+
+def _make_infer_router() -> Any:
+    """``POST /infer/{model}``: the stock handler run in FastAPI's thread pool, with user errors as 4xx."""
+    from typing import Optional
+
+    from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+    from fastapi.background import BackgroundTasks
+    from monailabel.config import settings
+    from monailabel.endpoints import infer as stock
+    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.interfaces.exception import MONAILabelException
+    from monailabel.interfaces.utils.app import app_instance
+
+    router = APIRouter(prefix="/infer", tags=["Infer"])
+
+    @router.post("/{model}", summary="Run inference (MedPLIB: thread pool, 4xx for bad requests)")
+    def api_run_inference(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: Optional[stock.ResultType] = None,  # noqa: UP045 - FastAPI reads this annotation
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        try:
+            parsed = json.loads(params) if params else {}
+        except json.JSONDecodeError as e:
+            raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {e}") from e
+        if not isinstance(parsed, dict):
+            raise HTTPException(status_code=400, detail="form field 'params' must be a JSON object")
+        instance = app_instance()
+        infers = getattr(instance, "_infers", None)
+        if infers is not None and model not in infers:
+            raise HTTPException(
+                status_code=404, detail=f"unknown model {model!r}; available: {sorted(infers)}"
+            )
+        if output == stock.ResultType.dicom_seg:
+            if not isinstance(instance.datastore(), stock.DICOMWebDatastore):
+                raise HTTPException(
+                    status_code=400, detail="output=dicom_seg needs a DICOMweb datastore (--studies URL)"
+                )
+            if not parsed.get("label_info"):
+                raise HTTPException(status_code=400, detail="output=dicom_seg needs 'label_info' in params")
+        if not file and not session_id:
+            if not image:
+                raise HTTPException(
+                    status_code=400, detail="give an image id (?image=), a session_id or a file"
+                )
+            _require_image(instance, image)
+        try:
+            return stock.run_inference(
+                background_tasks, model, image, session_id, params, file, label, output
+            )
+        except MONAILabelException as e:
+            raise HTTPException(status_code=400, detail=e.msg) from e
+
+    return router
+
+
+def _require_image(instance: Any, image_id: str) -> None:
+    from fastapi import HTTPException
+
+    try:
+        uri = instance.datastore().get_image_uri(image_id)
+    except Exception as e:  # DICOMweb: unknown series ids fail inside the download
+        raise HTTPException(
+            status_code=404, detail=f"image {image_id!r} not found in the datastore: {e}"
+        ) from e
+    if not uri:
+        raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore")
+
+
+def harden_running_server() -> None:
+    """Harden the MONAI Label FastAPI app if this process is serving it (called from the app's main.py)."""
+    module = sys.modules.get("monailabel.app")
+    if module is not None and hasattr(module, "app"):
+        harden_infer_route(module.app)
+        use_pydicom_dicom_seg()
+
+
+def build_app() -> Any:
+    """The MONAI Label FastAPI app with the compatibility fixes and the hardened infer route."""
+    prepare_environment()
+    from monailabel.app import app as fastapi_app
+
+    use_pydicom_dicom_seg()
+    harden_infer_route(fastapi_app)
+    return fastapi_app
+
+
+def _api_prefix() -> str:
+    from monailabel.config import settings
+
+    return settings.MONAI_LABEL_API_STR
+
+
+def __getattr__(name: str) -> Any:
+    # uvicorn resolves "monai_medplib.serve:app" with getattr; build the server app only then.
+    if name == "app":
+        fastapi_app = build_app()
+        globals()["app"] = fastapi_app
+        return fastapi_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``medplib serve`` and ``python -m monai_medplib.serve``."""
+    parser.add_argument("--studies", required=True, help="local folder of images or a DICOMweb root URL")
+    parser.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    parser.add_argument(
+        "--app", default=str(DEFAULT_APP_DIR), help="MONAI Label app dir (default: apps/medplib)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="extra app config, e.g. --conf models medplib_grounding,medplib_vqa",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def server_argv(args: argparse.Namespace) -> list[str]:
+    """The ``monailabel`` command line (after the program name) that ``run_serve`` executes in-process."""
+    argv = ["start_server", "--app", str(args.app), "--studies", str(args.studies)]
+    argv += ["--host", args.host, "--port", str(args.port), "--uvicorn_app", UVICORN_APP]
+    argv += ["--log_level", args.log_level]
+    confs = [("model", str(args.model)), ("device", args.device), *[tuple(c) for c in args.conf]]
+    for key, value in confs:
+        argv += ["--conf", key, value]
+    return argv
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the server in this process (blocks until it stops). Returns the exit code."""
+    if not Path(args.app, "main.py").is_file():
+        raise FileNotFoundError(f"MONAI Label app not found: {args.app}/main.py")
+    model = str(args.model)
+    if model != "demo" and not model.startswith("fake:") and not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model!r} is neither 'demo' nor a model directory")
+    if not str(args.studies).startswith(("http://", "https://")) and not Path(args.studies).is_dir():
+        raise FileNotFoundError(f"--studies {args.studies!r} is neither a folder nor a DICOMweb URL")
+    prepare_environment()
+    os.environ.setdefault("MONAI_LABEL_TASKS_TRAIN", "false")
+    os.environ.setdefault("MONAI_LABEL_TASKS_SCORING", "false")
+    # The repository root must be importable from the app (lib.*) and by uvicorn (monai_medplib.serve).
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+    from monailabel.main import Main
+
+    saved_argv = sys.argv
+    sys.argv = ["monailabel", *server_argv(args)]
+    try:
+        Main().run()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m monai_medplib.serve --studies DIR [--model ...]`` (same as ``medplib serve``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_medplib.serve", description=__doc__.splitlines()[0]
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
