@@ -1,0 +1,630 @@
+"""Thin adapters that the MONAI Bundle configs (``bundle/configs/*.json``) instantiate.
+
+The bundle only picks inputs, prompts and outputs; every model, geometry and file-format step lives in the
+library (:mod:`monai_medplib.inference`, :mod:`monai_medplib.volume`, :mod:`monai_medplib.io`). This module:
+
+* :func:`~monai_medplib.bundle_prompts.parse_prompt` validates the vista3d-style ``input_dict`` and names the
+  key at fault;
+* :class:`BundlePromptRunner` routes one prompt to the pipeline and writes the outputs of one study into
+  ``output_dir/<id>/``: the label as NIfTI (volumes) or PNG (2D images), a DICOM-SEG beside it when the input
+  is a DICOM series folder, and ``<id>_answer.json`` (written last: it marks the study as done);
+* :func:`collect_studies` and :class:`CohortRunner` run a datalist or a folder of studies, sharded over
+  ``torch.distributed`` ranks, skipping finished studies and reporting (not raising on) unreadable ones;
+* :class:`MeCoVQAEvaluator` scores grounding (mIoU / mDice) and VQA on a MeCoVQA-layout split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bundle_prompts import (
+    AXES,
+    IMAGE_2D_SUFFIXES,
+    PROMPT_KEYS,
+    VOLUME_SUFFIXES,
+    BundlePrompt,
+    parse_prompt,
+    study_id_of,
+)
+from .inference import MedPLIBPipeline, resolve_model_path
+from .metrics import GroundingMeter, summarize, vqa_metrics
+
+__all__ = [
+    "AXES",
+    "PROMPT_KEYS",
+    "BundlePrompt",
+    "BundlePromptRunner",
+    "CohortRunner",
+    "MeCoVQAEvaluator",
+    "collect_studies",
+    "load_pipeline",
+    "model_dir",
+    "require_torchrun",
+    "parse_prompt",
+    "resolve_ckpt_path",
+    "study_done",
+]
+
+logger = logging.getLogger(__name__)
+
+RELEASE_SUBDIR = (
+    "models/MedPLIB-7b-2e"  # where download_large_files puts the release weights (large_files.yml)
+)
+ANSWER_SUFFIX = "_answer.json"
+
+
+# ------------------------------------------------------------------------------------------ weights
+def resolve_ckpt_path(ckpt_path: str | os.PathLike = "demo", bundle_root: str | os.PathLike = ".") -> str:
+    """``"demo"`` stays ``"demo"`` (the shipped demo model); ``"release"`` -> ``<bundle_root>/models/MedPLIB-7b-2e``
+    (filled by ``python -m monai.bundle download_large_files``); anything else is a model directory path.
+
+    Raises:
+        FileNotFoundError: the directory does not exist (the message says how to get the release weights).
+    """
+    text = str(ckpt_path)
+    if text == "demo":
+        return text
+    path = Path(bundle_root) / RELEASE_SUBDIR if text == "release" else Path(text)
+    if not path.is_dir():
+        hint = (
+            f" (run `python -m monai.bundle download_large_files --bundle_path {bundle_root}` first, "
+            "or pass --ckpt_path with a local copy of Huangxs/MedPLIB-7b-2e)"
+            if text == "release"
+            else ""
+        )
+        raise FileNotFoundError(f"ckpt_path: model directory not found: {path}{hint}")
+    return str(path)
+
+
+def load_pipeline(
+    ckpt_path: str | os.PathLike = "demo",
+    bundle_root: str | os.PathLike = ".",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    template: str = "vicuna_v1",
+) -> MedPLIBPipeline:
+    """The bundle's ``network_def``: a :class:`MedPLIBPipeline` with the 2D and the volume methods."""
+    path = resolve_ckpt_path(ckpt_path, bundle_root)
+    resolve_model_path(path)  # "demo" without the demo package fails here, with a clear message
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    pipeline = MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template)
+    if not hasattr(pipeline, "ground_volume"):
+        # Until inference.py mixes VolumeMixin in (notes/volume_needs.md), add the volume methods here.
+        from .volume import VolumeMixin
+
+        pipeline.__class__ = type("MedPLIBVolumePipeline", (VolumeMixin, type(pipeline)), {})
+    return pipeline
+
+
+def model_dir(ckpt_path: str | os.PathLike = "demo", bundle_root: str | os.PathLike = ".") -> str:
+    """The model directory ``ckpt_path`` names ("demo" -> the shipped demo model's folder); training's ``init``."""
+    return str(resolve_model_path(resolve_ckpt_path(ckpt_path, bundle_root)))
+
+
+def require_torchrun(what: str = "this config") -> int:
+    """``WORLD_SIZE`` set by ``torchrun``; raises a clear error when the multi-process overlay runs without it."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise RuntimeError(
+            f"{what} runs one process per device: launch it with torchrun, e.g. "
+            '`torchrun --nproc_per_node 2 -m monai.bundle run --config_file "[...]"`'
+        )
+    return int(os.environ["WORLD_SIZE"])
+
+
+# ------------------------------------------------------------------------------------------ one study
+def answer_path(output_dir: str | os.PathLike, study: str) -> Path:
+    """``output_dir/<study>/<study>_answer.json``: written last, so its presence means the study is done."""
+    return Path(output_dir) / study / f"{study}{ANSWER_SUFFIX}"
+
+
+def study_done(output_dir: str | os.PathLike, study: str) -> bool:
+    return answer_path(output_dir, study).is_file()
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    """Write through a temporary file so an interrupted run never leaves a half-written answer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _json_keys(mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in mapping.items()}
+
+
+class BundlePromptRunner:
+    """Run bundle prompts through a :class:`MedPLIBPipeline` and write each study's outputs.
+
+    Args:
+        pipeline: the loaded pipeline (the bundle's ``network_def``).
+        output_dir: where ``<id>/`` folders are written.
+        max_new_tokens: decoding budget per answer.
+        force_seg: force ``<SEG></s>`` when grounding (models that never emit ``<SEG>``, e.g. random weights).
+        intensity: volume intensity mapping ("samed2d", "uint8", a CT window preset name).
+        batch_size: slices per batch when grounding a volume.
+        output_ext: label volume extension (".nii.gz" or ".nii").
+        output_postfix: label file name postfix.
+        overwrite: recompute studies whose answer JSON exists (default: skip them).
+    """
+
+    def __init__(
+        self,
+        pipeline: MedPLIBPipeline,
+        output_dir: str | os.PathLike,
+        max_new_tokens: int = 64,
+        force_seg: bool = False,
+        intensity: str = "samed2d",
+        batch_size: int = 8,
+        output_ext: str = ".nii.gz",
+        output_postfix: str = "seg",
+        overwrite: bool = True,
+    ) -> None:
+        if output_ext not in (".nii.gz", ".nii"):
+            raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
+        self.pipeline = pipeline
+        self.output_dir = Path(output_dir)
+        self.max_new_tokens = int(max_new_tokens)
+        self.force_seg = bool(force_seg)
+        self.intensity = intensity
+        self.batch_size = int(batch_size)
+        self.output_ext = output_ext
+        self.output_postfix = output_postfix
+        self.overwrite = overwrite
+
+    def run(self, data: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Process every prompt of ``data`` (the bundle's ``dataset``); errors propagate (one study per call)."""
+        return [self(d) for d in data]
+
+    def __call__(self, input_dict: Mapping[str, Any]) -> dict[str, Any]:
+        prompt = parse_prompt(input_dict)
+        out_json = answer_path(self.output_dir, prompt.id)
+        if not self.overwrite and out_json.is_file():
+            logger.info("%s: outputs exist, skipped", prompt.id)
+            return json.loads(out_json.read_text())
+        start = time.perf_counter()
+        result: dict[str, Any] = {
+            "id": prompt.id,
+            "image": str(prompt.image),
+            "kind": "volume" if prompt.is_volume else "image",
+            "outputs": {},
+        }
+        if prompt.is_volume:
+            result["axis"] = prompt.axis
+            self._volume(prompt, result)
+        else:
+            self._image(prompt, result)
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        result["outputs"]["answer"] = str(out_json)
+        _write_json(out_json, result)
+        logger.info("%s: done in %.1f s -> %s", prompt.id, result["seconds"], out_json.parent)
+        return result
+
+    # -- 2D images
+    def _image(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
+        from PIL import Image
+
+        gen = {"max_new_tokens": self.max_new_tokens}
+        if prompt.question is not None:
+            if prompt.has_region:
+                answer = self.pipeline.answer_region(
+                    str(prompt.image),
+                    prompt.question,
+                    mask=None if prompt.region_mask is None else str(prompt.region_mask),
+                    points=None if prompt.points is None else [list(p) for p in prompt.points],
+                    box=None if prompt.box is None else list(prompt.box),
+                    **gen,
+                )
+                result["region_vqa"] = {
+                    "question": prompt.question,
+                    "answer": answer,
+                    "ignored_points": prompt.ignored_points,
+                }
+            else:
+                result["vqa"] = {
+                    "question": prompt.question,
+                    "answer": self.pipeline.answer(str(prompt.image), prompt.question, **gen),
+                }
+        if prompt.texts:
+            grounded = [
+                self.pipeline.ground(str(prompt.image), t, force_seg=self.force_seg, **gen)
+                for t in prompt.texts
+            ]
+            label = _label_from_probs([g.probs for g in grounded], [g.mask for g in grounded])
+            path = self.output_dir / prompt.id / f"{prompt.id}_{self.output_postfix}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(label).save(path)
+            result["outputs"]["label"] = str(path)
+            result["grounding"] = {
+                "label_names": {t: n + 1 for n, t in enumerate(prompt.texts)},
+                "answers": {t: g.answer for t, g in zip(prompt.texts, grounded)},
+                "has_seg": {t: g.has_seg for t, g in zip(prompt.texts, grounded)},
+                "foreground_pixels": {t: int((label == n + 1).sum()) for n, t in enumerate(prompt.texts)},
+            }
+
+    # -- volumes
+    def _volume(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
+        from .io import load_volume, save_nifti
+
+        gen = {"max_new_tokens": self.max_new_tokens, "intensity": self.intensity}
+        volume = load_volume(prompt.image)  # once: the pipeline's memo reuses it for every call below
+        if prompt.question is not None and prompt.has_region:
+            scribble = None
+            if prompt.region_mask is not None:
+                scribble = load_volume(prompt.region_mask)[0] > 0
+            answer = self.pipeline.answer_volume_region(
+                volume,
+                prompt.question,
+                points=None if prompt.points is None else [list(p) for p in prompt.points],
+                roi=None if prompt.box is None else list(prompt.box),
+                scribble=scribble,
+                axis=prompt.axis,
+                index=None if prompt.slices is None else prompt.slices[0],
+                **gen,
+            )
+            result["region_vqa"] = {
+                "question": prompt.question,
+                "answer": answer.answer,
+                "slice_index": answer.slice_index,
+                "region_voxels": int(np.count_nonzero(answer.region)),
+                "ignored_points": prompt.ignored_points,
+            }
+        elif prompt.question is not None:
+            slices = prompt.slices or (_middle_slice(volume, prompt.axis),)
+            result["vqa"] = {
+                "question": prompt.question,
+                "answers": {
+                    str(i): self.pipeline.answer_volume(volume, prompt.question, i, axis=prompt.axis, **gen)
+                    for i in slices
+                },
+            }
+        if prompt.texts:
+            grounded = self.pipeline.ground_volume(
+                volume,
+                list(prompt.texts),
+                axis=prompt.axis,
+                slices=None if prompt.slices is None else list(prompt.slices),
+                batch_size=self.batch_size,
+                force_seg=self.force_seg,
+                progress=False,
+                keep_slice_results=False,
+                **gen,
+            )
+            folder = self.output_dir / prompt.id
+            label_path = save_nifti(
+                grounded.label, folder / f"{prompt.id}_{self.output_postfix}{self.output_ext}"
+            )
+            result["outputs"]["label"] = str(label_path)
+            result["grounding"] = {
+                "label_names": grounded.label_names,
+                "slices": grounded.slices,
+                "answers": {t: _json_keys(a) for t, a in grounded.answers.items()},
+                "has_seg": {t: _json_keys(s) for t, s in grounded.has_seg.items()},
+                "foreground_voxels": {
+                    t: int((grounded.label == v).sum()) for t, v in grounded.label_names.items()
+                },
+            }
+            if prompt.is_dicom_series:
+                result["outputs"]["dicom_seg"] = self._dicom_seg(prompt, grounded, folder, result)
+
+    def _dicom_seg(
+        self, prompt: BundlePrompt, grounded: Any, folder: Path, result: dict[str, Any]
+    ) -> str | None:
+        from .io import write_dicom_seg
+
+        if not prompt.image.is_dir():
+            result["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
+            return None
+        if not bool((grounded.label > 0).any()):
+            result["dicom_seg_skipped"] = "empty segmentation: nothing was grounded"
+            return None
+        segments = {v: t for t, v in grounded.label_names.items()}
+        path = write_dicom_seg(
+            grounded.label, prompt.image, folder / f"{prompt.id}_{self.output_postfix}.dcm", segments
+        )
+        return str(path)
+
+
+def _middle_slice(volume: Any, axis: str) -> int:
+    """Index of the middle slice of ``volume`` along an anatomical plane."""
+    from .transforms.slicing import slice_geometry, volume_affine_ras
+
+    return slice_geometry(volume_affine_ras(volume), volume.shape[1:], axis).num_slices // 2
+
+
+def _label_from_probs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 label: where a text's mask is set, the 1-based index of the most probable of those texts."""
+    label = np.zeros(masks[0].shape, dtype=np.uint8)
+    best = np.full(masks[0].shape, -1.0, dtype=np.float32)
+    for n, (p, m) in enumerate(zip(probs, masks)):
+        wins = np.asarray(m, dtype=bool) & (p > best)
+        label[wins] = n + 1
+        best = np.where(wins, p, best)
+    return label
+
+
+# ------------------------------------------------------------------------------------------ cohorts
+def _entries_from_datalist(datalist: Path, key: str, base_dir: Path | None) -> list[dict[str, Any]]:
+    if not datalist.is_file():
+        raise FileNotFoundError(f"datalist not found: {datalist}")
+    content = json.loads(datalist.read_text())
+    if isinstance(content, Mapping):
+        if key not in content:
+            raise ValueError(f"datalist {datalist} has no {key!r} list (keys: {sorted(content)})")
+        content = content[key]
+    if not isinstance(content, list):
+        raise ValueError(f"datalist {datalist}: expected a list of studies, got {type(content).__name__}")
+    base = base_dir if base_dir is not None else datalist.parent
+    entries = []
+    for n, item in enumerate(content):
+        entry = (
+            {"image": item} if isinstance(item, str) else dict(item) if isinstance(item, Mapping) else None
+        )
+        if entry is None or "image" not in entry:
+            raise ValueError(
+                f"datalist {datalist}: entry {n} must be a path or a dict with 'image', got {item!r}"
+            )
+        for k in ("image", "region_mask"):
+            if isinstance(entry.get(k), str) and not Path(entry[k]).is_absolute():
+                entry[k] = str(base / entry[k])
+        entries.append(entry)
+    return entries
+
+
+def _entries_from_folder(folder: Path) -> list[dict[str, Any]]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"studies folder not found: {folder}")
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() or path.name.lower().endswith(IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES):
+            entries.append({"image": str(path)})
+    return entries
+
+
+def collect_studies(
+    datalist: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+    prompt: Mapping[str, Any] | None = None,
+    data_list_key: str = "testing",
+    base_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """The studies of a cohort as ``input_dict``s with unique ``id``s.
+
+    Args:
+        datalist: a JSON list of studies (paths or dicts with ``image`` and optional prompt keys), or a MONAI
+            datalist dict holding such a list under ``data_list_key``; relative paths are taken from
+            ``base_dir`` (default: the datalist's folder). Keys that are not prompt keys (e.g. ``label``) are
+            dropped.
+        folder: alternatively a folder whose files (2D images, volumes) and sub-folders (DICOM series) are the
+            studies.
+        prompt: the prompt applied to every study (e.g. ``{"text": "Please segment the liver."}``); a study's
+            own keys win.
+    """
+    if (datalist is None) == (folder is None):
+        raise ValueError("give exactly one of datalist= (a JSON file) or folder= (a folder of studies)")
+    if datalist is not None:
+        raw = _entries_from_datalist(
+            Path(datalist), data_list_key, None if base_dir is None else Path(base_dir)
+        )
+    else:
+        raw = _entries_from_folder(Path(folder))
+    studies, seen = [], {}
+    for entry in raw:
+        study = {**dict(prompt or {}), **{k: v for k, v in entry.items() if k in PROMPT_KEYS}}
+        name = str(study.get("id") or study_id_of(study["image"]))
+        seen[name] = seen.get(name, 0) + 1
+        study["id"] = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        studies.append(study)
+    return studies
+
+
+@dataclass
+class CohortReport:
+    """What one cohort run did (gathered over ranks in ``cohort_report.json``)."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    world_size: int = 1
+
+
+class CohortRunner:
+    """Run a :class:`BundlePromptRunner` over many studies, sharded across ``torch.distributed`` ranks.
+
+    Studies are dealt round-robin (``studies[rank::world_size]``); a study whose answer JSON exists is skipped
+    (resumable runs); a study that fails to read or run is logged and listed in the report, and the run goes on.
+
+    Args:
+        runner: the per-study runner (the inference config's ``inferer``).
+        studies: ``input_dict``s (see :func:`collect_studies`).
+        distributed: join / start the process group from the ``torchrun`` environment (gloo on CPU, nccl on CUDA).
+        report_name: report file written by rank 0 into the runner's ``output_dir``.
+    """
+
+    def __init__(
+        self,
+        runner: BundlePromptRunner,
+        studies: Sequence[Mapping[str, Any]],
+        distributed: bool = False,
+        report_name: str = "cohort_report.json",
+    ) -> None:
+        self.runner = runner
+        self.studies = list(studies)
+        self.distributed = distributed
+        self.report_name = report_name
+
+    def run(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        started_group = False
+        if self.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            backend = "nccl" if self.runner.pipeline.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            started_group = True
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            mine = self._run_shard(self.studies[rank::world], world)
+            reports = [asdict(mine)]
+            if world > 1:
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, reports[0])
+                reports = gathered
+        finally:
+            if started_group:
+                dist.destroy_process_group()
+        merged = {
+            "studies": len(self.studies),
+            "world_size": world,
+            "done": sorted(s for r in reports for s in r["done"]),
+            "skipped": sorted(s for r in reports for s in r["skipped"]),
+            "failed": sorted((f for r in reports for f in r["failed"]), key=lambda f: f["id"]),
+            "seconds_per_rank": [r["seconds"] for r in reports],
+        }
+        if rank == 0:
+            _write_json(self.runner.output_dir / self.report_name, merged)
+            logger.info(
+                "cohort: %d done, %d skipped, %d failed (%d ranks)",
+                len(merged["done"]),
+                len(merged["skipped"]),
+                len(merged["failed"]),
+                world,
+            )
+        return merged
+
+    def _run_shard(self, studies: Sequence[Mapping[str, Any]], world: int) -> CohortReport:
+        report, start = CohortReport(world_size=world), time.perf_counter()
+        for study in studies:
+            name = str(study.get("id") or study_id_of(study.get("image", "?")))
+            if study_done(self.runner.output_dir, name):
+                report.skipped.append(name)
+                continue
+            try:
+                self.runner(study)
+            except Exception as err:  # one bad study must not stop a cohort: report it and go on
+                logger.error("%s: failed: %s: %s", name, type(err).__name__, str(err).strip()[:500])
+                first_line = (str(err).strip().splitlines() or [""])[0][:500]
+                report.failed.append(
+                    {
+                        "id": name,
+                        "image": str(study.get("image")),
+                        "error": f"{type(err).__name__}: {first_line}",
+                    }
+                )
+                continue
+            report.done.append(name)
+        report.seconds = round(time.perf_counter() - start, 3)
+        return report
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+class MeCoVQAEvaluator:
+    """Evaluate on a MeCoVQA-layout split (the demo dataset's ``test/`` files or the release test files).
+
+    Grounding records are scored with :class:`~monai_medplib.metrics.GroundingMeter` (release mIoU / mDice,
+    no ``<SEG>`` = 0), closed / open VQA and region VQA with :func:`~monai_medplib.metrics.vqa_metrics`.
+
+    Args:
+        pipeline: the loaded pipeline.
+        data_root: root the MeCoVQA image / mask paths are relative to.
+        files: task -> JSON file (relative to ``data_root``); tasks: "grounding", "vqa", "region_vqa".
+        output_dir: where ``metrics.json`` and ``predictions.json`` go.
+        max_samples: records per file (the first ones; None = all).
+        max_new_tokens: decoding budget per answer.
+        force_seg: force ``<SEG></s>`` for grounding (random-weight models).
+    """
+
+    TASKS = ("grounding", "vqa", "region_vqa")
+
+    def __init__(
+        self,
+        pipeline: MedPLIBPipeline,
+        data_root: str | os.PathLike,
+        files: Mapping[str, str],
+        output_dir: str | os.PathLike,
+        max_samples: int | None = 20,
+        max_new_tokens: int = 64,
+        force_seg: bool = False,
+    ) -> None:
+        unknown = sorted(set(files) - set(self.TASKS))
+        if unknown:
+            raise ValueError(f"evaluation files: unknown tasks {unknown}; use {list(self.TASKS)}")
+        self.pipeline = pipeline
+        self.data_root = Path(data_root)
+        self.files = dict(files)
+        self.output_dir = Path(output_dir)
+        self.max_samples = max_samples
+        self.max_new_tokens = int(max_new_tokens)
+        self.force_seg = force_seg
+
+    def run(self) -> dict[str, Any]:
+        from .data.mecovqa import load_binary_mask, read_mecovqa
+
+        meter, vqa_rows, predictions = GroundingMeter(), [], []
+        start = time.perf_counter()
+        for task, rel in self.files.items():
+            records = read_mecovqa(self.data_root / rel, self.data_root)[: self.max_samples]
+            for record in records:
+                turn = record.turns[0]
+                row = {"id": record.id, "task": task, "question": turn.question, "gt": turn.answer}
+                if task == "grounding":
+                    if turn.mask_path is None:
+                        raise ValueError(f"{rel}: grounding record {record.id!r} has no <mask> in its answer")
+                    res = self.pipeline.ground(
+                        record.image,
+                        turn.question,
+                        max_new_tokens=self.max_new_tokens,
+                        force_seg=self.force_seg,
+                    )
+                    row.update(
+                        pred=res.answer,
+                        iou=meter.add(
+                            record.image,
+                            res.logits if res.has_seg else None,
+                            load_binary_mask(turn.mask_path),
+                        ),
+                    )
+                else:
+                    if task == "region_vqa":
+                        if not turn.region_paths:
+                            raise ValueError(
+                                f"{rel}: region record {record.id!r} has no <region> in its question"
+                            )
+                        pred = self.pipeline.answer_region(
+                            record.image,
+                            turn.question,
+                            mask=turn.region_paths[0],
+                            max_new_tokens=self.max_new_tokens,
+                        )
+                    else:
+                        pred = self.pipeline.answer(
+                            record.image, turn.question, max_new_tokens=self.max_new_tokens
+                        )
+                    row["pred"] = pred
+                    vqa_rows.append(
+                        {"gt": turn.answer or "", "pred": pred, "answer_type": record.answer_type or "open"}
+                    )
+                predictions.append(row)
+        report, table = summarize(
+            grounding=meter if meter.rows else None, vqa=vqa_metrics(vqa_rows) if vqa_rows else None
+        )
+        report["samples"] = len(predictions)
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        _write_json(self.output_dir / "metrics.json", report)
+        _write_json(self.output_dir / "predictions.json", {"predictions": predictions})
+        logger.info("evaluation (%d samples, %.1f s)\n%s", len(predictions), report["seconds"], table)
+        return report

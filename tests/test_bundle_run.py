@@ -1,0 +1,430 @@
+"""The MONAI Bundle end to end on CPU with the tiny random-weight fixture model: metadata against the vendored
+schema, inference (2D, NIfTI volume, DICOM series -> DICOM-SEG), evaluation, a few training steps, cohorts
+(resumable, a broken study reported), ``torchrun`` with 2 gloo processes and ``python -m monai.bundle run``.
+
+Random weights: the tests assert structure, geometry and error handling, not medical quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata
+from PIL import Image
+
+from monai_medplib.bundle_workflows import load_pipeline
+from monai_medplib.io import write_dicom_series
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = BUNDLE / "schema" / "meta_schema_medplib.json"
+AFFINE = np.array(
+    [[-1.5, 0, 0, 30.0], [0, -1.2, 0, 12.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]]
+)  # LPS-like, anisotropic
+SHAPE = (20, 16, 6)
+
+
+@pytest.fixture(scope="module")
+def model_dir(public_fixture: Path) -> Path:
+    return public_fixture / "model"
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir: Path):
+    return load_pipeline(str(model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundle_data")
+    rng = np.random.default_rng(0)
+    volume = np.round(rng.normal(40, 60, SHAPE)).astype(np.float32)  # integer HU, as CT stores them
+    nib.save(nib.Nifti1Image(volume, AFFINE), root / "ct_a.nii.gz")
+    write_dicom_series(volume, AFFINE, root / "ct_dicom")
+    Image.fromarray(rng.integers(0, 255, (30, 44), dtype=np.uint8)).save(root / "xray.png")
+    return {"root": root, "nii": root / "ct_a.nii.gz", "dicom": root / "ct_dicom", "png": root / "xray.png"}
+
+
+def _infer(
+    tmp_path: Path, pipeline, input_dict: dict, configs=("inference.json",), **override
+) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=[str(CONFIGS / c) for c in configs],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(BUNDLE),
+        output_dir=str(tmp_path / "out"),
+        network_def=pipeline,  # the loaded fixture model (ckpt loading is tested on its own below)
+        max_new_tokens=4,
+        force_seg=True,
+        input_dict=input_dict,
+        **override,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def test_metadata_verifies_offline_against_vendored_schema(tmp_path: Path) -> None:
+    verify_metadata(
+        meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA)
+    )  # file exists: no download
+    broken = json.loads((CONFIGS / "metadata.json").read_text())
+    del broken["network_data_format"]["outputs"]["pred"]["channel_def"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="Failed validating"):  # a tensor output needs its channel_def
+        verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
+    del broken["version"]
+    bad.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'version' is a required property"):
+        verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2  # MONAI Label: 2D model
+
+
+def test_ckpt_path_loads_the_model_through_the_config(tmp_path: Path, model_dir: Path, data) -> None:
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(CONFIGS / "inference.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(BUNDLE),
+        ckpt_path=str(model_dir),
+        output_dir=str(tmp_path / "out"),
+        max_new_tokens=4,
+        input_dict={"image": str(data["png"]), "question": "What is shown?"},
+    )
+    workflow.initialize()
+    (result,) = workflow.run()[0]
+    assert isinstance(result["vqa"]["answer"], str)
+    assert json.loads(Path(result["outputs"]["answer"]).read_text())["vqa"]["question"] == "What is shown?"
+    missing = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(CONFIGS / "inference.json"),
+        logging_file=False,
+        bundle_root=str(tmp_path),
+        ckpt_path="release",
+        input_dict={"image": str(data["png"]), "question": "q"},
+    )
+    missing.initialize()
+    with pytest.raises(RuntimeError) as raised:
+        missing.run()
+    assert "download_large_files" in str(raised.value.__cause__)
+
+
+def test_volume_grounding_keeps_the_input_geometry(tmp_path: Path, pipeline, data) -> None:
+    prompt = {
+        "image": str(data["nii"]),
+        "text": ["Please segment the liver.", "Segment the tumour."],
+        "slices": [2, 3],
+    }
+    (result,) = _infer(tmp_path, pipeline, prompt).run()[0]
+    label = nib.load(result["outputs"]["label"])
+    assert label.shape == SHAPE and label.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
+    values = np.asarray(label.dataobj)
+    # only the two requested axial slices (voxel axis 2 here) can hold labels
+    assert not values[:, :, [0, 1, 4, 5]].any()
+    assert set(np.unique(values)) <= {0, 1, 2}
+    saved = json.loads((tmp_path / "out" / "ct_a" / "ct_a_answer.json").read_text())
+    assert saved["grounding"]["label_names"] == {"Please segment the liver.": 1, "Segment the tumour.": 2}
+    assert saved["grounding"]["slices"] == [2, 3]
+    assert saved["grounding"]["has_seg"]["Segment the tumour."] == {"2": True, "3": True}  # forced <SEG>
+    assert sum(saved["grounding"]["foreground_voxels"].values()) == int((values > 0).sum())
+
+
+def test_dicom_series_gets_a_dicom_seg(tmp_path: Path, pipeline, data) -> None:
+    (result,) = _infer(
+        tmp_path, pipeline, {"image": str(data["dicom"]), "text": "liver", "slices": [1]}
+    ).run()[0]
+    label = nib.load(result["outputs"]["label"])
+    assert label.shape == SHAPE
+    labelled = int((np.asarray(label.dataobj) > 0).sum())
+    assert labelled > 0  # the forced <SEG> of the fixture model marks voxels on slice 1 (deterministic)
+    seg = pydicom.dcmread(result["outputs"]["dicom_seg"])
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "liver"
+    sources = {pydicom.dcmread(p).SOPInstanceUID for p in data["dicom"].iterdir()}
+    referenced = {
+        r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced <= sources and referenced
+    assert int(np.asarray(seg.pixel_array).sum()) == labelled
+
+
+def test_2d_grounding_region_vqa_and_volume_vqa(tmp_path: Path, pipeline, data) -> None:
+    (ground,) = _infer(tmp_path, pipeline, {"image": str(data["png"]), "text": "Segment the lung."}).run()[0]
+    mask = np.asarray(Image.open(ground["outputs"]["label"]))
+    assert mask.shape == (30, 44) and set(np.unique(mask)) <= {0, 1}
+    assert ground["grounding"]["foreground_pixels"]["Segment the lung."] == int(mask.sum())
+    region = {
+        "image": str(data["png"]),
+        "question": "What is here?",
+        "points": [[10, 12]],
+        "id": "xray_region",
+    }
+    (answer,) = _infer(tmp_path, pipeline, region).run()[0]
+    assert isinstance(answer["region_vqa"]["answer"], str) and "outputs" in answer
+    volume_q = {"image": str(data["nii"]), "question": "What is here?", "points": [[5, 6, 4]], "id": "vq"}
+    (vq,) = _infer(tmp_path, pipeline, volume_q).run()[0]
+    assert vq["region_vqa"]["slice_index"] == 4  # the point's axial slice
+    (whole,) = _infer(
+        tmp_path, pipeline, {"image": str(data["nii"]), "question": "Which organ?", "id": "w"}
+    ).run()[0]
+    assert list(whole["vqa"]["answers"]) == [str(SHAPE[2] // 2)]  # middle axial slice by default
+
+
+def _mecovqa_split(root: Path) -> Path:
+    """Two images with a grounding, a closed-VQA and a region-VQA record each, train and test alike."""
+    for folder in ("images", "masks", "masks_merged", "train", "test"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    grounding, closed, region = [], [], []
+    for n in range(2):
+        stem = f"ct_00--demo--case_{n}--z_{n:04d}"
+        Image.fromarray(rng.integers(0, 255, (48, 64), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+        mask = np.zeros((48, 64), dtype=np.uint8)
+        mask[10:30, 20:40] = 255
+        Image.fromarray(mask).save(root / "masks_merged" / f"{stem}--0001_merged.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}--region_0.png")
+        image = f"images/{stem}.png"
+        grounding.append(
+            {
+                "id": stem,
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nPlease segment the liver."},
+                    {"from": "gpt", "value": f"<SEG><mask>masks_merged/{stem}--0001_merged.png</mask>"},
+                ],
+            }
+        )
+        closed.append(
+            {
+                "id": stem,
+                "image": image,
+                "answer_type": "closed",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nIs the liver visible?"},
+                    {"from": "gpt", "value": "yes"},
+                ],
+            }
+        )
+        region.append(
+            {
+                "id": stem,
+                "image": image,
+                "answer_type": "open",
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": f"<image>\nWhat is in <region>masks/{stem}--region_0.png</region>?",
+                    },
+                    {"from": "gpt", "value": "liver"},
+                ],
+            }
+        )
+    names = {
+        "train": ("MeCoVQA-Grounding.json", "MeCoVQA-Complex.json", "MeCoVQA-Region.json"),
+        "test": (
+            "MeCoVQA_Grounding_test.json",
+            "MeCoVQA_Complex_VQA_test.json",
+            "MeCoVQA_Region_VQA_test.json",
+        ),
+    }
+    for split, files in names.items():
+        for name, entries in zip(files, (grounding, closed, region)):
+            (root / split / name).write_text(json.dumps(entries))
+    return root
+
+
+def test_evaluate_on_a_small_split(tmp_path: Path, pipeline) -> None:
+    root = _mecovqa_split(tmp_path / "mecovqa")
+    workflow = _infer(
+        tmp_path, pipeline, {}, configs=("inference.json", "evaluate.json"), dataset_dir=str(root)
+    )
+    (report,) = workflow.run()
+    assert (
+        report["grounding"]["n"] == 2
+        and report["vqa"]["closed"]["n"] == 2
+        and report["vqa"]["open"]["n"] == 2
+    )
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    ious = [p["iou"] for p in predictions if p["task"] == "grounding"]
+    assert report["grounding"]["miou"] == pytest.approx(sum(ious) / 2)
+    assert report["grounding"]["mdice"] == pytest.approx(sum(2 * i / (1 + i) for i in ious) / 2)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["samples"] == 6
+
+
+def test_cohort_is_resumable_and_reports_a_broken_study(tmp_path: Path, pipeline, data) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("p1", "p2"):
+        (studies / f"{name}.nii.gz").write_bytes(data["nii"].read_bytes())
+    (studies / "broken.nii.gz").write_text("not a NIfTI file")
+    configs = ("inference.json", "batch_inference.json")
+    prompt = {"text": "Please segment the liver.", "slices": [2]}
+    first = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=prompt).run()[0]
+    assert first["done"] == ["p1", "p2"] and first["skipped"] == []
+    assert [f["id"] for f in first["failed"]] == ["broken"]
+    report = json.loads((tmp_path / "out" / "cohort_report.json").read_text())
+    assert report["failed"][0]["image"].endswith("broken.nii.gz")
+    second = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=prompt).run()[0]
+    assert second["done"] == [] and second["skipped"] == ["p1", "p2"] and len(second["failed"]) == 1
+
+
+def test_cohort_from_a_datalist(tmp_path: Path, pipeline, data) -> None:
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps(
+            {
+                "testing": [
+                    {"image": data["nii"].name, "label": "ignored.nii.gz", "question": "Which organ?"},
+                    {"image": data["png"].name, "id": "chest"},
+                ]
+            }
+        )
+    )
+    configs = ("inference.json", "batch_inference.json")
+    report = _infer(
+        tmp_path,
+        pipeline,
+        {},
+        configs=configs,
+        datalist=str(datalist),
+        prompt={"text": "Segment the lung."},
+    ).run()[0]
+    # relative paths are read from the datalist's folder: copy the files beside it
+    assert {f["id"] for f in report["failed"]} == {"ct_a", "chest"}
+    for name in (data["nii"].name, data["png"].name):
+        (tmp_path / name).write_bytes((data["root"] / name).read_bytes())
+    report = _infer(
+        tmp_path,
+        pipeline,
+        {},
+        configs=configs,
+        datalist=str(datalist),
+        prompt={"text": "Segment the lung."},
+    ).run()[0]
+    assert report["done"] == ["chest", "ct_a"] and report["failed"] == []
+    both = json.loads((tmp_path / "out" / "ct_a" / "ct_a_answer.json").read_text())
+    assert "vqa" in both and "grounding" in both  # the study's question plus the cohort's text
+
+
+@pytest.mark.slow
+def test_a_few_training_steps(tmp_path: Path, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    root = _mecovqa_split(tmp_path / "mecovqa")
+    out = tmp_path / "train"
+    workflow = ConfigWorkflow(
+        workflow_type="train",
+        config_file=str(CONFIGS / "train.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(BUNDLE),
+        ckpt_path=str(model_dir),
+        dataset_dir=str(root),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=2,
+        device_name="cpu",
+    )
+    workflow.initialize()
+    (summary,) = workflow.run()
+    workflow.finalize()
+    assert summary["stage"] == "stage3" and summary["steps"] == 2
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert before.keys() == after.keys()
+    decoder = [k for k in before if k.startswith("model.visual_model.mask_decoder.")]
+    clip = [k for k in before if k.startswith("model.vision_tower.")]
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)  # trained in full in stage III
+    assert all(torch.equal(before[k], after[k]) for k in clip)  # frozen
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+@pytest.mark.slow
+def test_torchrun_cohort_with_two_gloo_processes(tmp_path: Path, model_dir: Path, data) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("s1", "s2", "s3"):
+        (studies / f"{name}.nii.gz").write_bytes(data["nii"].read_bytes())
+    configs = [
+        str(CONFIGS / c) for c in ("inference.json", "batch_inference.json", "multi_gpu_batch_inference.json")
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_path",
+        str(model_dir),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--studies_dir",
+        str(studies),
+        "--max_new_tokens",
+        "4",
+        "--force_seg",
+        "True",
+        "--prompt",
+        "{'text': 'Please segment the liver.', 'slices': [1]}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "cohort_report.json").read_text())
+    assert report["world_size"] == 2 and report["done"] == ["s1", "s2", "s3"] and report["failed"] == []
+    assert len(report["seconds_per_rank"]) == 2
+    for name in ("s1", "s2", "s3"):
+        assert nib.load(tmp_path / "out" / name / f"{name}_seg.nii.gz").shape == SHAPE
+
+
+@pytest.mark.slow
+def test_python_m_monai_bundle_run(tmp_path: Path, model_dir: Path, data) -> None:
+    input_dict = {"image": str(data["nii"]), "text": "Please segment the liver.", "slices": [3]}
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_path",
+        str(model_dir),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_new_tokens",
+        "4",
+        "--input_dict",
+        repr(input_dict),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "ct_a" / "ct_a_answer.json").read_text())
+    assert saved["grounding"]["slices"] == [3]
+    assert nib.load(tmp_path / "out" / "ct_a" / "ct_a_seg.nii.gz").shape == SHAPE
