@@ -3,7 +3,7 @@
 :class:`MedPLIBPipeline` has two layers:
 
 * user calls: :meth:`~MedPLIBPipeline.answer`, :meth:`~MedPLIBPipeline.answer_region`,
-  :meth:`~MedPLIBPipeline.ground` (and ``*_batch`` variants);
+  :meth:`~MedPLIBPipeline.ground` (and ``*_batch`` variants), :meth:`~MedPLIBPipeline.refine` (clicks);
 * batched primitives they are built from, for callers that organise their own work (the volume layer):
   :meth:`~MedPLIBPipeline.encode_images` (CLIP + SAM once per image, through an optional
   :class:`~monai_medplib.features.FeatureCache`), :meth:`~MedPLIBPipeline.prompt_ids`,
@@ -38,6 +38,7 @@ from .processing import (
     region_grid,
     sam_pixels,
 )
+from .refinement import refine_grounding
 from .region_prompts import MaskLike, region_mask_from_prompt
 from .results import GroundingResult
 from .tokenization import MedPLIBTokenizer, build_prompt, get_template
@@ -247,10 +248,15 @@ class MedPLIBPipeline:
         missing = [i for i, f in enumerate(features) if not f.has_sam]
         if missing:
             raise ValueError(f"ImageFeatures {missing} have no sam_embedding; encode them with with_sam=True")
-        text_embeds = self.model.seg_embeddings(seg_hidden.to(self.device, self.dtype))
+        text_embeds = self.seg_embeddings(seg_hidden)
         embeddings = torch.stack([f.sam_embedding.to(self.device) for f in features])
         low_res, iou = self.model.model.visual_model.decode(embeddings, text_embeds=text_embeds[:, None])
         return low_res.float(), iou.float()
+
+    @torch.no_grad()
+    def seg_embeddings(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """[SEG] states ``[N,H]`` -> SAM text prompts ``[N,256]`` (model dtype; ``text_hidden_fcs``)."""
+        return self.model.seg_embeddings(seg_hidden.to(self.device, self.dtype))
 
     @staticmethod
     def postprocess(low_res: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
@@ -380,9 +386,10 @@ class MedPLIBPipeline:
             states = [self._seg_states(out, b, all_seg, seg_rule) for b in range(len(prompts))]
         owners = [b for b, sample in enumerate(states) for _ in sample]
         if owners:
-            low_res, iou = self.decode_masks(
-                [features[b] for b in owners], torch.stack([s for sample in states for s in sample])
-            )
+            seg_hidden = torch.stack([s for sample in states for s in sample])
+            low_res, iou = self.decode_masks([features[b] for b in owners], seg_hidden)
+            # Kept on the result as the text prompt of click refinement (a small MLP: recomputing is cheap).
+            seg_embeds = self.seg_embeddings(seg_hidden)
         results, row = [], 0
         for b, sample in enumerate(states):
             answer = self.decode_text(token_ids[b])
@@ -390,7 +397,9 @@ class MedPLIBPipeline:
                 results.append(GroundingResult.empty(features[b].original_size, answer, token_ids[b]))
                 continue
             logits = [self.postprocess(low_res[row + k], features[b]) for k in range(len(sample))]
-            result = GroundingResult.from_logits(logits[0], answer, token_ids[b], low_res[row], iou[row])
+            result = GroundingResult.from_logits(
+                logits[0], answer, token_ids[b], low_res[row], iou[row], seg_embeds[row]
+            )
             if all_seg:
                 result.all_probs = [torch.sigmoid(x).cpu().numpy() for x in logits]
                 result.all_masks = [binarize(x).cpu().numpy() for x in logits]
@@ -405,3 +414,20 @@ class MedPLIBPipeline:
             return [out.hidden_for_token(b, j) for j, token in enumerate(ids) if token == seg_id]
         state = out.seg_hidden_states(seg_id, release_quirk=seg_rule == "release")[b]
         return [] if state is None else [state]
+
+    def refine(
+        self,
+        image: InputImage,
+        points: Sequence[Sequence[float]],
+        labels: Sequence[int],
+        prior: GroundingResult | None = None,
+        text: str | None = None,
+        **ground_options,
+    ) -> GroundingResult:
+        """Refine a grounded mask with clicks (beyond the release; opt-in). See :func:`refine_grounding`.
+
+        ``points`` are every click so far as original-image ``(x, y)`` pixels, ``labels`` 1 positive / 0 negative;
+        ``prior`` a previous :meth:`ground` or :meth:`refine` result of this image; ``text`` is grounded first
+        (with ``ground_options``) when no prior is given.
+        """
+        return refine_grounding(self, image, points, labels, prior, text, **ground_options)

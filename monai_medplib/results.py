@@ -28,6 +28,7 @@ class GroundingResult:
         token_ids: generated ids (EOS included when produced).
         low_res_logits: SAM logits ``[1, 64, 64]`` before post-processing (a prior for click refinement).
         iou_prediction: SAM's predicted IoU of the mask.
+        seg_embedding: the ``<SEG>`` text prompt ``[256]`` (fp32) SAM decoded; click refinement reuses it.
         all_masks / all_probs: with ``all_seg=True``, one entry per ``<SEG>`` in answer order.
     """
 
@@ -39,6 +40,7 @@ class GroundingResult:
     token_ids: list[int] = field(default_factory=list)
     low_res_logits: torch.Tensor | None = None
     iou_prediction: float | None = None
+    seg_embedding: torch.Tensor | None = None
     all_masks: list[np.ndarray] = field(default_factory=list)
     all_probs: list[np.ndarray] = field(default_factory=list)
 
@@ -62,6 +64,7 @@ class GroundingResult:
         token_ids: list[int],
         low_res: torch.Tensor | None = None,
         iou: torch.Tensor | None = None,
+        seg_embedding: torch.Tensor | None = None,
     ) -> GroundingResult:
         """Build from post-processed logits ``[H, W]`` of the (first) ``<SEG>``."""
         logits = logits.detach().float().cpu()
@@ -75,6 +78,7 @@ class GroundingResult:
             token_ids=token_ids,
             low_res_logits=None if low_res is None else low_res.detach().float().cpu(),
             iou_prediction=None if iou is None else float(iou.reshape(-1)[0]),
+            seg_embedding=None if seg_embedding is None else seg_embedding.detach().float().cpu().reshape(-1),
         )
 
     @property
