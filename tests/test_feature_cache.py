@@ -1,0 +1,71 @@
+"""FeatureCache: content keys, LRU order, byte bound, counters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monai_medplib.feature_cache import FeatureCache, SliceFeatures, content_key, nbytes_of
+
+
+def _feats(fill: float, n: int = 256) -> SliceFeatures:
+    # n float32 in clip + n in the embedding -> 8 n bytes
+    return SliceFeatures(torch.full((n,), fill), torch.full((n,), fill), (4, 4), (8, 8))
+
+
+def test_content_key_depends_on_bytes_shape_dtype_and_tag():
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert content_key(a) == content_key(a.copy())
+    assert content_key(a) == content_key(torch.from_numpy(a.copy()))
+    assert content_key(a) != content_key(a.reshape(4, 3))
+    assert content_key(a) != content_key(a.astype(np.int16))
+    assert content_key(a) != content_key(a, "model-2")
+    b = a.copy()
+    b[2, 3] += 1
+    assert content_key(a) != content_key(b)
+    # a non-contiguous view is keyed by its values, like the contiguous copy
+    assert content_key(a.T) == content_key(np.ascontiguousarray(a.T))
+
+
+def test_nbytes_walks_dataclasses_and_containers():
+    assert nbytes_of(_feats(0.0, 10)) == 80
+    assert nbytes_of({"a": torch.zeros(3, dtype=torch.float64), "b": [np.zeros(5, np.uint8)]}) == 29
+    assert nbytes_of("text") == 0
+
+
+def test_lru_eviction_by_bytes_and_counters():
+    cache = FeatureCache(max_bytes=3 * 2048)  # room for three 2 KiB entries
+    for name in "abc":
+        cache.put(name, _feats(1.0))
+    assert len(cache) == 3 and cache.nbytes == 3 * 2048
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", _feats(2.0))
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert cache.stats.evictions == 1 and cache.stats.hits == 1
+    assert cache.get("b") is None and cache.stats.misses == 1
+    # replacing a key does not double-count its bytes
+    cache.put("d", _feats(3.0))
+    assert cache.nbytes == 3 * 2048 and float(cache.get("d").clip[0]) == 3.0
+
+
+def test_oversize_value_is_returned_not_stored_and_zero_disables():
+    cache = FeatureCache(max_bytes=1000)
+    value = cache.get_or_compute("big", lambda: _feats(1.0))
+    assert value.clip.numel() == 256 and "big" not in cache and cache.nbytes == 0
+    calls = []
+    small = FeatureCache(max_bytes=10_000)
+    for _ in range(3):
+        small.get_or_compute("k", lambda: calls.append(1) or _feats(0.5))
+    assert len(calls) == 1 and small.stats.hits == 2
+    assert len(FeatureCache(0)) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        FeatureCache(-1)
+
+
+def test_clear_resets():
+    cache = FeatureCache(10_000)
+    cache.put("x", _feats(0.0))
+    cache.get("x")
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0 and cache.stats.hits == 0
