@@ -98,13 +98,7 @@ def load_pipeline(
     resolve_model_path(path)  # "demo" without the demo package fails here, with a clear message
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    pipeline = MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template)
-    if not hasattr(pipeline, "ground_volume"):
-        # Until inference.py mixes VolumeMixin in (notes/volume_needs.md), add the volume methods here.
-        from .volume import VolumeMixin
-
-        pipeline.__class__ = type("MedPLIBVolumePipeline", (VolumeMixin, type(pipeline)), {})
-    return pipeline
+    return MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template)
 
 
 def model_dir(ckpt_path: str | os.PathLike = "demo", bundle_root: str | os.PathLike = ".") -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,20 @@ _SAFE_DTYPES = {
 }
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read tensors one at a time with plain reads (not mmap), so that casting to another dtype never holds
-    more than the converted copy plus one source tensor, and no loaded tensor keeps a checkpoint file mapped
-    (a later save into the same directory would otherwise truncate memory still in use)."""
+def _iter_safetensors(
+    files: list[Path], target_dtype: Callable[[str, torch.dtype], torch.dtype] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors one at a time with plain reads (not mmap), each straight into its own new tensor.
+
+    ``readinto`` fills the tensor's memory from the file, so a tensor costs exactly its bytes (no temporary
+    ``bytes`` copy whose freed heap the allocator keeps), and no loaded tensor keeps a checkpoint file mapped (a
+    later save into the same directory would otherwise truncate memory still in use). When ``target_dtype(key,
+    stored dtype)`` differs from the stored dtype, the bytes go through one reused scratch buffer and only the
+    converted tensor is allocated.
+    """
+    scratch = torch.empty(0, dtype=torch.uint8)
     for file in files:
-        with file.open("rb") as f:
+        with file.open("rb", buffering=0) as f:
             header_len = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_len))
             header.pop("__metadata__", None)
@@ -86,16 +95,37 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if info["dtype"] not in _SAFE_DTYPES:
                     raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                stored = _SAFE_DTYPES[info["dtype"]]
                 start, end = info["data_offsets"]
-                f.seek(base + start)
-                dtype = _SAFE_DTYPES[info["dtype"]]
-                if end == start:
-                    yield key, torch.empty(info["shape"], dtype=dtype)
-                    continue
-                yield (
-                    key,
-                    torch.frombuffer(bytearray(f.read(end - start)), dtype=dtype).reshape(info["shape"]),
-                )
+                nbytes = math.prod(info["shape"]) * stored.itemsize
+                if end - start != nbytes:
+                    raise ValueError(
+                        f"{file.name}: tensor {key!r} spans {end - start} bytes but shape {info['shape']} "
+                        f"{info['dtype']} needs {nbytes}"
+                    )
+                wanted = stored if target_dtype is None else target_dtype(key, stored)
+                if wanted == stored:
+                    tensor = torch.empty(info["shape"], dtype=stored)
+                    raw = tensor.reshape(-1).view(torch.uint8)
+                else:
+                    if scratch.numel() < nbytes:
+                        scratch = torch.empty(nbytes, dtype=torch.uint8)
+                    raw = scratch[:nbytes]
+                if nbytes:
+                    f.seek(base + start)
+                    _read_exactly(f, memoryview(raw.numpy()), file, key)
+                if wanted != stored:
+                    tensor = raw.view(stored).reshape(info["shape"]).to(wanted)
+                yield key, tensor
+
+
+def _read_exactly(f, buffer: memoryview, file: Path, key: str) -> None:
+    done = 0
+    while done < len(buffer):
+        count = f.readinto(buffer[done:])
+        if not count:
+            raise ValueError(f"{file.name}: file ends inside tensor {key!r} (truncated checkpoint?)")
+        done += count
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
@@ -123,16 +153,20 @@ def weight_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iter_state_dict(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_state_dict(
+    path: str | Path, target_dtype: Callable[[str, torch.dtype], torch.dtype] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` of every weight file of ``path``, one tensor (safetensors) or one file (.bin) at a time.
 
-    Safetensors tensors view a reused read buffer: copy or cast each one before taking the next.
+    Safetensors tensors are new CPU tensors owned by the caller, already converted to ``target_dtype(key, stored
+    dtype)`` when that is given; ``.bin`` tensors are as stored and may view a memory-mapped file (copy them
+    before keeping them).
     """
     files = weight_files(path)
     safetensors_files = [f for f in files if f.suffix == ".safetensors"]
     if safetensors_files:
         _safetensors_key_map(safetensors_files)  # fail early on a key stored twice
-        yield from _iter_safetensors(safetensors_files)
+        yield from _iter_safetensors(safetensors_files, target_dtype)
         return
     seen: set[str] = set()
     for file in files:
@@ -143,6 +177,11 @@ def iter_state_dict(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             seen.add(key)
             yield key, tensor
         del data
+
+
+def _reads_safetensors(path: str | Path) -> bool:
+    """Whether :func:`iter_state_dict` reads ``path`` from safetensors (fresh tensors) rather than ``.bin``."""
+    return any(f.suffix == ".safetensors" for f in weight_files(path))
 
 
 def _component_state(path: str | Path, prefix: str, strip: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -223,25 +262,31 @@ def _gather_state(
     """All tensors to load, cast and moved; separate CLIP / SAM files only fill keys the checkpoint lacks."""
     state: dict[str, torch.Tensor] = {}
 
-    def take(key: str, tensor: torch.Tensor, override: bool) -> None:
+    def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored
+        # DeepSpeed keeps the router fp32 whatever the model dtype
+        return torch.float32 if key.endswith(ROUTER_SUFFIX) else dtype
+
+    def take(key: str, tensor: torch.Tensor, override: bool, owned: bool) -> None:
         if key.endswith(_IGNORED_SUFFIXES) or (not override and key in state):
             return
-        target = tensor.dtype
-        if tensor.is_floating_point():
-            # DeepSpeed keeps the router fp32 whatever the model dtype
-            target = torch.float32 if key.endswith(ROUTER_SUFFIX) else dtype
-        # copy=True: safetensors tensors view a reused read buffer
-        state[key] = tensor.to(device=device, dtype=target, copy=True)
+        # safetensors tensors are fresh and already cast: kept as they are on the CPU (no second copy);
+        # .bin tensors may view a memory-mapped file and are copied
+        state[key] = tensor.to(device=device, dtype=target_dtype(key, tensor.dtype), copy=not owned)
 
-    for key, tensor in iter_state_dict(path):
-        take(key, tensor, override=True)
+    owned = _reads_safetensors(path)
+    for key, tensor in iter_state_dict(path, target_dtype):
+        take(key, tensor, override=True, owned=owned)
     if clip_path is not None:
+        owned = _reads_safetensors(clip_path)
         for key, tensor in _component_state(clip_path, CLIP_PREFIX, "vision_model."):
-            take(key, tensor, override=False)
+            take(key, tensor, override=False, owned=owned)
     if sam_path is not None:
+        owned = _reads_safetensors(sam_path)
         for key, tensor in _component_state(sam_path, SAM_PREFIX, ""):
             if key[len(SAM_PREFIX) :] in sam_keys:
-                take(key, tensor, override=False)
+                take(key, tensor, override=False, owned=owned)
     return state
 
 

@@ -1,9 +1,10 @@
-"""Content-keyed LRU cache of per-image encoder outputs (CLIP features, SAM-Med2D image embeddings).
+"""The one cache of the pipeline: a content-keyed, thread-safe LRU bounded by the bytes of what it holds.
 
-Interactive use asks several questions about the same slice; the two image encoders cost far more than
-the prompt side, so their outputs are kept, keyed by the bytes of the 8-bit RGB slice (not by object
-identity or file name: a re-loaded or re-cut slice with the same pixels hits). The cache is bounded by
-the bytes of the tensors it holds and evicts the least recently used entry first.
+Interactive use asks several questions about the same image or slice; the two image encoders and the image part
+of the prompt cost far more than a question, so :class:`~monai_medplib.features.ImageFeatures` (and the
+prompt-prefix KV states of the grounding shortcut) are kept, keyed by the bytes of the 8-bit image (not by object
+identity or file name: a re-loaded or re-cut slice with the same pixels hits). ``MedPLIBPipeline`` creates one
+(:data:`DEFAULT_CACHE_BYTES`) shared by its 2D and volume methods.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_CACHE_BYTES", "CacheStats", "FeatureCache", "SliceFeatures", "content_key", "nbytes_of"]
+__all__ = ["DEFAULT_CACHE_BYTES", "CacheStats", "FeatureCache", "content_key", "nbytes_of"]
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 
@@ -47,25 +48,6 @@ def nbytes_of(value: Any) -> int:
     if isinstance(value, dict):
         return sum(nbytes_of(v) for v in value.values())
     return 0
-
-
-@dataclass(frozen=True)
-class SliceFeatures:
-    """Everything the model derives from one image before any text is involved.
-
-    Attributes:
-        clip: raw CLIP patch features ``[576, mm_hidden]`` (model dtype, model device).
-        sam_embedding: SAM-Med2D image embedding ``[256, 16, 16]``.
-        resize: ``(h, w)`` of the image after ResizeLongestSide(256) (for the mask crop quirk).
-        original_size: ``(H, W)`` of the image.
-        key: the content key it is cached under (ties later per-image entries, e.g. prompt-prefix states, to it).
-    """
-
-    clip: torch.Tensor
-    sam_embedding: torch.Tensor
-    resize: tuple[int, int]
-    original_size: tuple[int, int]
-    key: str = ""
 
 
 @dataclass

@@ -4,13 +4,19 @@
 
 * user calls: :meth:`~MedPLIBPipeline.answer`, :meth:`~MedPLIBPipeline.answer_region`,
   :meth:`~MedPLIBPipeline.ground` (and ``*_batch`` variants), :meth:`~MedPLIBPipeline.refine` (clicks);
-* batched primitives they are built from, for callers that organise their own work (the volume layer):
-  :meth:`~MedPLIBPipeline.encode_images` (CLIP + SAM once per image, through an optional
-  :class:`~monai_medplib.features.FeatureCache`), :meth:`~MedPLIBPipeline.prompt_ids`,
+* volume calls from :class:`~monai_medplib.volume.VolumeMixin`: ``ground_volume``, ``answer_volume_region``,
+  ``answer_volume``, ``refine_volume``;
+* batched primitives they are built from, for callers that organise their own work:
+  :meth:`~MedPLIBPipeline.encode_images` (CLIP + SAM once per image, through the pipeline's
+  :class:`~monai_medplib.feature_cache.FeatureCache`), :meth:`~MedPLIBPipeline.prompt_ids`,
   :meth:`~MedPLIBPipeline.region_grid`, :meth:`~MedPLIBPipeline.prefill` / :meth:`~MedPLIBPipeline.generate`
-  (left padded), :meth:`~MedPLIBPipeline.decode_masks` and :meth:`~MedPLIBPipeline.postprocess`.
+  (left padded), :meth:`~MedPLIBPipeline.ground_features` (the one grounding core, see
+  :mod:`~monai_medplib.fast_grounding`), :meth:`~MedPLIBPipeline.decode_masks` and
+  :meth:`~MedPLIBPipeline.postprocess`.
 
-Every method that takes an image also takes :class:`~monai_medplib.features.ImageFeatures`.
+Every method that takes an image also takes :class:`~monai_medplib.features.ImageFeatures`. The 2D and the
+volume methods share one bounded feature cache, so a slice grounded by ``ground_volume`` is a cache hit for a
+later ``refine`` / ``answer`` on the same pixels.
 Defaults follow the official evaluation: greedy decoding, up to 1024 new tokens, the ``vicuna_v1`` template.
 """
 
@@ -24,24 +30,27 @@ import numpy as np
 import torch
 
 from .checkpoint import load_medplib
-from .features import FeatureCache, ImageFeatures, image_key
+from .fast_grounding import PathCounts, seg_states
+from .feature_cache import DEFAULT_CACHE_BYTES, FeatureCache, content_key
+from .features import ImageFeatures
 from .modeling.generation import GenerationOutput
 from .modeling.medplib import LLMOutput, MedPLIBForCausalLM
 from .processing import (
     SAM_SIZE,
     ImageLike,
     binarize,
-    clip_pixels,
-    load_rgb,
+    clip_pixels_batch,
+    load_pixels,
     postprocess_mask_logits,
     preprocess_shape,
     region_grid,
-    sam_pixels,
+    sam_pixels_batch,
 )
 from .refinement import refine_grounding
 from .region_prompts import MaskLike, region_mask_from_prompt
 from .results import GroundingResult
 from .tokenization import MedPLIBTokenizer, build_prompt, get_template
+from .volume import VolumeMixin
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # official evaluation (vqa_infer.py)
 SEG_RULES = ("release", "clean")
@@ -69,15 +78,24 @@ def resolve_model_path(path: str | Path) -> Path:
     return Path(DEMO_MODEL_DIR)
 
 
-class MedPLIBPipeline:
-    """MedPLIB inference on 2D images (path, PIL image, numpy ``(H, W)`` / ``(H, W, 3)``, uint8 or float).
+class MedPLIBPipeline(VolumeMixin):
+    """MedPLIB inference on 2D images (path, PIL image, numpy ``(H, W)`` / ``(H, W, 3)``, uint8 or float) and,
+    through :class:`~monai_medplib.volume.VolumeMixin`, on volumes.
 
     Args:
         model: a loaded :class:`~monai_medplib.modeling.medplib.MedPLIBForCausalLM` (eval mode).
         tokenizer: its tokenizer.
         template: ``"vicuna_v1"`` (official evaluation) or ``"llava_v1"`` (training / demo wording).
-        feature_cache: optional store of :class:`ImageFeatures` keyed by image content.
-        encode_batch_size: images per CLIP / SAM encoder call.
+        feature_cache: the store of :class:`ImageFeatures` (and prompt-prefix states) keyed by image content;
+            default: a new :class:`~monai_medplib.feature_cache.FeatureCache` of ``cache_bytes``.
+        cache_bytes: size of the default cache (0 turns caching off).
+        encode_batch_size: images per CLIP / SAM encoder call; default 8 on a GPU, 1 on the CPU.
+        prefill_batch_size: prompts per one-prefill [SEG] forward (``force_seg`` / ``fast``); default: the whole
+            batch on a GPU, 1 on the CPU.
+
+    On the CPU, batching does not add FLOPs per second and a batch's activations spill out of the caches: the
+    SAM-Med2D encoder and the LLM prefill run measurably slower per image in batches, so they run one image at a
+    time there (the SAM decoder, still batched, gains from it).
     """
 
     def __init__(
@@ -86,14 +104,18 @@ class MedPLIBPipeline:
         tokenizer: MedPLIBTokenizer,
         template: str = "vicuna_v1",
         feature_cache: FeatureCache | None = None,
-        encode_batch_size: int = 8,
+        encode_batch_size: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        prefill_batch_size: int | None = None,
     ) -> None:
         get_template(template)  # fail early on an unknown name
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
-        self.feature_cache = feature_cache
-        self.encode_batch_size = max(1, int(encode_batch_size))
+        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache(cache_bytes)
+        on_gpu = self.device.type != "cpu"
+        self.encode_batch_size = max(1, int(encode_batch_size or (8 if on_gpu else 1)))
+        self.prefill_batch_size = prefill_batch_size or (None if on_gpu else 1)
 
     @classmethod
     def from_pretrained(
@@ -128,50 +150,80 @@ class MedPLIBPipeline:
         return self.model.dtype
 
     # ------------------------------------------------------------------------------------------ primitives
+    @property
+    def caching(self) -> bool:
+        """Whether features are looked up / stored (a cache of ``max_bytes=0`` stores nothing)."""
+        return self.feature_cache is not None and getattr(self.feature_cache, "max_bytes", 1) > 0
+
+    def image_key(self, pixels: np.ndarray) -> str:
+        """Cache key of an 8-bit image (``load_pixels`` form) for this model: features depend on the weights,
+        their dtype and device as well as on the pixels."""
+        return content_key(pixels, id(self.model), str(self.dtype), str(self.device))
+
     @torch.no_grad()
-    def encode_images(self, images: Sequence[InputImage], with_sam: bool = True) -> list[ImageFeatures]:
+    def encode_images(
+        self, images: Sequence[InputImage], with_sam: bool = True, *, counts: PathCounts | None = None
+    ) -> list[ImageFeatures]:
         """Run the vision encoders once per image, batched; cached features are reused and new ones stored.
 
         ``with_sam=False`` skips the SAM encoder (enough for VQA). Given :class:`ImageFeatures` pass through.
+        Grey images (2D, or RGB with three equal channels) are prepared on one band (bit-identical) and share
+        their key with their RGB copy; identical images within the call are encoded once. ``counts`` gets the
+        number of images encoded / found in the cache.
         """
         out: list[ImageFeatures | None] = [None] * len(images)
-        rgbs: dict[int, np.ndarray] = {}
+        pixels: dict[int, np.ndarray] = {}
         keys: dict[int, str] = {}
+        same_as: dict[int, int] = {}  # a repeated image -> its first occurrence
+        first_of: dict[str, int] = {}
         for i, image in enumerate(images):
             if isinstance(image, ImageFeatures):
                 if with_sam and not image.has_sam:
                     raise ValueError(f"ImageFeatures #{i} has no sam_embedding; encode it with with_sam=True")
                 out[i] = image
                 continue
-            rgbs[i] = load_rgb(image)
-            if self.feature_cache is not None:
-                keys[i] = image_key(rgbs[i])
-                out[i] = self.feature_cache.get(keys[i])
-        need_clip = [i for i in rgbs if out[i] is None]
-        for i, feats in zip(need_clip, self._encode(need_clip, rgbs, self._clip_batch)):
-            height, width = rgbs[i].shape[:2]
-            out[i] = ImageFeatures(feats, (height, width), preprocess_shape(height, width, SAM_SIZE))
-        need_sam = [i for i in rgbs if with_sam and not out[i].has_sam]
-        for i, embedding in zip(need_sam, self._encode(need_sam, rgbs, self._sam_batch)):
+            array = load_pixels(image)
+            if self.caching:
+                key = keys[i] = self.image_key(array)
+                if key in first_of:
+                    same_as[i] = first_of[key]
+                    continue
+                first_of[key] = i
+                out[i] = self.feature_cache.get(key)
+            pixels[i] = array
+        need_clip = [i for i in pixels if out[i] is None]
+        for i, feats in zip(need_clip, self._encode(need_clip, pixels, self._clip_batch)):
+            height, width = pixels[i].shape[:2]
+            resize = preprocess_shape(height, width, SAM_SIZE)
+            out[i] = ImageFeatures(feats, (height, width), resize, key=keys.get(i, ""))
+        need_sam = [i for i in pixels if with_sam and not out[i].has_sam]
+        for i, embedding in zip(need_sam, self._encode(need_sam, pixels, self._sam_batch)):
             out[i] = replace(out[i], sam_embedding=embedding)
-        if self.feature_cache is not None:
+        if self.caching:
             for i in sorted(set(need_clip) | set(need_sam)):
                 self.feature_cache.put(keys[i], out[i])
+        for i, first in same_as.items():
+            out[i] = out[first]
+        if counts is not None:
+            encoded = len(set(need_clip) | set(need_sam))
+            counts.encoded += encoded
+            counts.cached += len(pixels) - encoded
         return out  # type: ignore[return-value]
 
-    def _encode(self, indices: list[int], rgbs: dict[int, np.ndarray], encoder) -> list[torch.Tensor]:
+    def _encode(self, indices: list[int], pixels: dict[int, np.ndarray], encoder) -> list[torch.Tensor]:
         results: list[torch.Tensor] = []
         for start in range(0, len(indices), self.encode_batch_size):
-            results.extend(encoder([rgbs[i] for i in indices[start : start + self.encode_batch_size]]))
+            batch = encoder([pixels[i] for i in indices[start : start + self.encode_batch_size]])
+            # clone: a row view would keep the whole batch alive and under-count the cache's bytes
+            results.extend(row.clone() for row in batch)
         return results
 
-    def _clip_batch(self, rgbs: list[np.ndarray]) -> torch.Tensor:
-        pixels = torch.stack([clip_pixels(rgb) for rgb in rgbs]).to(self.device, self.dtype)
-        return self.model.clip_features(pixels)
+    def _clip_batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.model.clip_features(clip_pixels_batch(images).to(self.device, self.dtype))
 
-    def _sam_batch(self, rgbs: list[np.ndarray]) -> torch.Tensor:
-        pixels = torch.stack([sam_pixels(rgb)[0] for rgb in rgbs]).to(self.device, self.dtype)
-        return self.model.model.visual_model.encode_image(pixels)
+    def _sam_batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        pixels, _ = sam_pixels_batch(images)
+        return self.model.model.visual_model.encode_image(pixels.to(self.device, self.dtype))
 
     def prompt_ids(self, question: str, region: bool = False) -> list[int]:
         """Model ids of the template prompt ending with ``ASSISTANT:`` (``-200`` image, ``-300`` region)."""
@@ -214,10 +266,16 @@ class MedPLIBPipeline:
         prompts: Sequence[Sequence[int]],
         region_grids: Sequence[Sequence[torch.Tensor]] | None = None,
         output_router_logits: bool = False,
+        last_logits_only: bool = False,
     ) -> LLMOutput:
-        """One forward pass over the (left-padded) prompts; ``hidden_states[:, -1]`` is each last prompt state."""
+        """One forward pass over the (left-padded) prompts; ``hidden_states[:, -1]`` is each last prompt state.
+
+        ``last_logits_only`` runs ``lm_head`` on the last row only (``logits [B, 1, V]``).
+        """
         embeds, mask = self.embed(features, prompts, region_grids)
-        return self.model.llm_forward(embeds, mask, output_router_logits=output_router_logits)
+        return self.model.llm_forward(
+            embeds, mask, output_router_logits=output_router_logits, last_logits_only=last_logits_only
+        )
 
     @torch.no_grad()
     def generate(
@@ -245,12 +303,19 @@ class MedPLIBPipeline:
         """[SEG] states ``[N,H]`` (row n belongs to ``features[n]``) -> SAM ``(low_res [N,1,64,64], iou [N,1])``."""
         if seg_hidden.dim() != 2 or seg_hidden.shape[0] != len(features):
             raise ValueError(f"seg_hidden must be [{len(features)}, H], got {tuple(seg_hidden.shape)}")
+        return self.decode_text_prompts(features, self.seg_embeddings(seg_hidden))
+
+    @torch.no_grad()
+    def decode_text_prompts(
+        self, features: Sequence[ImageFeatures], text_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM text prompts ``[N,256]`` (``seg_embeddings``) -> fp32 ``(low_res [N,1,64,64], iou [N,1])``."""
         missing = [i for i, f in enumerate(features) if not f.has_sam]
         if missing:
             raise ValueError(f"ImageFeatures {missing} have no sam_embedding; encode them with with_sam=True")
-        text_embeds = self.seg_embeddings(seg_hidden)
         embeddings = torch.stack([f.sam_embedding.to(self.device) for f in features])
-        low_res, iou = self.model.model.visual_model.decode(embeddings, text_embeds=text_embeds[:, None])
+        text = text_embeds.to(self.device, self.dtype)[:, None]
+        low_res, iou = self.model.model.visual_model.decode(embeddings, text_embeds=text)
         return low_res.float(), iou.float()
 
     @torch.no_grad()
@@ -262,6 +327,20 @@ class MedPLIBPipeline:
     def postprocess(low_res: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
         """One low-res mask ``[1,64,64]`` -> logits ``[H,W]`` at the original size (release crop quirk)."""
         return postprocess_mask_logits(low_res[None].float(), features.resize, features.original_size)[0, 0]
+
+    @staticmethod
+    def postprocess_batch(low_res: torch.Tensor, features: Sequence[ImageFeatures]) -> list[torch.Tensor]:
+        """:meth:`postprocess` of ``low_res [N,1,64,64]`` (row n belongs to ``features[n]``); images of one size
+        are interpolated in one call."""
+        out: list[torch.Tensor | None] = [None] * len(features)
+        groups: dict[tuple, list[int]] = {}
+        for n, f in enumerate(features):
+            groups.setdefault((tuple(f.resize), tuple(f.original_size)), []).append(n)
+        for (resize, size), rows in groups.items():
+            logits = postprocess_mask_logits(low_res[rows].float(), resize, size)[:, 0]
+            for n, row in zip(rows, logits):
+                out[n] = row
+        return out  # type: ignore[return-value]
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Answer text as the release decodes it (``</s>`` dropped, MedPLIB tokens kept, stripped)."""
@@ -336,6 +415,7 @@ class MedPLIBPipeline:
         force_seg: bool = False,
         all_seg: bool = False,
         seg_rule: str = "release",
+        fast: bool = False,
     ) -> GroundingResult:
         """Segment what ``text`` asks for: generate, take the ``<SEG>`` state, decode it with SAM-Med2D.
 
@@ -344,7 +424,8 @@ class MedPLIBPipeline:
         the clean rule for ``<SEG></s>`` answers; ``"clean"`` = the state that predicted the ``<SEG>``); no
         ``<SEG>`` -> empty mask and ``has_seg=False``. Opt-ins: ``all_seg`` decodes every ``<SEG>`` (clean rule,
         ``all_masks``); ``force_seg`` makes the answer ``<SEG></s>`` without generating (as the fixture harness
-        forced it), so models that never emit ``<SEG>`` still give a mask.
+        forced it), so models that never emit ``<SEG>`` still give a mask; ``fast`` takes the one-prefill
+        shortcut where ``<SEG>`` is the first greedy token (see :mod:`~monai_medplib.fast_grounding`).
         """
         return self.ground_batch(
             [image],
@@ -355,6 +436,7 @@ class MedPLIBPipeline:
             force_seg=force_seg,
             all_seg=all_seg,
             seg_rule=seg_rule,
+            fast=fast,
         )[0]
 
     def ground_batch(
@@ -368,52 +450,79 @@ class MedPLIBPipeline:
         force_seg: bool = False,
         all_seg: bool = False,
         seg_rule: str = "release",
+        fast: bool = False,
     ) -> list[GroundingResult]:
         """:meth:`ground` for several (image, text) pairs: one generation batch, one SAM decoder batch."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        features = self.encode_images(images, with_sam=True)
+        return self.ground_features(
+            features,
+            [self.prompt_ids(t) for t in texts],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            force_seg=force_seg,
+            all_seg=all_seg,
+            seg_rule=seg_rule,
+            fast=fast,
+        )
+
+    @torch.no_grad()
+    def ground_features(
+        self,
+        features: Sequence[ImageFeatures],
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        force_seg: bool = False,
+        all_seg: bool = False,
+        seg_rule: str = "release",
+        fast: bool = False,
+        counts: PathCounts | None = None,
+    ) -> list[GroundingResult]:
+        """The grounding core (2D and volumes): [SEG] states of ``prompts[b]`` about ``features[b]``, one SAM
+        decoder batch, post-processing; ``counts`` gets the path each prompt took."""
         if seg_rule not in SEG_RULES:
             raise ValueError(f"seg_rule must be one of {SEG_RULES}, got {seg_rule!r}")
-        features = self.encode_images(images, with_sam=True)
-        prompts = [self.prompt_ids(t) for t in texts]
-        if force_seg:
-            # Forcing "<SEG></s>": the [SEG] state is the last prompt state (spec 5.4, j = 0); the forced tokens
-            # would only be fed back after it, so one prefill pass gives exactly what forced decoding gives.
-            last = self.prefill(features, prompts).hidden_states[:, -1]
-            token_ids = [[self.tokenizer.seg_id, self.tokenizer.eos_id] for _ in prompts]
-            states = [[last[b]] for b in range(len(prompts))]
-        else:
-            out = self.generate(features, prompts, None, max_new_tokens, temperature, seed)
-            token_ids = out.new_ids
-            states = [self._seg_states(out, b, all_seg, seg_rule) for b in range(len(prompts))]
-        owners = [b for b, sample in enumerate(states) for _ in sample]
+        states = seg_states(
+            self,
+            features,
+            prompts,
+            fast=fast,
+            force_seg=force_seg,
+            all_seg=all_seg,
+            seg_rule=seg_rule,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            counts=counts,
+        )
+        owners = [b for b, state in enumerate(states) for _ in state.states]
         if owners:
-            seg_hidden = torch.stack([s for sample in states for s in sample])
-            low_res, iou = self.decode_masks([features[b] for b in owners], seg_hidden)
-            # Kept on the result as the text prompt of click refinement (a small MLP: recomputing is cheap).
-            seg_embeds = self.seg_embeddings(seg_hidden)
+            # the text prompts are kept on the results: click refinement decodes with them again
+            seg_embeds = self.seg_embeddings(torch.stack([s for state in states for s in state.states]))
+            owner_features = [features[b] for b in owners]
+            low_res, iou = self.decode_text_prompts(owner_features, seg_embeds)
+            logits = self.postprocess_batch(low_res, owner_features)
         results, row = [], 0
-        for b, sample in enumerate(states):
-            answer = self.decode_text(token_ids[b])
-            if not sample:
-                results.append(GroundingResult.empty(features[b].original_size, answer, token_ids[b]))
+        for b, state in enumerate(states):
+            answer = self.decode_text(state.new_ids)
+            if not state.has_seg:
+                results.append(GroundingResult.empty(features[b].original_size, answer, state.new_ids))
                 continue
-            logits = [self.postprocess(low_res[row + k], features[b]) for k in range(len(sample))]
             result = GroundingResult.from_logits(
-                logits[0], answer, token_ids[b], low_res[row], iou[row], seg_embeds[row]
+                logits[row], answer, state.new_ids, low_res[row], iou[row], seg_embeds[row]
             )
             if all_seg:
-                result.all_probs = [torch.sigmoid(x).cpu().numpy() for x in logits]
-                result.all_masks = [binarize(x).cpu().numpy() for x in logits]
+                mine = logits[row : row + len(state.states)]
+                result.all_probs = [torch.sigmoid(x).cpu().numpy() for x in mine]
+                result.all_masks = [binarize(x).cpu().numpy() for x in mine]
             results.append(result)
-            row += len(sample)
+            row += len(state.states)
         return results
-
-    def _seg_states(self, out: GenerationOutput, b: int, all_seg: bool, seg_rule: str) -> list[torch.Tensor]:
-        seg_id = self.tokenizer.seg_id
-        ids = out.new_ids[b]
-        if all_seg:
-            return [out.hidden_for_token(b, j) for j, token in enumerate(ids) if token == seg_id]
-        state = out.seg_hidden_states(seg_id, release_quirk=seg_rule == "release")[b]
-        return [] if state is None else [state]
 
     def refine(
         self,

@@ -8,6 +8,7 @@ of ``postprocess_masks``. This module is the one home of the normalisation const
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,11 +69,17 @@ def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
+    array = _array_to_uint8(array)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] != 3:
+    return array
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 ``(H, W)`` (grey) or ``(H, W, 3)`` of an array, with the value rules of :func:`load_rgb`."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
         raise ValueError(
             f"image array must be (H, W) or (H, W, 3) (channels last), got shape {tuple(array.shape)}"
         )
@@ -100,6 +107,26 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported image dtype {array.dtype}")
 
 
+def load_pixels(image: ImageLike) -> np.ndarray:
+    """Like :func:`load_rgb`, but a grey image stays uint8 ``(H, W)``: 2D input, and RGB whose three channels
+    are equal (a grey PNG, a slice saved as RGB). Both encoders see exactly what they see for its RGB copy
+    (:func:`clip_pixels` / :func:`sam_pixels` are bit-identical on the two), prepared three times faster, and the
+    two forms get one content key in a feature cache."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        array = _array_to_uint8(image)
+    else:
+        array = load_rgb(image)
+    if array.ndim == 3 and _channels_equal(array):
+        return np.ascontiguousarray(array[..., 0])
+    return array
+
+
+def _channels_equal(rgb: np.ndarray) -> bool:
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
 # ---------------------------------------------------------------------------------- geometry
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """Target ``(h, w)`` of ResizeLongestSide: ``int(x * s + 0.5)`` with ``s = long_side / max(h, w)``."""
@@ -114,15 +141,16 @@ def resize_longest_side(array: np.ndarray, long_side: int) -> np.ndarray:
     return np.asarray(resized)
 
 
-def _centre_offsets(height: int, width: int, size: int) -> tuple[int, int]:
-    # Release pad_tensor_channelwise: the odd pixel goes to the bottom / right.
+def centre_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(top, left)`` of an ``height x width`` image centre-padded to ``size`` (release
+    ``pad_tensor_channelwise``: the odd pixel goes to the bottom / right)."""
     return (size - height) // 2, (size - width) // 2
 
 
 def centre_pad(chw: torch.Tensor, size: int, fill: Sequence[float]) -> torch.Tensor:
     """Pad ``[C, h, w]`` to ``[C, size, size]`` with a per-channel fill, content centred."""
     channels, height, width = chw.shape
-    top, left = _centre_offsets(height, width, size)
+    top, left = centre_offsets(height, width, size)
     out = torch.empty((channels, size, size), dtype=chw.dtype)
     for c in range(channels):
         out[c] = fill[c]
@@ -135,15 +163,10 @@ def clip_pixels(rgb: np.ndarray) -> torch.Tensor:
     """CLIP input ``float32 [3, 336, 336]`` (release ``image_aspect_ratio='pad'`` path).
 
     ResizeLongestSide(336), centre pad with (122, 116, 104) on uint8, then the CLIPImageProcessor
-    arithmetic: ``float32(x * (1/255))`` followed by ``(x - mean) / std`` in float32.
+    arithmetic: ``float32(x * (1/255))`` followed by ``(x - mean) / std`` in float32. A grey ``(H, W)``
+    image gives what its RGB copy gives (see :func:`clip_pixels_batch`).
     """
-    rgb = _array_to_rgb(np.asarray(rgb))
-    resized = torch.from_numpy(resize_longest_side(rgb, CLIP_SIZE).copy()).permute(2, 0, 1)
-    padded = centre_pad(resized, CLIP_SIZE, CLIP_PAD_FILL).numpy()
-    scaled = (padded * (1 / 255)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-    return torch.from_numpy((scaled - mean) / std)
+    return clip_pixels_batch([rgb])[0]
 
 
 def sam_pixels(rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -152,12 +175,80 @@ def sam_pixels(rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     ResizeLongestSide(256), normalise with the SAM mean / std (0..255 scale), *then* centre pad
     with 0 (release order: the padding is the mean colour).
     """
-    rgb = _array_to_rgb(np.asarray(rgb))
-    resized = torch.from_numpy(resize_longest_side(rgb, SAM_SIZE).copy()).permute(2, 0, 1)
-    mean = torch.tensor(SAM_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(SAM_STD, dtype=torch.float32).view(3, 1, 1)
-    normalised = (resized - mean) / std
-    return centre_pad(normalised, SAM_SIZE, (0.0, 0.0, 0.0)), (int(resized.shape[1]), int(resized.shape[2]))
+    pixels, resizes = sam_pixels_batch([rgb])
+    return pixels[0], resizes[0]
+
+
+@functools.cache
+def _normalisation_tables() -> tuple[np.ndarray, np.ndarray]:
+    """``(clip [3, 256], sam [3, 256])``: per channel the normalised float32 value of every uint8 level.
+
+    Computed with the release arithmetic itself (CLIP: ``float32(x * (1/255))`` then ``(x - mean) / std`` in
+    float32; SAM: ``(float32(x) - mean) / std``), so a lookup is bit-identical to computing it per pixel.
+    """
+    levels = np.arange(256, dtype=np.uint8)
+    scaled = (levels * (1 / 255)).astype(np.float32)
+    clip_mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
+    clip_std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
+    clip = (scaled[None] - clip_mean) / clip_std
+    as_float = torch.from_numpy(levels).float()[None]
+    sam_mean = torch.tensor(SAM_MEAN, dtype=torch.float32)[:, None]
+    sam_std = torch.tensor(SAM_STD, dtype=torch.float32)[:, None]
+    sam = ((as_float - sam_mean) / sam_std).numpy()
+    return clip.astype(np.float32), sam
+
+
+def _resized_batches(images: Sequence[np.ndarray], long_side: int) -> list[tuple[list[int], np.ndarray]]:
+    """ResizeLongestSide of every image, grouped by (shape, grey or RGB): ``[(indices, uint8 [n, h, w(, 3)])]``.
+
+    PIL resamples every band of an RGB image with the same fixed-point arithmetic as a one-band image, so a grey
+    image is resized once instead of three times and expanded to three channels by the lookup afterwards.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    return [
+        (idx, np.stack([resize_longest_side(images[i], long_side) for i in idx])) for idx in groups.values()
+    ]
+
+
+def _lookup(table: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, h, w]`` (grey) or ``[n, h, w, 3]`` -> float32 ``[n, 3, h, w]`` through per-channel tables."""
+    if small.ndim == 3:
+        return np.stack([table[c][small] for c in range(3)], axis=1)
+    return np.stack([table[c][small[..., c]] for c in range(3)], axis=1)
+
+
+def clip_pixels_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """:func:`clip_pixels` of several uint8-convertible ``(H, W)`` / ``(H, W, 3)`` images: ``[B, 3, 336, 336]``.
+
+    Same-size images are resized back to back and normalised together through a per-level table.
+    """
+    arrays = [_array_to_uint8(np.asarray(image)) for image in images]
+    clip_table, _ = _normalisation_tables()
+    fill = clip_table[np.arange(3), np.asarray(CLIP_PAD_FILL)]
+    out = np.empty((len(arrays), 3, CLIP_SIZE, CLIP_SIZE), dtype=np.float32)
+    out[:] = fill[None, :, None, None]  # the release pads the uint8 image with CLIP_PAD_FILL, then normalises
+    for indices, small in _resized_batches(arrays, CLIP_SIZE):
+        height, width = small.shape[1:3]
+        top, left = centre_offsets(height, width, CLIP_SIZE)
+        out[indices, :, top : top + height, left : left + width] = _lookup(clip_table, small)
+    return torch.from_numpy(out)
+
+
+def sam_pixels_batch(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """:func:`sam_pixels` of several images: ``([B, 3, 256, 256], resized (h, w) per image)``."""
+    arrays = [_array_to_uint8(np.asarray(image)) for image in images]
+    _, sam_table = _normalisation_tables()
+    out = np.zeros((len(arrays), 3, SAM_SIZE, SAM_SIZE), dtype=np.float32)  # normalised, then padded with 0
+    resizes: list[tuple[int, int]] = [(0, 0)] * len(arrays)
+    for indices, small in _resized_batches(arrays, SAM_SIZE):
+        height, width = small.shape[1:3]
+        top, left = centre_offsets(height, width, SAM_SIZE)
+        out[indices, :, top : top + height, left : left + width] = _lookup(sam_table, small)
+        for i in indices:
+            resizes[i] = (int(height), int(width))
+    return torch.from_numpy(out), resizes
 
 
 # ---------------------------------------------------------------------------------- regions

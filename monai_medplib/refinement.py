@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .features import ImageFeatures
-from .processing import SAM_SIZE, _centre_offsets, load_rgb, preprocess_shape
+from .processing import SAM_SIZE, centre_offsets, load_pixels, preprocess_shape
 from .results import GroundingResult
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def sam_frame_points(
     """Original-image ``(x, y)`` pixels -> float32 ``[N, 2]`` in the centre-padded 256-px SAM input frame."""
     height, width = (int(v) for v in original_size[:2])
     new_h, new_w = preprocess_shape(height, width, SAM_SIZE)
-    pad_top, pad_left = _centre_offsets(new_h, new_w, SAM_SIZE)
+    pad_top, pad_left = centre_offsets(new_h, new_w, SAM_SIZE)
     coords = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
     mapped = np.stack(
         [coords[:, 0] * (new_w / width) + pad_left, coords[:, 1] * (new_h / height) + pad_top], 1
@@ -88,8 +88,9 @@ def refine_grounding(
     """Refine a grounding of ``image`` with positive (1) / negative (0) clicks; see the module docstring.
 
     ``prior`` is anything with ``mask``, ``low_res_logits``, ``answer``, ``has_seg`` and optionally
-    ``seg_embedding`` (a :class:`GroundingResult`, or a volume's per-slice grounding, which has no text
-    embedding: then the clicks and the prior mask are the prompts). A prior without ``<SEG>`` contributes
+    ``seg_embedding`` (a :class:`GroundingResult`, or a volume's per-slice
+    :class:`~monai_medplib.volume.SliceGrounding`; without a text embedding the clicks and the prior mask are
+    the prompts). A prior without ``<SEG>`` contributes
     nothing. Without a prior, ``text`` is grounded first (``ground_options`` go to ``ground``); without both,
     the clicks alone prompt SAM. Returns a :class:`GroundingResult` post-processed and thresholded as
     ``ground`` does, carrying the prior's answer and text embedding and its own low-res logits, so it can be
@@ -98,7 +99,7 @@ def refine_grounding(
     if isinstance(image, ImageFeatures):
         original_size = image.original_size
     else:
-        image = load_rgb(image)  # once: the size check and the encoder share it
+        image = load_pixels(image)  # once: the size check and the encoder share it
         original_size = image.shape[:2]
     coords, click_labels = validate_clicks(points, labels, original_size)
     if ground_options and (prior is not None or not text):

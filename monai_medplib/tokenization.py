@@ -373,6 +373,22 @@ def _with_image_header(question: str) -> str:
     return IMAGE_HEADER + question.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
+GROUNDING_REQUEST = "Please segment the {target}."  # MeCoVQA-G style request; the demo data's first phrasing
+
+
+def grounding_prompt(text: str) -> str:
+    """A target name ("liver") -> a grounding request ("Please segment the liver."); sentences pass unchanged.
+
+    Viewers and cohort pipelines send structure names; MedPLIB was trained on requests.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("the grounding text is empty: give a structure name or a request")
+    if text.endswith((".", "?", "!")) or len(text.split()) > 6:
+        return text
+    return GROUNDING_REQUEST.format(target=text)
+
+
 def build_prompt(
     question: str,
     template: str | ConversationTemplate = "vicuna_v1",

@@ -6,8 +6,10 @@ A volume (NIfTI / NRRD / DICOM folder path, or a channel-first MetaTensor) is no
 back into label / probability volumes with the input's shape and affine. Slices are views of the one
 normalised volume: no per-slice copy of the volume is made.
 
-:class:`VolumeMixin` adds the methods to the pipeline; it needs ``self.model``, ``self.tokenizer`` and
-``self.template`` (and creates ``self.feature_cache`` if the pipeline has none).
+:class:`VolumeMixin` is the volume half of :class:`~monai_medplib.inference.MedPLIBPipeline`: it cuts, batches
+and reassembles, and leaves every model step to the pipeline's primitives (``encode_images`` through the shared
+feature cache, ``ground_features``, ``answer`` / ``answer_region``, ``refine``), so a slice seen by one method is
+a cache hit for the others.
 """
 
 from __future__ import annotations
@@ -24,10 +26,8 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from .fast_grounding import PathCounts, decode_masks, encode_images, seg_states
-from .feature_cache import DEFAULT_CACHE_BYTES, FeatureCache
-from .processing import MASK_THRESHOLD, box_region_mask, point_region_mask, region_grid
-from .tokenization import build_prompt
+from .fast_grounding import PathCounts
+from .processing import MASK_THRESHOLD, box_region_mask, point_region_mask
 from .transforms.intensity import CT_WINDOWS, CTWindow, Passthrough8Bit, SAMed2DNormalize
 from .transforms.prompts import MapPromptsToSliced
 from .transforms.slicing import SliceGeometry, check_volume, slice_geometry, volume_affine_ras
@@ -42,19 +42,24 @@ PROGRESS_FROM_SLICES = 32  # progress bar by default from this many slices on
 # ------------------------------------------------------------------------------------------ results
 @dataclass
 class SliceGrounding:
-    """One text grounded on one slice (kept per slice as a prior for click refinement).
+    """One text grounded on one slice, kept as the prior of click refinement: the parts of a
+    :class:`~monai_medplib.results.GroundingResult` that ``refine`` reads, without the full-size probabilities.
 
     Attributes:
         mask: bool ``(H, W)`` in the slice's display orientation.
         low_res_logits: SAM logits ``[1, 64, 64]`` (fp32; a refinement's ``mask_input``).
         answer: the model's answer on this slice.
         has_seg: whether ``<SEG>`` was produced (no ``<SEG>`` = empty mask, release behaviour).
+        seg_embedding: the ``<SEG>`` text prompt ``[256]`` (fp32) SAM decoded; refinement prompts with it again.
+        token_ids: the answer's token ids.
     """
 
     mask: np.ndarray
     low_res_logits: torch.Tensor | None
     answer: str
     has_seg: bool
+    seg_embedding: torch.Tensor | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -243,24 +248,12 @@ class VolumeMixin:
     tokenizer: Any
     template: str
 
-    # -- shared state, created lazily so the pipeline's __init__ needs no change
-    def _features_cache(self) -> FeatureCache:
-        cache = getattr(self, "feature_cache", None)
-        if cache is None:
-            cache = FeatureCache(DEFAULT_CACHE_BYTES)
-            self.feature_cache = cache
-        return cache
-
     def _volume_memo(self) -> _VolumeMemo:
         memo = getattr(self, "_volume_memo_store", None)
         if memo is None:
             memo = _VolumeMemo()
             self._volume_memo_store = memo
         return memo
-
-    def _prompt_ids(self, question: str, region: bool = False) -> list[int]:
-        template = getattr(self, "template", "vicuna_v1")
-        return self.tokenizer.encode_prompt(build_prompt(question, template, region=region))
 
     def _open(
         self, volume: VolumeLike, axis: str, intensity: Intensity
@@ -285,6 +278,7 @@ class VolumeMixin:
         intensity: Intensity = "samed2d",
         progress: bool | None = None,
         keep_slice_results: bool = True,
+        seg_rule: str = "release",
     ) -> VolumeGroundingResult:
         """Ground one or several texts on every (or the listed) slice of a volume.
 
@@ -300,7 +294,8 @@ class VolumeMixin:
             intensity: "samed2d" (per-volume 0.5/99.5 percentiles), "uint8" (already 8-bit), a CT window
                 preset name, or a callable mapping the volume to uint8.
             progress: tqdm bar; None = on from 32 slices.
-            keep_slice_results: keep per-slice 2D masks and SAM logits (refinement priors).
+            keep_slice_results: keep per-slice 2D masks, SAM logits and text prompts (refinement priors).
+            seg_rule: which state of a generated answer is decoded, as in ``MedPLIBPipeline.ground``.
 
         Returns:
             :class:`VolumeGroundingResult` in the input's geometry.
@@ -310,8 +305,8 @@ class VolumeMixin:
         texts = _texts(text)
         vol, eight_bit, geometry = self._open(volume, axis, intensity)
         chosen = _check_slices(geometry, slices)
-        prompts = [self._prompt_ids(t) for t in texts]
-        cache, counts = self._features_cache(), PathCounts()
+        prompts = [self.prompt_ids(t) for t in texts]
+        counts = PathCounts()
         spatial = tuple(vol.shape[1:])
         probs = torch.zeros((len(texts), *spatial), dtype=torch.float32)
         answers: dict[str, dict[int, str]] = {t: {} for t in texts}
@@ -322,44 +317,33 @@ class VolumeMixin:
         try:
             for start in range(0, len(chosen), batch_size):
                 batch = chosen[start : start + batch_size]
-                greys = [_grey(geometry.take(eight_bit, i)) for i in batch]
-                features = encode_images(self.model, greys, cache, counts)
+                features = self.encode_images(
+                    [_grey(geometry.take(eight_bit, i)) for i in batch], counts=counts
+                )
                 pairs = [(s, t) for s in range(len(batch)) for t in range(len(texts))]
-                clip = torch.stack([features[s].clip for s, _ in pairs])
-                states = seg_states(
-                    self.model,
-                    self.tokenizer,
+                grounded = self.ground_features(
+                    [features[s] for s, _ in pairs],
                     [prompts[t] for _, t in pairs],
-                    clip,
                     fast=fast,
                     force_seg=force_seg,
                     max_new_tokens=max_new_tokens,
+                    seg_rule=seg_rule,
                     counts=counts,
-                    image_keys=[features[s].key for s, _ in pairs],
-                    cache=cache,
                 )
-                with_seg = [n for n, st in enumerate(states) if st.has_seg]
-                low_res = slice_probs = slice_masks = None
-                if with_seg:
-                    hidden = torch.stack([states[n].hidden for n in with_seg])
-                    low_res, slice_probs, slice_masks = decode_masks(
-                        self.model, hidden, [features[pairs[n][0]] for n in with_seg]
-                    )
-                row = {n: r for r, n in enumerate(with_seg)}
-                for n, (s, t) in enumerate(pairs):
-                    index, name, state = batch[s], texts[t], states[n]
-                    answers[name][index] = state.answer
-                    has_seg[name][index] = state.has_seg
-                    if n in row:
-                        geometry.put(probs[t : t + 1], slice_probs[row[n]][None], index)
+                for (s, t), result in zip(pairs, grounded):
+                    index, name = batch[s], texts[t]
+                    answers[name][index] = result.answer
+                    has_seg[name][index] = result.has_seg
+                    if result.has_seg:
+                        geometry.put(probs[t : t + 1], torch.from_numpy(result.probs)[None], index)
                     if keep_slice_results:
-                        mask = (
-                            slice_masks[row[n]].numpy()
-                            if n in row
-                            else np.zeros(geometry.slice_shape, dtype=bool)
-                        )
                         results[(name, index)] = SliceGrounding(
-                            mask, low_res[row[n]] if n in row else None, state.answer, state.has_seg
+                            result.mask,
+                            result.low_res_logits,
+                            result.answer,
+                            result.has_seg,
+                            result.seg_embedding,
+                            result.token_ids,
                         )
                 bar.update(len(batch))
         finally:
@@ -417,17 +401,8 @@ class VolumeMixin:
             region_2d |= box_region_mask(shape, mapped["box_2d"]).astype(bool)
         if not region_2d.any():
             raise ValueError(f"the prompt leaves no region on {axis} slice {index}")
-        grid = region_grid(region_2d)
         grey = _grey(geometry.take(eight_bit, index))
-        features = encode_images(self.model, [grey], self._features_cache())[0]
-        ids = self._prompt_ids(question, region=True)
-        embeds, mask = self.model.build_inputs_embeds(
-            [ids], features.clip[None], [[grid]], padding_side="left"
-        )
-        out = self.model.greedy_generate(
-            embeds, mask, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id
-        )
-        answer = self.tokenizer.decode(out.new_ids[0], skip_special_tokens=True).strip()
+        answer = self.answer_region(grey, question, mask=region_2d, max_new_tokens=max_new_tokens)
         region = torch.zeros((1, *geometry.spatial_shape), dtype=torch.bool)
         geometry.put(region, torch.from_numpy(region_2d)[None], index)
         return VolumeRegionAnswer(answer, index, axis, region[0].numpy(), region_2d)
@@ -446,12 +421,7 @@ class VolumeMixin:
         """VQA about one slice of a volume (features come from the cache when the slice was seen)."""
         _, eight_bit, geometry = self._open(volume, axis, intensity)
         grey = _grey(geometry.take(eight_bit, geometry.check_index(index)))
-        features = encode_images(self.model, [grey], self._features_cache())[0]
-        embeds, mask = self.model.build_inputs_embeds([self._prompt_ids(question)], features.clip[None])
-        out = self.model.greedy_generate(
-            embeds, mask, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id
-        )
-        return self.tokenizer.decode(out.new_ids[0], skip_special_tokens=True).strip()
+        return self.answer(grey, question, max_new_tokens=max_new_tokens)
 
     def refine_volume(
         self,
@@ -466,14 +436,11 @@ class VolumeMixin:
     ) -> np.ndarray:
         """Click refinement on slice ``index``: IJK clicks are mapped to the slice and handed to the pipeline's
         2D ``refine``; the refined mask comes back as a bool ``(X, Y, Z)`` volume (zero off the slice)."""
-        refine = getattr(self, "refine", None)
-        if refine is None:
-            raise NotImplementedError("this pipeline has no 2D refine() to delegate to")
         vol, eight_bit, geometry = self._open(volume, axis, intensity)
         index = geometry.check_index(index)
         mapped = MapPromptsToSliced(axis=axis)({"image": vol, "points": list(points), "slice_index": index})
         grey = _grey(geometry.take(eight_bit, index))
-        result = refine(grey, mapped["points_2d"], list(labels), prior=prior)
+        result = self.refine(grey, mapped["points_2d"], list(labels), prior=prior)
         mask2d = np.asarray(getattr(result, "mask", result), dtype=bool)
         out = torch.zeros((1, *geometry.spatial_shape), dtype=torch.bool)
         geometry.put(out, torch.from_numpy(mask2d)[None], index)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medplib.feature_cache import FeatureCache, SliceFeatures, content_key, nbytes_of
+from monai_medplib.feature_cache import FeatureCache, content_key, nbytes_of
+from monai_medplib.features import ImageFeatures
 
 
-def _feats(fill: float, n: int = 256) -> SliceFeatures:
+def _feats(fill: float, n: int = 256) -> ImageFeatures:
     # n float32 in clip + n in the embedding -> 8 n bytes
-    return SliceFeatures(torch.full((n,), fill), torch.full((n,), fill), (4, 4), (8, 8))
+    return ImageFeatures(torch.full((n,), fill), (8, 8), (4, 4), torch.full((n,), fill), key="k")
 
 
 def test_content_key_depends_on_bytes_shape_dtype_and_tag():
@@ -46,13 +47,13 @@ def test_lru_eviction_by_bytes_and_counters():
     assert cache.get("b") is None and cache.stats.misses == 1
     # replacing a key does not double-count its bytes
     cache.put("d", _feats(3.0))
-    assert cache.nbytes == 3 * 2048 and float(cache.get("d").clip[0]) == 3.0
+    assert cache.nbytes == 3 * 2048 and float(cache.get("d").clip_feats[0]) == 3.0
 
 
 def test_oversize_value_is_returned_not_stored_and_zero_disables():
     cache = FeatureCache(max_bytes=1000)
     value = cache.get_or_compute("big", lambda: _feats(1.0))
-    assert value.clip.numel() == 256 and "big" not in cache and cache.nbytes == 0
+    assert value.clip_feats.numel() == 256 and "big" not in cache and cache.nbytes == 0
     calls = []
     small = FeatureCache(max_bytes=10_000)
     for _ in range(3):
@@ -69,3 +70,21 @@ def test_clear_resets():
     cache.get("x")
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0 and cache.stats.hits == 0
+
+
+def test_concurrent_puts_keep_the_byte_bound():
+    import threading
+
+    cache = FeatureCache(max_bytes=8 * 2048)  # eight 2 KiB entries
+
+    def worker(offset: int) -> None:
+        for i in range(200):
+            cache.put(f"{offset}-{i}", _feats(float(i)))
+            cache.get(f"{offset}-{i - 3}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cache) == 8 and cache.nbytes == 8 * 2048 and cache.stats.evictions == 4 * 200 - 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from monai_medplib.feature_cache import FeatureCache
 from monai_medplib.features import ImageFeatures
 from monai_medplib.inference import MedPLIBPipeline
 from monai_medplib.modeling.generation import GenerationOutput
@@ -99,13 +101,13 @@ def test_seg_state_selection(pipe, inputs, monkeypatch, new_ids, seg_rule, all_s
     fake = _fake_generation(pipe, new_ids)
     seen = {}
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: fake)
-    real_decode = pipe.decode_masks
+    real_embeddings = pipe.seg_embeddings
 
-    def record(features, seg_hidden):
+    def record(seg_hidden):
         seen["hidden"] = seg_hidden
-        return real_decode(features, seg_hidden)
+        return real_embeddings(seg_hidden)
 
-    monkeypatch.setattr(pipe, "decode_masks", record)
+    monkeypatch.setattr(pipe, "seg_embeddings", record)
     result = pipe.ground(inputs / "image_square.png", "x", seg_rule=seg_rule, all_seg=all_seg)
     assert torch.equal(seen["hidden"], fake.hidden_states[0, expected_positions])
     assert result.has_seg and len(result.all_masks) == (len(expected_positions) if all_seg else 0)
@@ -157,33 +159,22 @@ def test_left_padded_batch_matches_single_answers(pipe, cases, inputs):
     assert answers == [cases["a_vqa"]["greedy"]["text"], cases["d_vqa_square"]["greedy"]["text"]]
 
 
-class DictCache:
-    def __init__(self):
-        self.store, self.gets, self.puts = {}, 0, 0
-
-    def get(self, key):
-        self.gets += 1
-        return self.store.get(key)
-
-    def put(self, key, features):
-        self.puts += 1
-        self.store[key] = features
-
-
 def test_feature_cache_and_features_in_place_of_images(public_fixture, cases, inputs):
-    cache = DictCache()
+    cache = FeatureCache(10**8)
     base = MedPLIBPipeline.from_pretrained(public_fixture / "model")
     pipe = MedPLIBPipeline(base.model, base.tokenizer, feature_cache=cache)
     first = pipe.encode_images([inputs / "image.png"], with_sam=False)[0]
-    assert cache.puts == 1 and first.sam_embedding is None and first.resize == (183, 256)
+    assert cache.stats.misses == 1 and first.sam_embedding is None and first.resize == (183, 256)
+    assert first.key and len(cache) == 1
     again = pipe.encode_images([load_rgb(inputs / "image.png")], with_sam=True)[0]  # cached CLIP, adds SAM
     assert (
-        cache.puts == 2
+        cache.stats.hits == 1
         and again.clip_feats is first.clip_feats
         and again.sam_embedding.shape == (256, 16, 16)
     )
     pipe.encode_images([inputs / "image.png"])
-    assert cache.puts == 2 and cache.gets == 3  # full hit
+    assert cache.stats.hits == 2 and cache.stats.misses == 1 and len(cache) == 1  # full hit
+    assert pipe.encode_images([first, inputs / "image.png"], with_sam=False)[1].sam_embedding is not None
     assert (
         pipe.answer(again, cases["a_vqa"]["question"], max_new_tokens=STEPS)
         == cases["a_vqa"]["greedy"]["text"]
@@ -223,13 +214,13 @@ def test_not_a_checkpoint(tmp_path):
         MedPLIBPipeline(None, None, template="alpaca")  # type: ignore[arg-type]
 
 
-def test_demo_path_error_until_the_demo_model_exists():
-    try:
-        from monai_medplib.demo_model import DEMO_MODEL_DIR
-    except ModuleNotFoundError:
-        DEMO_MODEL_DIR = None
-    if DEMO_MODEL_DIR is not None and (DEMO_MODEL_DIR / "config.json").is_file():
-        pytest.skip("the demo model is installed")
+def test_demo_resolves_to_the_embedded_model_and_says_when_it_is_missing(monkeypatch, tmp_path):
+    import monai_medplib.demo_model as demo
+    from monai_medplib.inference import resolve_model_path
+
+    assert resolve_model_path("demo") == Path(demo.DEMO_MODEL_DIR)
+    assert (Path(demo.DEMO_MODEL_DIR) / "model.safetensors").stat().st_size <= 25 * 2**20
+    monkeypatch.setattr(demo, "DEMO_MODEL_DIR", tmp_path)  # an installation without the weights
     with pytest.raises(FileNotFoundError, match="demo model"):
         MedPLIBPipeline.from_pretrained("demo")
 

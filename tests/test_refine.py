@@ -14,21 +14,9 @@ from monai_medplib.results import GroundingResult
 TEXT = "Please segment the liver."
 
 
-class DictCache:
-    def __init__(self):
-        self.store = {}
-
-    def get(self, key):
-        return self.store.get(key)
-
-    def put(self, key, features):
-        self.store[key] = features
-
-
 @pytest.fixture(scope="module")
 def pipe(public_fixture):
-    base = MedPLIBPipeline.from_pretrained(public_fixture / "model", device="cpu")  # exact comparisons
-    return MedPLIBPipeline(base.model, base.tokenizer, feature_cache=DictCache())
+    return MedPLIBPipeline.from_pretrained(public_fixture / "model", device="cpu")  # exact comparisons
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ against batch size 1, and cache hits by counting encoder calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import nibabel as nib
 import numpy as np
@@ -17,11 +18,10 @@ from monai.data import MetaTensor
 
 from monai_medplib.checkpoint import load_medplib
 from monai_medplib.data.lits import load_lits_case
-from monai_medplib.feature_cache import FeatureCache
+from monai_medplib.inference import MedPLIBPipeline
 from monai_medplib.processing import clip_pixels, postprocess_mask_logits, sam_pixels
 from monai_medplib.tokenization import build_prompt
 from monai_medplib.transforms import ExtractSlice, SAMed2DNormalize
-from monai_medplib.volume import VolumeMixin
 
 LIVER = "Please segment the liver."
 TUMOUR = "Can you segment the tumour inside the liver in this CT image?"  # longer: exercises left padding
@@ -29,18 +29,10 @@ STEP = 8  # 128^3 -> 16^3
 SPACING = 1.5 * STEP
 
 
-class VolumePipeline(VolumeMixin):
-    """The attributes ``MedPLIBPipeline`` gives the mixin."""
-
-    def __init__(self, model, tokenizer) -> None:
-        self.model, self.tokenizer, self.template = model, tokenizer, "vicuna_v1"
-        self.feature_cache = FeatureCache()
-
-
 @pytest.fixture(scope="module")
 def pipe(public_fixture):
     model, _, tokenizer = load_medplib(public_fixture / "model")
-    return VolumePipeline(model, tokenizer)
+    return MedPLIBPipeline(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +315,25 @@ def test_region_prompt_errors(pipe, ct):
         pipe.answer_volume_region(ct, "What?", roi=[20, 30, 0, 5, 0, 5])
     with pytest.raises(ValueError, match="needs points"):
         pipe.answer_volume_region(ct, "What?")
+
+
+# ------------------------------------------------------------------------------------------ one cache, 2D + volume
+def test_volume_and_2d_calls_share_features_and_the_text_prompt(pipe, ct):
+    pipe.feature_cache.clear()
+    with count_encoder_calls(pipe.model) as calls:
+        grounded = pipe.ground_volume(ct, LIVER, slices=[9], force_seg=True)
+        prior = grounded.slice_results[(LIVER, 9)]
+        assert prior.seg_embedding is not None and prior.seg_embedding.shape == (256,)
+        refined = pipe.refine_volume(ct, 9, [(8, 8, 9)], [1], prior=prior)
+        # the same slice as a 2D image (its RGB copy: same pixels, same key)
+        grey = ExtractSlice("axial", 9)(SAMed2DNormalize()(ct))[0].numpy()
+        again = pipe.ground(np.repeat(grey[:, :, None], 3, axis=2), LIVER, force_seg=True)
+        assert calls == {"clip": 1, "sam": 1}
+    assert refined.shape == (16, 16, 16) and refined[..., 9].any() and not refined[..., 8].any()
+    # the refinement prompted SAM with the <SEG> text embedding: without it the result differs
+    without_text = pipe.refine(grey, [(8, 8)], [1], prior=dataclasses.replace(prior, seg_embedding=None))
+    with_text = pipe.refine(grey, [(8, 8)], [1], prior=prior)
+    assert not np.array_equal(with_text.probs, without_text.probs)
+    np.testing.assert_allclose(
+        again.probs, ExtractSlice("axial", 9)(grounded.probs[:1])[0].numpy(), atol=1e-4
+    )

@@ -10,55 +10,63 @@ import pytest
 import torch
 
 from monai_medplib.checkpoint import load_medplib
-from monai_medplib.fast_grounding import PathCounts, grey_pixels, seg_states
-from monai_medplib.feature_cache import FeatureCache
-from monai_medplib.processing import clip_pixels, sam_pixels
-from monai_medplib.tokenization import build_prompt
+from monai_medplib.fast_grounding import PathCounts, seg_states
+from monai_medplib.features import ImageFeatures
+from monai_medplib.inference import MedPLIBPipeline
+from monai_medplib.processing import (
+    clip_pixels,
+    clip_pixels_batch,
+    load_pixels,
+    sam_pixels,
+    sam_pixels_batch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("shape", [(97, 131), (128, 128), (300, 420), (512, 77)])
-def test_grey_pixels_bit_identical_to_processing(shape):
+def test_grey_batch_preprocessing_bit_identical_to_rgb(shape):
+    """Grey images go through one PIL band and per-level tables; the result must equal the RGB copy's, which
+    tests/test_processing.py checks against the release tensors."""
     rng = np.random.default_rng(sum(shape))
     greys = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
-    clip, sam, resize = grey_pixels(greys)
-    for n, grey in enumerate(greys):
-        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    colour = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    clip = clip_pixels_batch([*greys, colour])
+    sam, resizes = sam_pixels_batch([*greys, colour])
+    for n, image in enumerate([*greys, colour]):
+        rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
         expected_sam, expected_resize = sam_pixels(rgb)
         assert torch.equal(clip[n], clip_pixels(rgb))
-        assert torch.equal(sam[n], expected_sam) and resize == expected_resize
-
-
-def test_grey_pixels_rejects_mixed_sizes():
-    with pytest.raises(ValueError, match="same-size"):
-        grey_pixels([np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8)])
+        assert torch.equal(sam[n], expected_sam) and resizes[n] == expected_resize
+    # a grey image stored as RGB is recognised as grey (same pixels, same cache key)
+    rgb = np.repeat(greys[0][:, :, None], 3, axis=2)
+    assert np.array_equal(load_pixels(rgb), greys[0]) and load_pixels(colour).shape == (*shape, 3)
 
 
 def test_seg_states_batch_of_different_lengths_equals_one_at_a_time(public_fixture):
     model, _, tok = load_medplib(public_fixture / "model")
+    pipe = MedPLIBPipeline(model, tok)
     questions = ["Segment the liver.", "Please segment the left kidney in this abdominal CT scan, thank you."]
-    ids = [tok.encode_prompt(build_prompt(q)) for q in questions]
+    ids = [pipe.prompt_ids(q) for q in questions]
     assert len(ids[0]) != len(ids[1])
-    feats = torch.randn(2, 576, model.config.mm_hidden_size, generator=torch.Generator().manual_seed(0))
+    clip = torch.randn(2, 576, model.config.mm_hidden_size, generator=torch.Generator().manual_seed(0))
+    feats = [ImageFeatures(clip[b], (8, 8), (256, 256)) for b in range(2)]  # no key: no prefix reuse
     counts = PathCounts()
-    batched = seg_states(model, tok, ids, feats, force_seg=True, counts=counts)
+    batched = seg_states(pipe, feats, ids, force_seg=True, counts=counts)
     for b in range(2):
-        alone = seg_states(model, tok, [ids[b]], feats[b : b + 1], force_seg=True)[0]
+        alone = seg_states(pipe, feats[b : b + 1], [ids[b]], force_seg=True)[0]
         torch.testing.assert_close(batched[b].hidden, alone.hidden, atol=1e-4, rtol=0)
-        assert batched[b].answer == alone.answer == "<SEG>"
-    assert counts.forced == 2 and counts.generate == 0
+        assert batched[b].new_ids == alone.new_ids == [tok.seg_id, tok.eos_id]
+    assert counts.forced == 2 and counts.generate == 0 and counts.prefix_computed == 0
     # continuing from per-image prefix states (right-padded suffixes) gives the same states
-    cache = FeatureCache(10**8)
+    keyed = [ImageFeatures(clip[b], (8, 8), (256, 256), key=f"image-{b}") for b in range(2)]
     for _ in range(2):  # computed, then reused
-        reused = seg_states(
-            model, tok, ids, feats, force_seg=True, counts=counts, image_keys=["a", "b"], cache=cache
-        )
+        reused = seg_states(pipe, keyed, ids, force_seg=True, counts=counts)
         for b in range(2):
             torch.testing.assert_close(reused[b].hidden, batched[b].hidden, atol=1e-4, rtol=0)
     assert counts.prefix_computed == 2 and counts.prefix_cached == 2
-    with pytest.raises(ValueError, match="2 prompts but 1"):
-        seg_states(model, tok, ids, feats[:1])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        seg_states(pipe, feats, ids[:1])
 
 
 def test_gpu_benchmark_builds_release_architecture_on_meta():

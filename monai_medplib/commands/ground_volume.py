@@ -1,0 +1,58 @@
+"""``medplib ground-volume VOLUME TEXT [TEXT ...]``: ground structures on every slice of a CT / MR volume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import add_model_arguments, load_pipeline
+
+NAME = "ground-volume"
+HELP = "ground one or several structures in a volume (NIfTI, NRRD, DICOM folder) -> NIfTI / DICOM-SEG"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("volume", help="NIfTI / NRRD file or DICOM series folder")
+    parser.add_argument("text", nargs="+", help='structures or requests, e.g. "liver" "liver tumour"')
+    parser.add_argument("--out", default="outputs/ground_volume", help="output folder")
+    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--slices", type=int, nargs="*", default=None, help="slice indices (default: all)")
+    parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import load_volume
+    from ..tokenization import grounding_prompt
+    from ..volume_outputs import save_overlay_montage, write_label_volume
+
+    source = Path(args.volume)
+    if not source.exists():
+        raise FileNotFoundError(f"volume not found: {source}")
+    volume = load_volume(source)
+    pipeline = load_pipeline(args)
+    prompts = [grounding_prompt(t) for t in args.text]
+    result = pipeline.ground_volume(
+        volume, prompts, axis=args.axis, slices=args.slices, fast=args.fast, batch_size=args.batch_size
+    )
+    names = {text: result.label_names[prompt] for text, prompt in zip(args.text, prompts)}
+    stem = source.name.split(".")[0] or "volume"
+    paths = write_label_volume(
+        result.label, names, args.out, f"{stem}_medplib", dicom_source=source if source.is_dir() else None
+    )
+    overlay, shown = save_overlay_montage(
+        volume, result.label, Path(args.out) / f"{stem}_overlay.png", axis=args.axis
+    )
+    report = {
+        "volume": str(source),
+        "label_names": names,
+        "voxels": {text: int((result.label == value).sum()) for text, value in names.items()},
+        "slices_with_seg": {t: sum(result.has_seg[p].values()) for t, p in zip(args.text, prompts)},
+        "outputs": {**{k: str(v) for k, v in paths.items()}, "overlay": str(overlay)},
+        "overlay_slices": shown,
+    }
+    (Path(args.out) / f"{stem}_medplib.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,108 @@
+"""Files a volume grounding produces: the label as NIfTI (and DICOM-SEG for a DICOM source), and overlays.
+
+Used by ``medplib ground-volume`` and ``medplib demo``; geometry comes from the label's own affine, which
+:meth:`~monai_medplib.volume.VolumeMixin.ground_volume` copies from the input volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .results import overlay_image
+from .transforms.intensity import CTWindow
+from .transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
+
+REFERENCE_COLOUR = (40, 220, 60)  # outline of a reference label in overlays
+
+
+def write_label_volume(
+    label: torch.Tensor,
+    label_names: Mapping[str, int],
+    out_dir: str | Path,
+    stem: str,
+    dicom_source: str | Path | None = None,
+) -> dict[str, Path]:
+    """Save a grounded label volume as ``<stem>.nii.gz`` and, given its source series, ``<stem>_seg.dcm``.
+
+    Args:
+        label: ``(1, X, Y, Z)`` MetaTensor on the source volume's voxel grid (its affine is written).
+        label_names: ``{text: label value}``; the texts become the DICOM-SEG segment labels.
+        out_dir: folder to write into (created).
+        stem: file name stem.
+        dicom_source: the DICOM series folder the volume was read from, if any.
+
+    Returns:
+        ``{"nifti": path}`` plus ``{"dicom_seg": path}`` when a DICOM source was given.
+    """
+    from .io import save_nifti, write_dicom_seg
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"nifti": save_nifti(label, out_dir / f"{stem}.nii.gz")}
+    if dicom_source is not None:
+        segments = {value: text for text, value in label_names.items()}
+        paths["dicom_seg"] = write_dicom_seg(label, dicom_source, out_dir / f"{stem}_seg.dcm", segments)
+    return paths
+
+
+def representative_slices(mask: np.ndarray, axis_index: int, count: int = 4) -> list[int]:
+    """``count`` slice indices along voxel axis ``axis_index`` spread over the mask's extent (or the volume's)."""
+    other = tuple(a for a in range(mask.ndim) if a != axis_index)
+    present = np.flatnonzero(mask.any(axis=other))
+    lo, hi = (present[0], present[-1]) if present.size else (0, mask.shape[axis_index] - 1)
+    picks = np.linspace(lo, hi, count + 2)[1:-1] if hi > lo else [lo]
+    return sorted({int(round(p)) for p in picks})
+
+
+def save_overlay_montage(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    path: str | Path,
+    axis: str = "axial",
+    reference: torch.Tensor | None = None,
+    window: str = "abdomen",
+    count: int = 4,
+) -> tuple[Path, list[int]]:
+    """A PNG of ``count`` representative slices side by side: CT window, predicted mask tinted red,
+    reference label (if given) outlined in green. Slices are shown in the radiological display
+    orientation of :mod:`monai_medplib.transforms.slicing`.
+
+    Returns:
+        The PNG path and the slice indices shown.
+    """
+    extract = ExtractSlice(axis=axis)
+    windowed = CTWindow(window)(image)
+    slice_dim = slice_geometry(volume_affine_ras(mask), mask.shape[1:], axis).slice_dim
+    indices = representative_slices(np.asarray(mask[0] > 0), slice_dim, count)
+    tiles = []
+    for index in indices:
+        grey = np.asarray(extract(windowed, index=index)[0], dtype=np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        rgb = overlay_image(rgb, np.asarray(extract(mask, index=index)[0]) > 0)
+        if reference is not None:
+            ref = np.asarray(extract(reference, index=index)[0]) > 0
+            rgb[_outline(ref)] = REFERENCE_COLOUR
+        tiles.append(rgb)
+    montage = np.concatenate(tiles, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(montage).save(path)
+    return path, indices
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def slice_dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean arrays (1.0 when both are empty)."""
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
