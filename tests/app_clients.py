@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,20 +69,43 @@ def ohif_infer(
     )
 
 
-def write_test_volume(path: Path, shape=(48, 40, 12), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A CT-like NIfTI with a bright block, anisotropic spacing, a flipped axis and an offset origin.
+@dataclass(frozen=True)
+class SlabVolume:
+    """A volume written for the server tests: its (i, j, k) array, voxel -> RAS affine and true liver."""
 
-    Returns the array (i, j, k) and its voxel -> RAS affine, as nibabel will read them back.
+    image: np.ndarray
+    affine: np.ndarray
+    liver: np.ndarray  # bool (i, j, k): LiTS liver + tumour
+
+
+def write_lits_slab(path: Path, first: int = 58, count: int = 12, flip_i: bool = True) -> SlabVolume:
+    """``count`` axial slices of the real LiTS CT from ``first`` on, as a NIfTI the demo model can ground.
+
+    With ``flip_i`` the array is stored mirrored along i and the affine mirrors back (another voxel order
+    for the same anatomy): results must come back in this file's own voxel grid, liver on the liver.
     """
     import nibabel as nib
 
-    rng = np.random.default_rng(seed)
-    volume = rng.normal(-100, 20, shape).astype(np.float32)
-    volume[10:30, 8:28, :] += 200
-    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
-    affine[:3, 3] = [10.0, 20.0, -30.0]
-    nib.save(nib.Nifti1Image(volume, affine), str(path))
-    return volume, affine
+    from monai_medplib.data.lits import load_lits_case
+
+    case = load_lits_case()
+    image = case.image[:, :, first : first + count]
+    liver = case.label[:, :, first : first + count] >= 1
+    affine = case.affine.copy()
+    affine[:3, 3] = (case.affine @ [0, 0, first, 1])[:3]
+    if flip_i:
+        image, liver = image[::-1], liver[::-1]
+        affine[:3, 3] = (affine @ [image.shape[0] - 1, 0, 0, 1])[:3]
+        affine[:3, 0] *= -1
+    image, liver = np.ascontiguousarray(image), np.ascontiguousarray(liver)
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    return SlabVolume(image, affine, liver)
+
+
+def dice(pred: np.ndarray, true: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    total = int(pred.sum()) + int(true.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & true).sum()) / total
 
 
 def read_result(path: str) -> tuple[np.ndarray, np.ndarray]:

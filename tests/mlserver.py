@@ -26,9 +26,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 APP_DIR = REPO / "apps" / "medplib"
-FAKE_PIPELINE = "medplib_fake_pipeline:FakeMedPLIBPipeline"  # tests/medplib_fake_pipeline.py
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,7 +42,7 @@ class MONAILabelServer:
     Args:
         studies: local studies folder or a DICOMweb root URL.
         model: model directory or "demo".
-        conf: extra ``--conf`` pairs (e.g. ``{"models": "medplib_vqa", "pipeline": FAKE_PIPELINE}``).
+        conf: extra ``--conf`` pairs (e.g. ``{"models": "medplib_vqa"}``).
         env: extra environment variables (e.g. ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER``).
         launcher: "medplib" (``python -m monai_medplib.serve``) or "monailabel" (``monailabel.main``).
         startup_timeout: seconds to wait for ``GET /info/`` to answer.
@@ -112,7 +110,7 @@ class MONAILabelServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        path = [str(REPO), str(TESTS), env.get("PYTHONPATH", "")]
+        path = [str(REPO), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         env.setdefault("MONAI_LABEL_TASKS_TRAIN", "false")
         env.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")

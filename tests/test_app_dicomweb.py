@@ -1,7 +1,8 @@
 """The MedPLIB MONAI Label app on a DICOMweb datastore: a real Orthanc, DICOM-SEG results saved back to it.
 
-Uses the predictable stand-in pipeline (``tests/medplib_fake_pipeline.py``): what is tested is the DICOMweb
-path (no dcmqi download at start-up, DICOM-SEG written through pydicom, STOW-RS accepted by Orthanc).
+The demo model runs on a 12-slice slab of the real LiTS CT stored in Orthanc as a DICOM series; what is tested is
+the DICOMweb path (no dcmqi download at start-up, series fetched from the PACS, DICOM-SEG written through pydicom
+with the grounded text as segment label, STOW-RS accepted by Orthanc).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from app_clients import write_test_volume
-from mlserver import FAKE_PIPELINE, MONAILabelServer
+from app_clients import write_lits_slab
+from mlserver import MONAILabelServer
 from orthanc import OrthancServer, missing_orthanc
 
 pytestmark = [
@@ -28,16 +29,16 @@ def pacs(tmp_path_factory):
     from monai_medplib.io import write_dicom_series
 
     work = tmp_path_factory.mktemp("dicomweb")
-    volume, affine = write_test_volume(work / "ct.nii.gz")
-    volume = np.rint(volume)  # whole HU, stored exactly with slope 1
+    slab = write_lits_slab(work / "ct.nii.gz", flip_i=False)
+    volume = np.rint(slab.image)  # whole HU, stored exactly with slope 1
     files = write_dicom_series(
-        volume, affine, work / "ct", rescale=(1.0, 0.0), series_description="MedPLIB app test CT"
+        volume, slab.affine, work / "ct", rescale=(1.0, 0.0), series_description="MedPLIB app test CT"
     )
     with OrthancServer(work / "orthanc") as orthanc:
         orthanc.upload(files)
         (series_uid,) = orthanc.series_instance_uids()
         env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
-        conf = {"pipeline": FAKE_PIPELINE, "models": "medplib_grounding,medplib_vqa"}
+        conf = {"models": "medplib_grounding,medplib_vqa"}
         with MONAILabelServer(orthanc.dicomweb_root, conf=conf, env=env, log_path=work / "ml.log") as server:
             yield orthanc, server, series_uid, volume
 
@@ -62,11 +63,11 @@ def test_vqa_on_a_dicomweb_series(pacs):
     reply = requests.post(
         f"{server.url}/infer/medplib_vqa",
         params={"image": series_uid, "output": "json"},
-        data={"params": json.dumps({"question": "What is this?", "slice": 2})},
+        data={"params": json.dumps({"question": "Is the liver visible in this image?", "slice": 2})},
         timeout=120,
     )
     assert reply.status_code == 200, reply.text
-    assert reply.json()["answer"].endswith("slice 2: What is this?")
+    assert reply.json()["answer"] == "yes" and reply.json()["medplib"]["slice"] == 2
 
 
 def test_dicom_seg_output_is_valid_and_accepted_by_orthanc(pacs, tmp_path):
@@ -109,4 +110,4 @@ def test_final_label_is_saved_back_to_orthanc_as_dicom_seg(pacs):
     seg = pydicom.dcmread(io.BytesIO(raw))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert seg.SegmentSequence[0].SegmentLabel == "liver"  # named from the result's label_names
-    assert int(np.count_nonzero(seg.pixel_array)) == voxels > 0
+    assert int(np.count_nonzero(seg.pixel_array)) == voxels > 500  # the liver, about 1000 voxels on a slice

@@ -9,7 +9,7 @@ apps/medplib --studies ... --conf model demo``). Options (``--conf key value``):
 ``models``         which tasks, comma-separated, or ``all`` (default): ``medplib_grounding``,
                    ``medplib_vqa``, ``medplib_region_vqa``, ``medplib_refine``
 ``preload``        ``true`` (default): load the model at start-up instead of on the first request
-``pipeline``       ``module:Class`` of the pipeline (default ``monai_medplib.inference:MedPLIBPipeline``)
+``force_seg``      ``true``: every grounding decodes a mask (random-weight models, benchmarks); default false
 ``grounding_text`` default text of the grounding / refinement tasks; ``vqa_question`` and
                    ``region_question`` default questions
 =================  =====================================================================================

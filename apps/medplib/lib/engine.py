@@ -7,7 +7,6 @@ infer tasks never touch slicing or model details (those live in ``monai_medplib`
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import threading
@@ -19,13 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+
+from monai_medplib.tokenization import grounding_prompt
 
 from .prompts import Point, bad_request
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "monai_medplib.inference:MedPLIBPipeline"
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TRUE_WORDS = ("true", "1", "yes")
 
 
 def resolve_device(device: str | None) -> tuple[str, torch.dtype]:
@@ -40,28 +42,24 @@ def resolve_device(device: str | None) -> tuple[str, torch.dtype]:
     return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
-def import_object(spec: str) -> Any:
-    """``"package.module:Name"`` -> the object."""
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(f"expected 'module:Name', got {spec!r}")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 class _LRU(OrderedDict):
+    """A small dict that forgets its least recently used entries beyond ``size``."""
+
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
-    def get_or(self, key: Any, make: Any) -> Any:
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key: Any, value: Any) -> None:
         self[key] = value
+        self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
-        return value
 
 
 class MedPLIBEngine:
@@ -70,58 +68,51 @@ class MedPLIBEngine:
     Args:
         model: model directory or ``"demo"``.
         device: ``auto`` | ``cpu`` | ``cuda``.
-        pipeline: ``module:Class`` with a ``from_pretrained(path, device=, dtype=)`` constructor
-            (default :class:`monai_medplib.inference.MedPLIBPipeline`).
-        cache_volumes: how many loaded volumes to keep (keyed by path + mtime).
+        cache_volumes: how many loaded volumes to keep (keyed by path, mtime and size).
         force_seg: force ``<SEG>`` in grounding answers (for random-weight test models and benchmarks).
     """
 
     def __init__(
-        self,
-        model: str = "demo",
-        device: str = "auto",
-        pipeline: str = DEFAULT_PIPELINE,
-        cache_volumes: int = 4,
-        force_seg: bool = False,
+        self, model: str = "demo", device: str = "auto", cache_volumes: int = 4, force_seg: bool = False
     ) -> None:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
         self.model = model
         self.device, self.dtype = resolve_device(device)
-        self.pipeline_spec = pipeline
-        self.force_seg = force_seg  # random-weight / benchmark models: force <SEG> so masks are decoded
+        self.force_seg = force_seg
         self._pipeline: Any = None
         self._model_lock = threading.RLock()  # one model, one caller at a time (threads share it)
         self._cache_lock = threading.Lock()
         self._volumes = _LRU(cache_volumes)
-        self._groundings = _LRU(32)  # (image key, slice, text) -> 2D prior for click refinement
+        self._groundings = _LRU(32)  # (image key, axis, slice, text) -> SliceGrounding, the refinement prior
         self.load_seconds: float | None = None
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> MedPLIBEngine:
-        """Build from MONAI Label ``--conf`` strings (``model``, ``device``, ``pipeline``)."""
+        """Build from MONAI Label ``--conf`` strings (``model``, ``device``, ``force_seg``)."""
         return cls(
             model=conf.get("model", "demo"),
             device=conf.get("device", "auto"),
-            pipeline=conf.get("pipeline", DEFAULT_PIPELINE),
-            force_seg=conf.get("force_seg", "false").lower() in ("true", "1", "yes"),
+            force_seg=conf.get("force_seg", "false").lower() in TRUE_WORDS,
         )
 
     # -- model -------------------------------------------------------------------------------------
     @property
     def pipeline(self) -> Any:
-        """The loaded pipeline (loaded on first use; ``load()`` at app start makes that the only time)."""
+        """The loaded :class:`~monai_medplib.inference.MedPLIBPipeline` (loaded on first use)."""
         if self._pipeline is None:
             self.load()
         return self._pipeline
 
     def load(self) -> None:
+        """Load the model once (the app calls this at start-up unless ``--conf preload false``)."""
+        from monai_medplib.inference import MedPLIBPipeline
+
         with self._model_lock:
             if self._pipeline is not None:
                 return
             start = time.perf_counter()
-            factory = import_object(self.pipeline_spec)
-            self._pipeline = factory.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+            self._pipeline = MedPLIBPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
             self.load_seconds = time.perf_counter() - start
             logger.info(f"MedPLIB model {self.model!r} loaded on {self.device} in {self.load_seconds:.1f} s")
 
@@ -129,7 +120,7 @@ class MedPLIBEngine:
         return {"model": self.model, "device": self.device, "dtype": str(self.dtype).replace("torch.", "")}
 
     # -- images ------------------------------------------------------------------------------------
-    def volume(self, path: str) -> Any:
+    def volume(self, path: str) -> MetaTensor:
         """The image at ``path`` as a channel-first ``MetaTensor`` ``(1, X, Y, Z)``; 4xx for what is not one."""
         if not path or not os.path.exists(path):
             raise bad_request(f"image not found: {path!r}", status=404)
@@ -137,15 +128,14 @@ class MedPLIBEngine:
         key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
         with self._cache_lock:
             cached = self._volumes.get(key)
-        if cached is not None:
-            return cached
-        vol = load_volume(path)
-        with self._cache_lock:
-            self._volumes.get_or(key, lambda: vol)
-        return vol
+        if cached is None:
+            cached = load_volume(path)
+            with self._cache_lock:
+                self._volumes.put(key, cached)
+        return cached
 
     @staticmethod
-    def slice_axis(volume: Any) -> str:
+    def slice_axis(volume: MetaTensor) -> str:
         """The anatomical plane whose slices run along voxel axis k (what Slicer's ``slice`` indexes).
 
         For the usual axially stored CT/MR that is "axial"; a volume stored coronally gets "coronal", so a
@@ -160,109 +150,82 @@ class MedPLIBEngine:
         return "axial"
 
     @staticmethod
-    def image_key(volume: Any) -> str:
+    def image_key(volume: MetaTensor) -> str:
         return str(volume.meta.get("filename_or_obj", id(volume)))
 
-    # -- model calls (serialised); results come back as (X, Y, Z) voxel arrays ----------------------
+    # -- model calls (serialised); volumes come back as (X, Y, Z) arrays ----------------------------
     def ground(
-        self, volume: Any, texts: list[str], slices: list[int] | None, axis: str
-    ) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
-        """Ground every text on the given slices (None = all).
+        self, volume: MetaTensor, texts: list[str], slices: list[int] | None, axis: str
+    ) -> tuple[np.ndarray, dict[str, int], dict[str, dict[str, str]]]:
+        """Ground every text ("liver") on the given slices (None = all).
 
-        Returns the label volume (value i+1 = ``texts[i]``), ``{text: value}`` and per-text answers.
+        Returns the label volume, ``{text: label value}`` and ``{text: {slice: answer}}``.
         """
         prompts = [grounding_prompt(t) for t in texts]
-        options = {"force_seg": True} if self.force_seg else {}
         with self._model_lock, pipeline_errors():
-            result = self.pipeline.ground_volume(volume, prompts, axis=axis, slices=slices, **options)
-        self._remember_grounding(volume, dict(zip(prompts, texts)), result, axis)
-        label = voxel_array(result.label, volume.shape[1:]).astype(np.int32)
-        by_prompt = label_name_map(getattr(result, "label_names", None), prompts)
-        names = {text: by_prompt[prompt] for prompt, text in zip(prompts, texts)}
-        answers = getattr(result, "answers", None) or {}
-        answers = {text: answers.get(prompt, {}) for prompt, text in zip(prompts, texts)}
-        return label, names, jsonable(answers)
+            result = self.pipeline.ground_volume(
+                volume, prompts, axis=axis, slices=slices, force_seg=self.force_seg
+            )
+        key = self.image_key(volume)
+        with self._cache_lock:
+            for text, prompt in zip(texts, prompts):
+                for index in result.slices:
+                    self._groundings.put((key, axis, index, text), result.slice_results[(prompt, index)])
+        label = result.label.as_tensor()[0].numpy()
+        names = {text: result.label_names[prompt] for text, prompt in zip(texts, prompts)}
+        answers = {
+            text: {str(k): a for k, a in result.answers[prompt].items()}
+            for text, prompt in zip(texts, prompts)
+        }
+        return label, names, answers
 
-    def answer(self, volume: Any, question: str, index: int, axis: str) -> str:
+    def answer(self, volume: MetaTensor, question: str, index: int, axis: str) -> str:
         """VQA about slice ``index``."""
         with self._model_lock, pipeline_errors():
-            return str(self.pipeline.answer_volume(volume, question, index=index, axis=axis))
+            return self.pipeline.answer_volume(volume, question, index=index, axis=axis)
 
     def answer_region(
         self,
-        volume: Any,
+        volume: MetaTensor,
         question: str,
         axis: str,
+        index: int | None = None,
         points: list[Point] | None = None,
         roi: tuple[int, ...] | None = None,
         scribble: np.ndarray | None = None,
-    ) -> tuple[str, np.ndarray | None]:
-        """Region VQA; the region in voxels (clicks, an inclusive IJK box, or a boolean label volume).
-
-        Returns the answer and the region the model was given (``None`` if the pipeline does not say).
+    ) -> Any:
+        """Region VQA on one slice (``index``, else the one the prompts choose); clicks, ROI and scribble
+        combine into one region. Returns the pipeline's ``VolumeRegionAnswer`` (answer, slice, region voxels).
         """
         with self._model_lock, pipeline_errors():
-            result = self.pipeline.answer_volume_region(
-                volume, question, points=points, roi=roi, scribble=scribble, axis=axis
+            return self.pipeline.answer_volume_region(
+                volume, question, points=points, roi=roi, scribble=scribble, axis=axis, index=index
             )
-        if isinstance(result, str):
-            return result, None
-        region = getattr(result, "region", None)
-        region = None if region is None else voxel_array(region, volume.shape[1:]) > 0
-        return str(result.answer), region
 
     def refine(
         self,
-        volume: Any,
+        volume: MetaTensor,
         index: int,
         foreground: list[Point],
         background: list[Point],
         axis: str,
         text: str | None,
     ) -> np.ndarray:
-        """Refine the last grounding of ``text`` on slice ``index`` with clicks (grounds first if none)."""
-        prior = self.grounding_prior(volume, index, text, axis)
+        """Refine the last grounding of ``text`` on slice ``index`` with clicks (grounds it first if needed);
+        without ``text`` the clicks alone prompt SAM-Med2D. Returns a bool ``(X, Y, Z)`` volume."""
+        prior = None
+        if text:
+            key = (self.image_key(volume), axis, index, text)
+            with self._cache_lock:
+                prior = self._groundings.get(key)
+            if prior is None:
+                self.ground(volume, [text], [index], axis)
+                with self._cache_lock:
+                    prior = self._groundings.get(key)
         points = list(foreground) + list(background)
         labels = [1] * len(foreground) + [0] * len(background)
         with self._model_lock, pipeline_errors():
-            result = self.pipeline.refine_volume(volume, index, points, labels, prior=prior, axis=axis)
-        mask = getattr(result, "label", getattr(result, "mask", result))
-        return voxel_array(mask, volume.shape[1:]) > 0
-
-    def grounding_prior(self, volume: Any, index: int, text: str | None, axis: str) -> Any:
-        """The cached 2D grounding of ``text`` on this slice (grounding it now if there is none)."""
-        key = (self.image_key(volume), axis, index, text)
-        with self._cache_lock:
-            prior = self._groundings.get(key)
-        if prior is None and text:
-            self.ground(volume, [text], [index], axis)
-            with self._cache_lock:
-                prior = self._groundings.get(key)
-        return prior
-
-    def _remember_grounding(
-        self, volume: Any, prompt_to_text: dict[str, str], result: Any, axis: str
-    ) -> None:
-        priors = getattr(result, "slice_results", None)  # {(prompt, slice index): 2D slice grounding}
-        if not priors:
-            return
-        with self._cache_lock:
-            for (prompt, index), prior in priors.items():
-                if prompt in prompt_to_text:
-                    key = (self.image_key(volume), axis, index, prompt_to_text[prompt])
-                    self._groundings[key] = prior
-                    while len(self._groundings) > self._groundings.size:
-                        self._groundings.popitem(last=False)
-
-
-def grounding_prompt(text: str) -> str:
-    """A target name ("liver") -> the grounding request the model was trained on; sentences pass unchanged."""
-    from monai_medplib.data.demo_dataset import GROUNDING_PHRASES  # "Please segment the {target}." first
-
-    text = text.strip()
-    if text.endswith((".", "?", "!")) or len(text.split()) > 6:
-        return text
-    return GROUNDING_PHRASES[0].format(target=text)
+            return self.pipeline.refine_volume(volume, index, points, labels, prior=prior, axis=axis)
 
 
 @contextlib.contextmanager
@@ -276,50 +239,7 @@ def pipeline_errors() -> Iterator[None]:
         raise bad_request(f"not available with this model: {e}", 501) from e
 
 
-def voxel_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A pipeline result (tensor / MetaTensor / array, with or without a channel dim) as an (X, Y, Z) array."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
-    arr = np.asarray(value)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.shape != tuple(shape):
-        raise RuntimeError(
-            f"the pipeline returned a volume of shape {arr.shape}; the image has {tuple(shape)}"
-        )
-    return arr
-
-
-def label_name_map(names: Any, texts: list[str]) -> dict[str, int]:
-    """``{name: value}`` from a pipeline's label names (dict either way round, or a list from 1)."""
-    if isinstance(names, dict) and names:
-        first_key = next(iter(names))
-        if isinstance(first_key, int | np.integer):
-            return {str(v): int(k) for k, v in names.items() if int(k) != 0}
-        return {str(k): int(v) for k, v in names.items() if int(v) != 0}
-    if isinstance(names, list | tuple) and names:
-        return {str(n): i + 1 for i, n in enumerate(names)}
-    return {t: i + 1 for i, t in enumerate(texts)}
-
-
-def jsonable(value: Any) -> Any:
-    """Make a pipeline's per-slice answers JSON-serialisable (tuple keys, numpy scalars, tensors)."""
-    if isinstance(value, dict):
-        return {
-            str(k if not isinstance(k, tuple) else "/".join(map(str, k))): jsonable(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
-
-
-def load_volume(path: str) -> Any:
+def load_volume(path: str) -> MetaTensor:
     """Read an image file / DICOM folder as ``(1, X, Y, Z)``; 415 if unreadable, 400 if it is not a 3D volume."""
     from monai_medplib.io.readers import load_volume as read_volume
 

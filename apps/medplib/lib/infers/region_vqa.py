@@ -23,8 +23,10 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
       scribble labelmap uploaded as ``label`` (with ``label_info`` / ``selected_label_name``).
     * OHIF v3: ``foreground`` / ``background`` (deepgrow type) or ``points`` + ``point_labels``.
 
-    Priority when several are given: scribble, then ROI, then foreground clicks (background clicks do not
-    mark a region). The answer is ``result["answer"]``; the region comes back as label 1 on its slice.
+    The question is asked on one slice: Slicer's ``slice``, else the clicks' slice, else the middle slice of
+    the ROI or of the scribble. Whatever is given on that slice (foreground clicks, the ROI's box, the
+    scribble) makes one region; background clicks do not mark a region. The answer is ``result["answer"]``;
+    the region the model was given comes back as label 1 on its slice.
     """
 
     def __init__(self, engine: MedPLIBEngine, question: str = "What is the object in this region?") -> None:
@@ -43,46 +45,30 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         fg, _bg = clicks(request, shape)
         roi = roi_box(json_value(request, "roi"), shape)
         scribble = scribble_mask(request, shape)
-        index = slice_index(request, shape, fg)
         if scribble is None and roi is None and not fg:
             raise bad_request("no region given: add foreground clicks, an ROI or a scribble label")
-
-        prompt: dict[str, Any]
-        if scribble is not None:
-            if index is None:
-                index = int(np.argmax(scribble.sum(axis=(0, 1))))
-            on_slice = np.zeros_like(scribble)
-            on_slice[:, :, index] = scribble[:, :, index]
-            if not on_slice.any():
-                raise bad_request(f"the scribble label has no voxels on slice {index}")
-            prompt, kind = {"scribble": on_slice}, "scribble"
-        elif roi is not None:
-            index = (roi[4] + roi[5]) // 2 if index is None else index
-            if not roi[4] <= index <= roi[5]:
-                raise bad_request(f"slice {index} is outside the ROI's slices {roi[4]}..{roi[5]}")
-            prompt, kind = {"roi": (roi[0], roi[1], roi[2], roi[3], index, index)}, "roi"
-        else:
-            on_slice_points = [p for p in fg if p[2] == index]
-            prompt, kind = {"points": on_slice_points}, "points"
-
+        index = slice_index(request, shape, fg)
+        points = [p for p in fg if p[2] == index]
+        if not points and roi is None and scribble is None:
+            raise bad_request(f"no foreground clicks on slice {index}")
         axis = self.engine.slice_axis(volume)
-        answer, region = self.engine.answer_region(volume, question, axis, **prompt)
-        if region is None:
-            region = prompt_region(shape, **prompt)
-        label = np.where(region, REGION_VALUE, 0).astype(np.uint8)
+        result = self.engine.answer_region(
+            volume, question, axis, index=index, points=points or None, roi=roi, scribble=scribble
+        )
+        given = {"points": bool(points), "roi": roi is not None, "scribble": scribble is not None}
         name = request.get("label")
         name = name if isinstance(name, str) and name and not _is_upload(name) else "region"
-        return label, {
+        return result.region.astype(np.uint8) * REGION_VALUE, {
             "label_names": {name: REGION_VALUE},
-            "answer": answer,
+            "answer": result.answer,
             "medplib": {
                 "task": "region_vqa",
                 "question": question,
-                "prompt": kind,
-                "slice": index,
+                "prompt": "+".join(kind for kind, present in given.items() if present),
+                "slice": result.slice_index,
                 "axis": axis,
-                "region_voxels": int(region.sum()),
-                "answer": answer,
+                "region_voxels": int(result.region.sum()),
+                "answer": result.answer,
             },
         }
 
@@ -109,23 +95,6 @@ def scribble_mask(request: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray
     if not mask.any():
         raise bad_request("the uploaded scribble label is empty (no voxels in the selected segment)")
     return mask
-
-
-def prompt_region(
-    shape: tuple[int, ...],
-    points: list | None = None,
-    roi: tuple[int, ...] | None = None,
-    scribble: np.ndarray | None = None,
-) -> np.ndarray:
-    """The marked region as voxels, when the pipeline does not return the one it used."""
-    region = np.zeros(shape, dtype=bool)
-    if scribble is not None:
-        region |= scribble
-    if roi is not None:
-        region[roi[0] : roi[1] + 1, roi[2] : roi[3] + 1, roi[4] : roi[5] + 1] = True
-    for i, j, k in points or []:
-        region[i, j, k] = True
-    return region
 
 
 def _is_upload(path: str) -> bool:

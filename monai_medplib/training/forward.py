@@ -1,0 +1,128 @@
+"""The training forward of MedPLIB (release ``model_forward(inference=False)``): token CE plus mask losses.
+
+Batch layout (what :func:`monai_medplib.data.mecovqa` collates; only these keys are read):
+
+* ``input_ids`` / ``labels``: per sample lists of ids (with ``-200`` for the image, ``-300`` between
+  ``<region></region>``) and labels (``-100`` outside the assistant answers);
+* ``images_clip`` ``[B,3,336,336]`` and ``images_sam`` ``[B,3,256,256]`` (SAM may be absent when no sample
+  of the batch has a ``<SEG>``);
+* ``region_grids``: per sample a list of 24x24 grids (empty list: none);
+* ``masks``: per sample a ``[n,H,W]`` float tensor of ground-truth masks for its ``<SEG>`` tokens (n may be 0);
+* ``resizes``: per sample the SAM ``(h, w)`` after ResizeLongestSide(256); ``original_sizes``: ``(H, W)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..modeling.medplib import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBForCausalLM
+from ..processing import postprocess_mask_logits
+from ..tokenization import IGNORE_INDEX
+from .losses import LossWeights, focal_loss, mask_bce_loss, mask_dice_loss, token_ce_loss
+
+
+def expand_targets(
+    ids: Sequence[int], labels: Sequence[int], num_image_rows: int, with_regions: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels on the expanded embedding sequence that ``build_inputs_embeds`` produces.
+
+    ``-200`` becomes ``num_image_rows`` ignored rows; ``-300`` becomes one ignored row when region features are
+    inserted and disappears otherwise (release behaviour without region masks).
+    """
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for tok, lab in zip(ids, labels):
+        if tok == IMAGE_TOKEN_INDEX:
+            out_ids += [IMAGE_TOKEN_INDEX] * num_image_rows
+            out_labels += [IGNORE_INDEX] * num_image_rows
+        elif tok == REGION_TOKEN_INDEX:
+            if with_regions:
+                out_ids.append(REGION_TOKEN_INDEX)
+                out_labels.append(IGNORE_INDEX)
+        else:
+            out_ids.append(tok)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+
+def compute_losses(
+    model: MedPLIBForCausalLM,
+    batch: Mapping[str, object],
+    seg_token_id: int,
+    weights: LossWeights,
+) -> dict[str, torch.Tensor]:
+    """Losses of one batch: ``{"loss", "ce", "bce", "dice", "focal", "num_masks"}``.
+
+    CE is the mean over every supervised token of the batch (release: shifted CE of the HF causal LM).
+    The [SEG] state is the final-norm hidden state at the position *before* each ``<SEG>`` target token (release
+    ``seg_token_mask = input_ids[:, 1:] == SEG`` shifted by the image rows), fed through ``text_hidden_fcs`` and the
+    SAM decoder with only the text prompt; logits are brought to the original size with the release crop quirk,
+    then BCE (mean over pixels) and soft Dice are averaged over masks.
+    """
+    ids: list[list[int]] = batch["input_ids"]  # type: ignore[assignment]
+    grids: list[list[torch.Tensor]] = batch.get("region_grids") or [[] for _ in ids]  # type: ignore[assignment]
+    device = model.device
+    clip_feats = model.clip_features(batch["images_clip"].to(device, model.dtype))  # type: ignore[union-attr]
+    embeds, attention = model.build_inputs_embeds(ids, clip_feats, grids, padding_side="right")
+    expanded = [
+        expand_targets(i, lab, clip_feats.shape[1], bool(g))
+        for i, lab, g in zip(ids, batch["labels"], grids)  # type: ignore[arg-type]
+    ]
+    length = embeds.shape[1]
+    exp_ids = _pad([e[0] for e in expanded], length, IGNORE_INDEX).to(device)
+    exp_labels = _pad([e[1] for e in expanded], length, IGNORE_INDEX).to(device)
+    out = model.llm_forward(embeds, attention)
+    ce = token_ce_loss(out.logits, exp_labels)
+    zero = ce.new_zeros(())
+    losses = {"ce": ce, "bce": zero, "dice": zero, "focal": zero, "num_masks": zero}
+    # position p predicts token p+1: the [SEG] state sits just before each <SEG> target
+    seg_positions = (exp_ids[:, 1:] == seg_token_id) & (exp_labels[:, 1:] == seg_token_id)
+    masks: list[torch.Tensor] = batch.get("masks") or []  # type: ignore[assignment]
+    if seg_positions.any():
+        losses.update(_mask_losses(model, batch, out.hidden_states[:, :-1], seg_positions, masks))
+    total = (
+        weights.ce * losses["ce"]
+        + weights.bce * losses["bce"]
+        + weights.dice * losses["dice"]
+        + weights.focal * losses["focal"]
+    )
+    losses["loss"] = total
+    return losses
+
+
+def _mask_losses(model, batch, hidden, seg_positions, masks) -> dict[str, torch.Tensor]:
+    device = model.device
+    rows = [b for b in range(seg_positions.shape[0]) if seg_positions[b].any()]
+    images_sam = batch["images_sam"][rows].to(device, model.dtype)
+    image_embeddings = model.model.visual_model.encode_image(images_sam)
+    bce = dice = focal = hidden.new_zeros((), dtype=torch.float32)
+    count = 0
+    for k, b in enumerate(rows):
+        seg_hidden = hidden[b][seg_positions[b]]
+        gt = masks[b].to(device, torch.float32)
+        n = min(seg_hidden.shape[0], gt.shape[0])  # release: one mask per [SEG], extra ones ignored
+        if n == 0:
+            continue
+        prompts = model.seg_embeddings(seg_hidden[:n])
+        low_res, _ = model.model.visual_model.decode(
+            image_embeddings[k : k + 1].expand(n, -1, -1, -1), text_embeds=prompts[:, None]
+        )
+        pred = postprocess_mask_logits(low_res.float(), batch["resizes"][b], batch["original_sizes"][b])[:, 0]
+        bce = bce + mask_bce_loss(pred, gt[:n]) * n
+        dice = dice + mask_dice_loss(pred, gt[:n]) * n
+        focal = focal + focal_loss(pred, gt[:n]) * n
+        count += n
+    if count == 0:
+        return {}
+    return {
+        "bce": bce / count,
+        "dice": dice / count,
+        "focal": focal / count,
+        "num_masks": bce.new_tensor(float(count)),
+    }

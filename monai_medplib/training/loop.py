@@ -1,0 +1,236 @@
+"""The training loop shared by every stage: DDP, gradient accumulation, bf16 autocast on GPU, checkpoint + resume.
+
+Release optimiser (DeepSpeed config of the scripts): AdamW betas (0.9, 0.95), weight decay 0, WarmupDecayLR
+(linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0), gradient clipping 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
+from .forward import compute_losses
+from .losses import LossWeights
+
+CHECKPOINT_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings of one stage.
+
+    Attributes:
+        max_steps: optimizer steps of the stage.
+        batch_size: samples per process and micro-batch.
+        grad_accum: micro-batches per optimizer step (global batch = batch_size * grad_accum * world size).
+        lr: peak learning rate.
+        warmup_ratio: share of ``max_steps`` used for the linear warm-up (release: 1 % of an epoch).
+        grad_clip: max gradient norm (release 1.0).
+        seed: seed of the data order and the initialisation.
+        save_every: optimizer steps between checkpoints (0: only at the end).
+        log_every: optimizer steps between log lines.
+        bf16: autocast to bfloat16 on CUDA (ignored on CPU).
+        time_budget_s: optional wall-clock budget of the stage; the schedule then follows
+            ``progress = max(step / max_steps, elapsed / time_budget_s)`` and the stage ends at progress 1, so a
+            slower machine trains fewer steps with a complete warm-up / decay instead of overrunning.
+        stop_at_step: leave the loop (after saving) at this step without finishing the schedule, as a preempted
+            job would; a later call with ``resume`` continues.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    seed: int = 42
+    save_every: int = 0
+    log_every: int = 10
+    bf16: bool = True
+    time_budget_s: float | None = None
+    stop_at_step: int | None = None
+
+
+def warmup_decay(progress: float, warmup_ratio: float) -> float:
+    """WarmupDecayLR factor at ``progress`` in [0, 1]: linear rise over ``warmup_ratio``, then linear decay to 0."""
+    if progress < warmup_ratio:
+        return max(progress / warmup_ratio, 1e-3)
+    return max(0.0, (1.0 - progress) / max(1e-8, 1.0 - warmup_ratio))
+
+
+class BatchOrder:
+    """Deterministic per-epoch shuffled batches of this rank (rank-strided), resumable at any step."""
+
+    def __init__(self, num_samples: int, batch_size: int, ctx: DistContext, seed: int) -> None:
+        if num_samples < batch_size * ctx.world_size:
+            raise ValueError(
+                f"dataset has {num_samples} samples, fewer than one batch of {batch_size} x {ctx.world_size} ranks"
+            )
+        self.n, self.bs, self.ctx, self.seed = num_samples, batch_size, ctx, seed
+        self.per_epoch = num_samples // (batch_size * ctx.world_size)
+
+    def batch(self, micro_step: int) -> list[int]:
+        epoch, k = divmod(micro_step, self.per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        mine = order[self.ctx.rank :: self.ctx.world_size]
+        return mine[k * self.bs : (k + 1) * self.bs]
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_train_state(
+    path: Path, model: nn.Module, optimizer, step: int, elapsed: float, history: list
+) -> None:
+    """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history and RNG states."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": _trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "history": history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    collate: Callable[[Sequence[object]], dict],
+    loss_weights: LossWeights,
+    seg_token_id: int,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    out_dir: str | Path,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, float]]:
+    """Train the parameters of ``model`` that require grad; returns the log history (one row per log step).
+
+    ``out_dir/train_state.pt`` is written every ``cfg.save_every`` steps and at the end; with ``resume`` an
+    existing one is loaded and training continues from its step (same data order, same schedule).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_FILE
+    torch.manual_seed(cfg.seed)
+    model.to(ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameter: check the stage's LoRA targets and full-FT patterns")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, elapsed, history = 0, 0.0, []
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        log(f"resumed from {ckpt_path} at step {step}")
+    ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights), ctx)
+    order = BatchOrder(len(dataset), cfg.batch_size, ctx, cfg.seed)
+    use_autocast = cfg.bf16 and ctx.device.type == "cuda"
+    model.train()
+    start, window = time.time() - elapsed, []
+    progress = _progress(step, elapsed, cfg)
+    while progress < 1.0:
+        lr = cfg.lr * warmup_decay(progress, cfg.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            batch = collate([dataset[i] for i in order.batch(step * cfg.grad_accum + micro)])
+            sync = micro == cfg.grad_accum - 1 or not ctx.distributed
+            context = ddp_model.no_sync() if not sync else _null()
+            with context, torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                losses = ddp_model(batch)
+                (losses["loss"] / cfg.grad_accum).backward()
+            window.append({k: float(v.detach()) for k, v in losses.items()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        # every rank must stop at the same step: rank 0's clock decides
+        elapsed = float(_broadcast(torch.tensor(time.time() - start, dtype=torch.float64), ctx))
+        progress = _progress(step, elapsed, cfg)
+        if step % cfg.log_every == 0 or progress >= 1.0:
+            row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            row = {k: float(all_reduce_mean(torch.tensor(v), ctx)) for k, v in row.items()}
+            row.update(
+                step=step,
+                lr=lr,
+                grad_norm=float(grad_norm),
+                time_s=round(elapsed, 1),
+            )
+            history.append(row)
+            window = []
+            if ctx.is_main:
+                log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}))
+        stop = cfg.stop_at_step is not None and step >= cfg.stop_at_step
+        if (cfg.save_every and step % cfg.save_every == 0) or progress >= 1.0 or stop:
+            if ctx.is_main:
+                save_train_state(ckpt_path, model, optimizer, step, elapsed, history)
+            barrier(ctx)
+        if stop:
+            break
+    model.eval()
+    if ctx.is_main:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return history
+
+
+def _progress(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    progress = step / cfg.max_steps
+    if cfg.time_budget_s:
+        progress = max(progress, elapsed / cfg.time_budget_s)
+    return progress
+
+
+def _broadcast(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        value = value.to(ctx.device)
+        torch.distributed.broadcast(value, src=0)
+    return value.cpu()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LossModule(nn.Module):
+    """``forward(batch) -> losses`` around a MedPLIB model, so that DDP sees the whole loss computation as one
+    forward call (DDP only hooks ``forward``; the loss uses several model methods)."""
+
+    def __init__(self, model: nn.Module, seg_token_id: int, weights: LossWeights) -> None:
+        super().__init__()
+        self.model = model
+        self.seg_token_id = seg_token_id
+        self.weights = weights
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return compute_losses(self.model, batch, self.seg_token_id, self.weights)

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Re-create the demo model end to end: dataset, tokenizer, stages 0 / II / III / IV, bf16 release layout, eval.
+
+    python scripts/train_demo.py --work outputs/demo_training            # trains into runs/demo, writes no repo file
+    python scripts/train_demo.py --work outputs/demo_training --install  # also replaces monai_medplib/demo_model/
+
+Each stage runs through the public entry ``python -m monai_medplib.training`` under ``torchrun`` (``--nproc``
+processes, DistributedDataParallel over gloo on CPU, one torch thread each), so the recipe is the one a GPU cluster
+would run. Stage lengths are wall-clock budgets (the LR schedule follows elapsed time; see ``TrainConfig``) capped
+by step counts, so a slower machine trains fewer steps instead of overrunning the ~30 minute budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# stage -> (budget share of --minutes, max steps, per-process batch, peak lr, task oversampling).
+# Demo deviation from the release recipe: stage 0 (from scratch); task oversampling per stage.
+STAGE_PLAN = {
+    "stage0": (0.70, 4000, 4, 1e-3, ["grounding=4", "closed=3"]),
+    "stage2": (0.12, 1500, 4, 1e-4, ["closed=3"]),
+    "stage3": (0.10, 800, 4, 3e-4, []),
+    "stage4": (0.11, 1000, 4, 3e-4, ["grounding=3", "closed=2"]),
+}
+
+
+def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
+    share, steps, batch, lr, repeat = STAGE_PLAN[stage]
+    out = args.work / stage
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    cmd += ["-m", "monai_medplib.training", "--stage", stage, "--data-root", str(args.work / "data")]
+    cmd += ["--out", str(out), "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu"]
+    cmd += [
+        "--time-budget",
+        str(share * args.minutes * 60),
+        "--threads",
+        str(args.threads),
+        "--log-every",
+        "20",
+    ]
+    cmd += (
+        ["--lr", str(lr), "--save-every", "100", "--seed", str(args.seed)]
+        + (["--repeat", *repeat] if repeat else [])
+        + extra
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True, env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "outputs" / "demo_training")
+    p.add_argument("--minutes", type=float, default=26.0, help="training budget of the four stages together")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--stages", nargs="*", default=list(STAGE_PLAN))
+    p.add_argument("--install", action="store_true", help="write the result to monai_medplib/demo_model/")
+    args = p.parse_args()
+
+    import torch
+
+    from monai_medplib.checkpoint import load_medplib, save_medplib
+    from monai_medplib.data.demo_dataset import build_demo_dataset
+    from monai_medplib.tokenization import MedPLIBTokenizer
+    from monai_medplib.training.demo_recipe import build_demo_tokenizer, demo_config
+    from monai_medplib.training.evaluate import evaluate
+
+    torch.set_num_threads(max(1, args.threads))
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    if not (work / "data" / "split.json").is_file():
+        print(json.dumps(build_demo_dataset(work / "data")), flush=True)
+    tok_dir = work / "tokenizer"
+    if "stage0" in args.stages or not (tok_dir / "tokenizer.model").is_file():
+        build_demo_tokenizer(work / "data", tok_dir)
+    vocab = len(MedPLIBTokenizer.from_pretrained(tok_dir))
+    (work / "demo_config.json").write_text(json.dumps(demo_config(vocab).to_release_dict(), indent=1))
+    timings["data_and_tokenizer_s"] = round(time.time() - t0, 1)
+
+    summaries = {}
+    stage_args = {
+        "stage0": ["--config", str(work / "demo_config.json"), "--tokenizer", str(tok_dir)],
+        "stage2": ["--init", str(work / "stage0" / "hf")],
+        "stage3": ["--init", str(work / "stage2" / "hf")],
+        "stage4": ["--init", str(work / "stage2" / "hf"), "--grounding-init", str(work / "stage3" / "hf")],
+    }
+    for stage in STAGE_PLAN:
+        if stage in args.stages:
+            summaries[stage] = run_stage(args, stage, stage_args[stage])
+        elif (work / stage / "summary.json").is_file():  # trained by an earlier call of this script
+            summaries[stage] = json.loads((work / stage / "summary.json").read_text())
+    timings["total_training_wall_s"] = round(sum(s.get("wall_seconds", 0) for s in summaries.values()), 1)
+
+    # Release layout in bf16 (the release's torch_dtype); evaluated as saved.
+    model, config, _ = load_medplib(work / "stage4" / "hf")
+    final = work / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    save_medplib(model.to(torch.bfloat16), config, work / "stage4" / "hf", final)
+    model, _, tokenizer = load_medplib(final, dtype=torch.float32)
+    t1 = time.time()
+    report, table, rows = evaluate(model, tokenizer, work / "data")
+    timings["eval_s"] = round(time.time() - t1, 1)
+    result = {"timings": timings, "plan": STAGE_PLAN, "stages": summaries, "eval": report}
+    (work / "demo_result.json").write_text(json.dumps(result, indent=1))
+    (work / "eval_rows.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+    print(json.dumps({"timings": timings, "stages": summaries}, indent=1))
+    if args.install:
+        from monai_medplib.training.model_card import install_demo_model
+
+        install_demo_model(final, result, REPO / "monai_medplib" / "demo_model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
