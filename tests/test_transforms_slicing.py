@@ -161,3 +161,17 @@ def test_bad_input_is_named():
         ExtractSlice("axial", 9)(MetaTensor(torch.zeros(1, 4, 4, 4)))
     with pytest.raises(ValueError, match="affine"):
         ExtractSlice("axial")(MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.zeros(4, 4)))
+
+
+def test_plane_along_voxel_axis_follows_the_storage_order():
+    """Slicer's slice index k runs along voxel axis 2: axial for axially stored, coronal for coronally stored."""
+    from monai_medplib.transforms.slicing import plane_along_voxel_axis
+
+    vol = torch.zeros(1, 4, 5, 6)
+    axial = MetaTensor(vol, affine=torch.diag(torch.tensor([-1.0, -1.0, 2.0, 1.0])))
+    # voxel axes (i, j, k) -> (x, z, y): k runs anterior-posterior, so slices along k are coronal
+    coronal_affine = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
+    coronal = MetaTensor(vol, affine=coronal_affine)
+    assert plane_along_voxel_axis(axial) == "axial"
+    assert plane_along_voxel_axis(coronal) == "coronal"
+    assert plane_along_voxel_axis(coronal, voxel_axis=1) == "axial"

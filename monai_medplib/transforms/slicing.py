@@ -49,6 +49,7 @@ __all__ = [
     "PLANES",
     "SliceGeometry",
     "slice_geometry",
+    "plane_along_voxel_axis",
     "volume_affine_ras",
     "check_volume",
     "ExtractSlice",
@@ -224,6 +225,20 @@ def slice_geometry(affine: np.ndarray, spatial_shape: Sequence[int], axis: str) 
         row_flip=row_voxel_sign != row_sign,
         col_flip=col_voxel_sign != col_sign,
     )
+
+
+def plane_along_voxel_axis(img: torch.Tensor | np.ndarray, voxel_axis: int = 2) -> str:
+    """The anatomical plane whose slices are indexed by spatial voxel axis ``voxel_axis`` of ``img``.
+
+    3D Slicer's ``slice`` (and IJK ``k``) runs along voxel axis 2: "axial" for the usual axially stored
+    CT / MR, "coronal" for a coronally stored volume.
+    """
+    check_volume(img)
+    affine = volume_affine_ras(img)
+    for axis in PLANES:
+        if slice_geometry(affine, img.shape[1:], axis).slice_dim == voxel_axis:
+            return axis
+    raise ValueError(f"no anatomical plane runs along voxel axis {voxel_axis} of shape {tuple(img.shape)}")
 
 
 def _geometry_of(img: torch.Tensor, axis: str) -> tuple[SliceGeometry, np.ndarray]:

@@ -21,6 +21,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_medplib.tokenization import grounding_prompt
+from monai_medplib.transforms.slicing import plane_along_voxel_axis
 
 from .prompts import Point, bad_request
 
@@ -136,18 +137,8 @@ class MedPLIBEngine:
 
     @staticmethod
     def slice_axis(volume: MetaTensor) -> str:
-        """The anatomical plane whose slices run along voxel axis k (what Slicer's ``slice`` indexes).
-
-        For the usual axially stored CT/MR that is "axial"; a volume stored coronally gets "coronal", so a
-        2D task always works on the plane the user's IJK ``k`` refers to.
-        """
-        from monai_medplib.transforms.slicing import PLANES, slice_geometry, volume_affine_ras
-
-        affine = volume_affine_ras(volume)
-        for axis in PLANES:
-            if slice_geometry(affine, volume.shape[1:], axis).slice_dim == 2:
-                return axis
-        return "axial"
+        """The plane Slicer's ``slice`` / IJK ``k`` indexes (voxel axis 2)."""
+        return plane_along_voxel_axis(volume, 2)
 
     @staticmethod
     def image_key(volume: MetaTensor) -> str:
