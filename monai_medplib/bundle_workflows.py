@@ -38,6 +38,7 @@ from .bundle_prompts import (
 )
 from .inference import MedPLIBPipeline, resolve_model_path
 from .metrics import GroundingMeter, summarize, vqa_metrics
+from .tokenization import grounding_prompt
 
 __all__ = [
     "AXES",
@@ -232,7 +233,7 @@ class BundlePromptRunner:
                 }
         if prompt.texts:
             grounded = [
-                self.pipeline.ground(str(prompt.image), t, force_seg=self.force_seg, **gen)
+                self.pipeline.ground(str(prompt.image), grounding_prompt(t), force_seg=self.force_seg, **gen)
                 for t in prompt.texts
             ]
             label = _label_from_probs([g.probs for g in grounded], [g.mask for g in grounded])
@@ -284,9 +285,12 @@ class BundlePromptRunner:
                 },
             }
         if prompt.texts:
+            requests = {
+                grounding_prompt(t): t for t in prompt.texts
+            }  # "liver" -> "Please segment the liver."
             grounded = self.pipeline.ground_volume(
                 volume,
-                list(prompt.texts),
+                list(requests),
                 axis=prompt.axis,
                 slices=None if prompt.slices is None else list(prompt.slices),
                 batch_size=self.batch_size,
@@ -300,32 +304,38 @@ class BundlePromptRunner:
                 grounded.label, folder / f"{prompt.id}_{self.output_postfix}{self.output_ext}"
             )
             result["outputs"]["label"] = str(label_path)
+            names = {requests[p]: v for p, v in grounded.label_names.items()}
             result["grounding"] = {
-                "label_names": grounded.label_names,
+                "label_names": names,
                 "slices": grounded.slices,
-                "answers": {t: _json_keys(a) for t, a in grounded.answers.items()},
-                "has_seg": {t: _json_keys(s) for t, s in grounded.has_seg.items()},
-                "foreground_voxels": {
-                    t: int((grounded.label == v).sum()) for t, v in grounded.label_names.items()
-                },
+                "answers": {requests[p]: _json_keys(a) for p, a in grounded.answers.items()},
+                "has_seg": {requests[p]: _json_keys(s) for p, s in grounded.has_seg.items()},
+                "foreground_voxels": {t: int((grounded.label == v).sum()) for t, v in names.items()},
             }
             if prompt.is_dicom_series:
-                result["outputs"]["dicom_seg"] = self._dicom_seg(prompt, grounded, folder, result)
+                result["outputs"]["dicom_seg"] = self._dicom_seg(
+                    prompt, grounded.label, names, folder, result
+                )
 
     def _dicom_seg(
-        self, prompt: BundlePrompt, grounded: Any, folder: Path, result: dict[str, Any]
+        self,
+        prompt: BundlePrompt,
+        label: Any,
+        label_names: Mapping[str, int],
+        folder: Path,
+        result: dict[str, Any],
     ) -> str | None:
         from .io import write_dicom_seg
 
         if not prompt.image.is_dir():
             result["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
             return None
-        if not bool((grounded.label > 0).any()):
+        if not bool((label > 0).any()):
             result["dicom_seg_skipped"] = "empty segmentation: nothing was grounded"
             return None
-        segments = {v: t for t, v in grounded.label_names.items()}
+        segments = {v: t for t, v in label_names.items()}
         path = write_dicom_seg(
-            grounded.label, prompt.image, folder / f"{prompt.id}_{self.output_postfix}.dcm", segments
+            label, prompt.image, folder / f"{prompt.id}_{self.output_postfix}.dcm", segments
         )
         return str(path)
 

@@ -1,0 +1,51 @@
+"""The bundle with its defaults (the embedded demo model) on real CT, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from monai_medplib.data.lits import load_lits_case
+from monai_medplib.io import save_nifti, write_dicom_series
+
+REPO = Path(__file__).resolve().parents[1]
+SLICES = [40, 64, 88]
+
+
+@pytest.mark.slow
+def test_default_bundle_grounds_the_liver_by_name_on_nifti_and_dicom(tmp_path: Path) -> None:
+    case = load_lits_case()
+    ct = save_nifti(case.image, tmp_path / "ct.nii.gz", affine=case.affine, dtype=None)
+    series = tmp_path / "ct_dicom"
+    write_dicom_series(case.image, case.affine, series)
+    liver = case.label >= 1
+    for image in (ct, series):
+        out = tmp_path / f"out_{image.name}"
+        input_dict = {"image": str(image), "text": "liver", "slices": SLICES, "id": "study"}
+        run = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+            + ["--input_dict", json.dumps(input_dict), "--output_dir", str(out)],
+            cwd=REPO / "bundle",
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        report = json.loads((out / "study" / "study_answer.json").read_text())
+        assert report["grounding"]["label_names"] == {"liver": 1}  # the user's name, not the model request
+        assert all(report["grounding"]["has_seg"]["liver"].values())
+        label = nib.load(report["outputs"]["label"])
+        np.testing.assert_allclose(label.affine, case.affine, atol=1e-4)
+        grounded = np.asarray(label.dataobj) > 0
+        ref = np.zeros_like(liver)
+        ref[..., SLICES] = liver[..., SLICES]
+        dice = 2 * (grounded & ref).sum() / (grounded.sum() + ref.sum())
+        assert dice >= 0.85, f"{image.name}: liver Dice {dice:.3f}"
+        if image == series:
+            assert Path(report["outputs"]["dicom_seg"]).is_file()
