@@ -10,7 +10,8 @@ library (:mod:`monai_medplib.inference`, :mod:`monai_medplib.volume`, :mod:`mona
   is a DICOM series folder, and ``<id>_answer.json`` (written last: it marks the study as done);
 * :func:`collect_studies` and :class:`CohortRunner` run a datalist or a folder of studies, sharded over
   ``torch.distributed`` ranks, skipping finished studies and reporting (not raising on) unreadable ones;
-* :class:`MeCoVQAEvaluator` scores grounding (mIoU / mDice) and VQA on a MeCoVQA-layout split.
+* :class:`MeCoVQAEvaluator` runs :func:`~monai_medplib.evaluation.evaluate_mecovqa` (grounding mIoU / mDice,
+  VQA) on a MeCoVQA-layout split and writes its report.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from .bundle_prompts import (
     parse_prompt,
     study_id_of,
 )
+from .evaluation import TASKS, evaluate_mecovqa
 from .inference import MedPLIBPipeline, resolve_model_path
-from .metrics import GroundingMeter, summarize, vqa_metrics
 from .tokenization import grounding_prompt
 
 __all__ = [
@@ -537,22 +538,20 @@ class CohortRunner:
 
 # ------------------------------------------------------------------------------------------ evaluation
 class MeCoVQAEvaluator:
-    """Evaluate on a MeCoVQA-layout split (the demo dataset's ``test/`` files or the release test files).
-
-    Grounding records are scored with :class:`~monai_medplib.metrics.GroundingMeter` (release mIoU / mDice,
-    no ``<SEG>`` = 0), closed / open VQA and region VQA with :func:`~monai_medplib.metrics.vqa_metrics`.
+    """The bundle's evaluator: :func:`~monai_medplib.evaluation.evaluate_mecovqa` on a MeCoVQA-layout split
+    (the demo dataset's ``test/`` files or the release test files), written to ``output_dir``.
 
     Args:
         pipeline: the loaded pipeline.
         data_root: root the MeCoVQA image / mask paths are relative to.
         files: task -> JSON file (relative to ``data_root``); tasks: "grounding", "vqa", "region_vqa".
-        output_dir: where ``metrics.json`` and ``predictions.json`` go.
+        output_dir: where ``metrics.json`` (the report) and ``predictions.json`` (one row per sample) go.
         max_samples: records per file (the first ones; None = all).
         max_new_tokens: decoding budget per answer.
         force_seg: force ``<SEG></s>`` for grounding (random-weight models).
+        batch_size: samples per generation batch.
+        official_eval_region: drop the region feature in region VQA, as the release evaluation script does.
     """
-
-    TASKS = ("grounding", "vqa", "region_vqa")
 
     def __init__(
         self,
@@ -563,72 +562,27 @@ class MeCoVQAEvaluator:
         max_samples: int | None = 20,
         max_new_tokens: int = 64,
         force_seg: bool = False,
+        batch_size: int = 8,
+        official_eval_region: bool = False,
     ) -> None:
-        unknown = sorted(set(files) - set(self.TASKS))
-        if unknown:
-            raise ValueError(f"evaluation files: unknown tasks {unknown}; use {list(self.TASKS)}")
         self.pipeline = pipeline
         self.data_root = Path(data_root)
         self.files = dict(files)
         self.output_dir = Path(output_dir)
-        self.max_samples = max_samples
-        self.max_new_tokens = int(max_new_tokens)
-        self.force_seg = force_seg
+        self.options = {
+            "limit": max_samples,
+            "max_new_tokens": int(max_new_tokens),
+            "force_seg": bool(force_seg),
+            "batch_size": int(batch_size),
+            "official_eval_region": bool(official_eval_region),
+        }
+        unknown = sorted(set(self.files) - set(TASKS))
+        if unknown:
+            raise ValueError(f"evaluation files: unknown tasks {unknown}; use {list(TASKS)}")
 
     def run(self) -> dict[str, Any]:
-        from .data.mecovqa import load_binary_mask, read_mecovqa
-
-        meter, vqa_rows, predictions = GroundingMeter(), [], []
-        start = time.perf_counter()
-        for task, rel in self.files.items():
-            records = read_mecovqa(self.data_root / rel, self.data_root)[: self.max_samples]
-            for record in records:
-                turn = record.turns[0]
-                row = {"id": record.id, "task": task, "question": turn.question, "gt": turn.answer}
-                if task == "grounding":
-                    if turn.mask_path is None:
-                        raise ValueError(f"{rel}: grounding record {record.id!r} has no <mask> in its answer")
-                    res = self.pipeline.ground(
-                        record.image,
-                        turn.question,
-                        max_new_tokens=self.max_new_tokens,
-                        force_seg=self.force_seg,
-                    )
-                    row.update(
-                        pred=res.answer,
-                        iou=meter.add(
-                            record.image,
-                            res.logits if res.has_seg else None,
-                            load_binary_mask(turn.mask_path),
-                        ),
-                    )
-                else:
-                    if task == "region_vqa":
-                        if not turn.region_paths:
-                            raise ValueError(
-                                f"{rel}: region record {record.id!r} has no <region> in its question"
-                            )
-                        pred = self.pipeline.answer_region(
-                            record.image,
-                            turn.question,
-                            mask=turn.region_paths[0],
-                            max_new_tokens=self.max_new_tokens,
-                        )
-                    else:
-                        pred = self.pipeline.answer(
-                            record.image, turn.question, max_new_tokens=self.max_new_tokens
-                        )
-                    row["pred"] = pred
-                    vqa_rows.append(
-                        {"gt": turn.answer or "", "pred": pred, "answer_type": record.answer_type or "open"}
-                    )
-                predictions.append(row)
-        report, table = summarize(
-            grounding=meter if meter.rows else None, vqa=vqa_metrics(vqa_rows) if vqa_rows else None
-        )
-        report["samples"] = len(predictions)
-        report["seconds"] = round(time.perf_counter() - start, 3)
+        report, table, rows = evaluate_mecovqa(self.pipeline, self.data_root, self.files, **self.options)
         _write_json(self.output_dir / "metrics.json", report)
-        _write_json(self.output_dir / "predictions.json", {"predictions": predictions})
-        logger.info("evaluation (%d samples, %.1f s)\n%s", len(predictions), report["seconds"], table)
+        _write_json(self.output_dir / "predictions.json", {"predictions": rows})
+        logger.info("evaluation (%d samples, %.1f s)\n%s", report["samples"], report["seconds"], table)
         return report

@@ -78,9 +78,10 @@ def main() -> int:
 
     from monai_medplib.checkpoint import load_medplib, save_medplib
     from monai_medplib.data.demo_dataset import build_demo_dataset
+    from monai_medplib.evaluation import evaluate_mecovqa
+    from monai_medplib.inference import MedPLIBPipeline
     from monai_medplib.tokenization import MedPLIBTokenizer
     from monai_medplib.training.demo_recipe import build_demo_tokenizer, demo_config
-    from monai_medplib.training.evaluate import evaluate
 
     torch.set_num_threads(max(1, args.threads))
     work: Path = args.work
@@ -118,7 +119,7 @@ def main() -> int:
     save_medplib(model.to(torch.bfloat16), config, work / "stage4" / "hf", final)
     model, _, tokenizer = load_medplib(final, dtype=torch.float32)
     t1 = time.time()
-    report, table, rows = evaluate(model, tokenizer, work / "data")
+    report, table, rows = evaluate_mecovqa(MedPLIBPipeline(model, tokenizer), work / "data")
     timings["eval_s"] = round(time.time() - t1, 1)
     result = {"timings": timings, "plan": STAGE_PLAN, "stages": summaries, "eval": report}
     (work / "demo_result.json").write_text(json.dumps(result, indent=1))

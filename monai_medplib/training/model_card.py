@@ -15,29 +15,29 @@ def _pct(value: float | None) -> str:
 
 
 def eval_table(report: dict[str, Any]) -> str:
-    """Markdown table of the held-out scores (values in %)."""
-    g = report["grounding"]
-    closed = report["vqa_closed"]
-    region = report["vqa_region"]
+    """Markdown table of the held-out scores (values in %) from a :func:`~monai_medplib.evaluation.evaluate_mecovqa`
+    report."""
     lines = ["| task | metric | held-out score (%) | n |", "|---|---|---|---|"]
-    for key in ("liver", "tumour", "all"):
-        if key in g:
+    grounding = report.get("grounding")
+    if grounding:
+        parts = {**grounding.get("per_target", {}), "all": grounding}
+        for key, g in parts.items():
             lines.append(
-                f"| grounding {key} | mDice / mIoU | {_pct(g[key]['mdice'])} / {_pct(g[key]['miou'])} | {g[key]['n']} |"
+                f"| grounding {key} | mDice / mIoU | {_pct(g['mdice'])} / {_pct(g['miou'])} | {g['n']} |"
             )
-    lines.append(
-        f"| closed VQA (all) | accuracy | {_pct(closed['all']['closed']['accuracy'])} | {closed['all']['closed']['n']} |"
-    )
-    for kind in sorted(k for k in closed if k != "all"):
+    vqa = report.get("vqa", {})
+    closed = vqa.get("per_task", {}).get("vqa", {}).get("closed")
+    if closed and closed["n"]:
+        lines.append(f"| closed VQA (all) | accuracy | {_pct(closed['accuracy'])} | {closed['n']} |")
+    for kind, part in vqa.get("per_kind", {}).items():
+        if part["closed"]["n"]:
+            c = part["closed"]
+            lines.append(f"| closed VQA: {kind} | accuracy | {_pct(c['accuracy'])} | {c['n']} |")
+    region = vqa.get("per_task", {}).get("region_vqa", {}).get("open")
+    if region and region["n"]:
         lines.append(
-            f"| closed VQA: {kind} | accuracy | {_pct(closed[kind]['closed']['accuracy'])} | {closed[kind]['closed']['n']} |"
+            f"| region VQA | open recall / F1 | {_pct(region['recall'])} / {_pct(region['f1'])} | {region['n']} |"
         )
-    lines.append(
-        f"| region VQA | accuracy (one-word answers) | {_pct(region['accuracy']['accuracy'])} | {region['accuracy']['n']} |"
-    )
-    lines.append(
-        f"| region VQA | open recall / F1 | {_pct(region['open']['recall'])} / {_pct(region['open']['f1'])} | {region['open']['n']} |"
-    )
     return "\n".join(lines)
 
 
@@ -102,7 +102,7 @@ linear warm-up 3 % then linear decay, 2 processes x batch 4, grad clip 1. Stage 
 
 Total training wall time: {total / 60:.1f} min (dataset + tokenizer: {result["timings"].get("data_and_tokenizer_s", 0):.0f} s).
 
-## Held-out evaluation (release protocol: vicuna_v1 prompt, greedy, sigmoid > 0.1, per-sample mDice)
+## Held-out evaluation (`medplib eval`; release protocol: vicuna_v1 prompt, greedy, sigmoid > 0.1, per-sample mDice)
 {eval_table(result["eval"])}
 """
 
