@@ -23,3 +23,10 @@ if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip uninstall -y -q torchvision
 fi
 "$VENV/bin/python" -c "import torch, transformers, peft, monai, monai_medplib; print('monai-medplib installed:', monai_medplib.__version__, 'torch', torch.__version__)"
+# The PACS / browser test stack (Orthanc + DICOMweb, Chromium, OHIF's prebuilt viewer) comes from Debian
+# packages and npm, so it needs root; without it those tests skip (CI runs as root and requires them).
+if [ "$(id -u)" -eq 0 ] && [ "${MEDPLIB_SKIP_E2E:-0}" != 1 ]; then
+  bash scripts/install_e2e.sh
+else
+  echo "not installing Orthanc / Chromium / OHIF (needs root: sudo bash scripts/install_e2e.sh)" >&2
+fi
