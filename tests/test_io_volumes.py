@@ -173,3 +173,20 @@ def test_float_volume_that_needs_a_lossy_slope_round_trips_within_one_step(tmp_p
     step = (170.7 + 190.3) / 2 / 32766
     assert tuple(loaded.shape[-3:]) == volume.shape
     assert float(np.abs(np.asarray(loaded).reshape(volume.shape) - volume).max()) <= step
+
+
+def test_dicom_seg_segments_carry_a_display_colour(tmp_path):
+    """OHIF warns and substitutes a colour when RecommendedDisplayCIELabValue is missing."""
+    volume = np.zeros((8, 8, 3), dtype=np.float32)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    write_dicom_series(volume, affine, tmp_path / "ct")
+    label = np.zeros((8, 8, 3), dtype=np.uint8)
+    label[2:5, 2:5, 1], label[5:7, 5:7, 2] = 1, 2
+    seg_path = write_dicom_seg(
+        label, tmp_path / "ct", tmp_path / "seg.dcm", {1: "liver", 2: "tumour"}, affine
+    )
+    segments = pydicom.dcmread(seg_path).SegmentSequence
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in segments]
+    assert len(colours) == 2 and colours[0] != colours[1]
+    r, g, b = hd.color.CIELabColor.from_dicom_value(colours[0]).to_rgb()
+    assert r > 2 * max(g, b)  # segment 1 is shown red

@@ -73,6 +73,17 @@ def source_frames(label: np.ndarray, affine: np.ndarray, datasets: Sequence[pydi
     return np.stack(frames)
 
 
+# Display colours of segments 1, 2, ... (RGB): red, green, blue, yellow, magenta, cyan.
+SEGMENT_COLOURS = (
+    (220, 50, 50),
+    (50, 200, 80),
+    (60, 110, 230),
+    (230, 200, 40),
+    (200, 60, 200),
+    (40, 200, 210),
+)
+
+
 def write_dicom_seg(
     label: np.ndarray | torch.Tensor,
     source: str | Path | Sequence[pydicom.Dataset],
@@ -133,6 +144,10 @@ def write_dicom_seg(
                 segmented_property_type=kind,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
+                # Viewers (OHIF) warn and pick their own colour when a segment has none.
+                display_color=hd.color.CIELabColor.from_rgb(
+                    *SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]
+                ),
             )
         )
     seg = hd.seg.Segmentation(
