@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,9 @@ import torch
 
 from .bundle_prompts import (
     AXES,
-    IMAGE_2D_SUFFIXES,
     PROMPT_KEYS,
-    VOLUME_SUFFIXES,
     BundlePrompt,
     parse_prompt,
-    study_id_of,
 )
 from .evaluation import TASKS, evaluate_mecovqa
 from .inference import MedPLIBPipeline, resolve_model_path
@@ -46,9 +42,7 @@ __all__ = [
     "PROMPT_KEYS",
     "BundlePrompt",
     "BundlePromptRunner",
-    "CohortRunner",
     "MeCoVQAEvaluator",
-    "collect_studies",
     "load_pipeline",
     "model_dir",
     "require_torchrun",
@@ -128,7 +122,7 @@ def study_done(output_dir: str | os.PathLike, study: str) -> bool:
     return answer_path(output_dir, study).is_file()
 
 
-def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+def write_json(path: Path, content: Mapping[str, Any]) -> None:
     """Write through a temporary file so an interrupted run never leaves a half-written answer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -203,7 +197,7 @@ class BundlePromptRunner:
             self._image(prompt, result)
         result["seconds"] = round(time.perf_counter() - start, 3)
         result["outputs"]["answer"] = str(out_json)
-        _write_json(out_json, result)
+        write_json(out_json, result)
         logger.info("%s: done in %.1f s -> %s", prompt.id, result["seconds"], out_json.parent)
         return result
 
@@ -360,183 +354,6 @@ def _label_from_probs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) 
 
 
 # ------------------------------------------------------------------------------------------ cohorts
-def _entries_from_datalist(datalist: Path, key: str, base_dir: Path | None) -> list[dict[str, Any]]:
-    if not datalist.is_file():
-        raise FileNotFoundError(f"datalist not found: {datalist}")
-    content = json.loads(datalist.read_text())
-    if isinstance(content, Mapping):
-        if key not in content:
-            raise ValueError(f"datalist {datalist} has no {key!r} list (keys: {sorted(content)})")
-        content = content[key]
-    if not isinstance(content, list):
-        raise ValueError(f"datalist {datalist}: expected a list of studies, got {type(content).__name__}")
-    base = base_dir if base_dir is not None else datalist.parent
-    entries = []
-    for n, item in enumerate(content):
-        entry = (
-            {"image": item} if isinstance(item, str) else dict(item) if isinstance(item, Mapping) else None
-        )
-        if entry is None or "image" not in entry:
-            raise ValueError(
-                f"datalist {datalist}: entry {n} must be a path or a dict with 'image', got {item!r}"
-            )
-        for k in ("image", "region_mask"):
-            if isinstance(entry.get(k), str) and not Path(entry[k]).is_absolute():
-                entry[k] = str(base / entry[k])
-        entries.append(entry)
-    return entries
-
-
-def _entries_from_folder(folder: Path) -> list[dict[str, Any]]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"studies folder not found: {folder}")
-    entries = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_dir() or path.name.lower().endswith(IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES):
-            entries.append({"image": str(path)})
-    return entries
-
-
-def collect_studies(
-    datalist: str | os.PathLike | None = None,
-    folder: str | os.PathLike | None = None,
-    prompt: Mapping[str, Any] | None = None,
-    data_list_key: str = "testing",
-    base_dir: str | os.PathLike | None = None,
-) -> list[dict[str, Any]]:
-    """The studies of a cohort as ``input_dict``s with unique ``id``s.
-
-    Args:
-        datalist: a JSON list of studies (paths or dicts with ``image`` and optional prompt keys), or a MONAI
-            datalist dict holding such a list under ``data_list_key``; relative paths are taken from
-            ``base_dir`` (default: the datalist's folder). Keys that are not prompt keys (e.g. ``label``) are
-            dropped.
-        folder: alternatively a folder whose files (2D images, volumes) and sub-folders (DICOM series) are the
-            studies.
-        prompt: the prompt applied to every study (e.g. ``{"text": "Please segment the liver."}``); a study's
-            own keys win.
-    """
-    if (datalist is None) == (folder is None):
-        raise ValueError("give exactly one of datalist= (a JSON file) or folder= (a folder of studies)")
-    if datalist is not None:
-        raw = _entries_from_datalist(
-            Path(datalist), data_list_key, None if base_dir is None else Path(base_dir)
-        )
-    else:
-        raw = _entries_from_folder(Path(folder))
-    studies, seen = [], {}
-    for entry in raw:
-        study = {**dict(prompt or {}), **{k: v for k, v in entry.items() if k in PROMPT_KEYS}}
-        name = str(study.get("id") or study_id_of(study["image"]))
-        seen[name] = seen.get(name, 0) + 1
-        study["id"] = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        studies.append(study)
-    return studies
-
-
-@dataclass
-class CohortReport:
-    """What one cohort run did (gathered over ranks in ``cohort_report.json``)."""
-
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    world_size: int = 1
-
-
-class CohortRunner:
-    """Run a :class:`BundlePromptRunner` over many studies, sharded across ``torch.distributed`` ranks.
-
-    Studies are dealt round-robin (``studies[rank::world_size]``); a study whose answer JSON exists is skipped
-    (resumable runs); a study that fails to read or run is logged and listed in the report, and the run goes on.
-
-    Args:
-        runner: the per-study runner (the inference config's ``inferer``).
-        studies: ``input_dict``s (see :func:`collect_studies`).
-        distributed: join / start the process group from the ``torchrun`` environment (gloo on CPU, nccl on CUDA).
-        report_name: report file written by rank 0 into the runner's ``output_dir``.
-    """
-
-    def __init__(
-        self,
-        runner: BundlePromptRunner,
-        studies: Sequence[Mapping[str, Any]],
-        distributed: bool = False,
-        report_name: str = "cohort_report.json",
-    ) -> None:
-        self.runner = runner
-        self.studies = list(studies)
-        self.distributed = distributed
-        self.report_name = report_name
-
-    def run(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        started_group = False
-        if self.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            backend = "nccl" if self.runner.pipeline.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            started_group = True
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        try:
-            mine = self._run_shard(self.studies[rank::world], world)
-            reports = [asdict(mine)]
-            if world > 1:
-                gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, reports[0])
-                reports = gathered
-        finally:
-            if started_group:
-                dist.destroy_process_group()
-        merged = {
-            "studies": len(self.studies),
-            "world_size": world,
-            "done": sorted(s for r in reports for s in r["done"]),
-            "skipped": sorted(s for r in reports for s in r["skipped"]),
-            "failed": sorted((f for r in reports for f in r["failed"]), key=lambda f: f["id"]),
-            "seconds_per_rank": [r["seconds"] for r in reports],
-        }
-        if rank == 0:
-            _write_json(self.runner.output_dir / self.report_name, merged)
-            logger.info(
-                "cohort: %d done, %d skipped, %d failed (%d ranks)",
-                len(merged["done"]),
-                len(merged["skipped"]),
-                len(merged["failed"]),
-                world,
-            )
-        return merged
-
-    def _run_shard(self, studies: Sequence[Mapping[str, Any]], world: int) -> CohortReport:
-        report, start = CohortReport(world_size=world), time.perf_counter()
-        for study in studies:
-            name = str(study.get("id") or study_id_of(study.get("image", "?")))
-            if study_done(self.runner.output_dir, name):
-                report.skipped.append(name)
-                continue
-            try:
-                self.runner(study)
-            except Exception as err:  # one bad study must not stop a cohort: report it and go on
-                logger.error("%s: failed: %s: %s", name, type(err).__name__, str(err).strip()[:500])
-                first_line = (str(err).strip().splitlines() or [""])[0][:500]
-                report.failed.append(
-                    {
-                        "id": name,
-                        "image": str(study.get("image")),
-                        "error": f"{type(err).__name__}: {first_line}",
-                    }
-                )
-                continue
-            report.done.append(name)
-        report.seconds = round(time.perf_counter() - start, 3)
-        return report
-
-
-# ------------------------------------------------------------------------------------------ evaluation
 class MeCoVQAEvaluator:
     """The bundle's evaluator: :func:`~monai_medplib.evaluation.evaluate_mecovqa` on a MeCoVQA-layout split
     (the demo dataset's ``test/`` files or the release test files), written to ``output_dir``.
@@ -582,7 +399,7 @@ class MeCoVQAEvaluator:
 
     def run(self) -> dict[str, Any]:
         report, table, rows = evaluate_mecovqa(self.pipeline, self.data_root, self.files, **self.options)
-        _write_json(self.output_dir / "metrics.json", report)
-        _write_json(self.output_dir / "predictions.json", {"predictions": rows})
+        write_json(self.output_dir / "metrics.json", report)
+        write_json(self.output_dir / "predictions.json", {"predictions": rows})
         logger.info("evaluation (%d samples, %.1f s)\n%s", report["samples"], report["seconds"], table)
         return report
