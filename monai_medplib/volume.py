@@ -14,6 +14,7 @@ a cache hit for the others.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .fast_grounding import PathCounts
 from .processing import MASK_THRESHOLD, box_region_mask, point_region_mask
+from .tokenization import grounding_prompt
 from .transforms.intensity import CT_WINDOWS, CTWindow, Passthrough8Bit, SAMed2DNormalize
 from .transforms.prompts import MapPromptsToSliced
 from .transforms.slicing import SliceGeometry, check_volume, slice_geometry, volume_affine_ras
@@ -37,6 +39,8 @@ __all__ = ["SliceGrounding", "VolumeGroundingResult", "VolumeMixin", "VolumeRegi
 VolumeLike = str | Path | MetaTensor | torch.Tensor | np.ndarray
 Intensity = str | Callable[[torch.Tensor], torch.Tensor]
 PROGRESS_FROM_SLICES = 32  # progress bar by default from this many slices on
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -349,6 +353,15 @@ class VolumeMixin:
         finally:
             bar.close()
         label = _labels_from_probs(probs, geometry, chosen)
+        for name in texts:
+            if chosen and not any(has_seg[name].values()):
+                # Usually a bare structure name: the model was trained on requests.
+                logger.warning(
+                    "no slice produced <SEG> for %r; MedPLIB grounds requests such as %r "
+                    "(monai_medplib.tokenization.grounding_prompt turns names into them)",
+                    name,
+                    grounding_prompt(name) if name.strip() else "Please segment the liver.",
+                )
         return VolumeGroundingResult(
             label=_like(label, vol),
             probs=_like(probs, vol),

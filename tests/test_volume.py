@@ -337,3 +337,20 @@ def test_volume_and_2d_calls_share_features_and_the_text_prompt(pipe, ct):
     np.testing.assert_allclose(
         again.probs, ExtractSlice("axial", 9)(grounded.probs[:1])[0].numpy(), atol=1e-4
     )
+
+
+def test_a_bare_structure_name_that_grounds_nothing_is_reported(caplog):
+    """The demo model answers "liver" (not a request) without <SEG>: the user is told what to send."""
+    import logging
+
+    case = load_lits_case()
+    volume = MetaTensor(torch.from_numpy(case.image)[None], affine=torch.from_numpy(case.affine))
+    pipe = MedPLIBPipeline.from_pretrained("demo")
+    with caplog.at_level(logging.WARNING, logger="monai_medplib.volume"):
+        bare = pipe.ground_volume(volume, "liver", slices=[64], progress=False)
+    assert not any(bare.has_seg["liver"].values())
+    assert "Please segment the liver." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_medplib.volume"):
+        asked = pipe.ground_volume(volume, "Please segment the liver.", slices=[64], progress=False)
+    assert all(asked.has_seg["Please segment the liver."].values()) and "no slice" not in caplog.text
