@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .bundle_prompts import (
 )
 from .evaluation import TASKS, evaluate_mecovqa
 from .inference import MedPLIBPipeline, resolve_model_path
+from .results import label_from_probs
 from .tokenization import grounding_prompt
 
 __all__ = [
@@ -231,7 +232,7 @@ class BundlePromptRunner:
                 self.pipeline.ground(str(prompt.image), grounding_prompt(t), force_seg=self.force_seg, **gen)
                 for t in prompt.texts
             ]
-            label = _label_from_probs([g.probs for g in grounded], [g.mask for g in grounded])
+            label = label_from_probs(torch.stack([torch.as_tensor(g.probs) for g in grounded])).numpy()
             path = self.output_dir / prompt.id / f"{prompt.id}_{self.output_postfix}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(label).save(path)
@@ -340,17 +341,6 @@ def _middle_slice(volume: Any, axis: str) -> int:
     from .transforms.slicing import slice_geometry, volume_affine_ras
 
     return slice_geometry(volume_affine_ras(volume), volume.shape[1:], axis).num_slices // 2
-
-
-def _label_from_probs(probs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
-    """uint8 label: where a text's mask is set, the 1-based index of the most probable of those texts."""
-    label = np.zeros(masks[0].shape, dtype=np.uint8)
-    best = np.full(masks[0].shape, -1.0, dtype=np.float32)
-    for n, (p, m) in enumerate(zip(probs, masks)):
-        wins = np.asarray(m, dtype=bool) & (p > best)
-        label[wins] = n + 1
-        best = np.where(wins, p, best)
-    return label
 
 
 # ------------------------------------------------------------------------------------------ cohorts

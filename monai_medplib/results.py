@@ -86,6 +86,13 @@ class GroundingResult:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
+def label_from_probs(probs: torch.Tensor) -> torch.Tensor:
+    """One label map from several texts' probabilities ``(T, ...)``: the 1-based index of the most probable
+    text where that probability passes the release threshold, 0 elsewhere (uint8)."""
+    best, which = probs.max(dim=0)
+    return torch.where(best > MASK_THRESHOLD, which + 1, 0).to(torch.uint8)
+
+
 def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
     """Write a boolean mask as an 8-bit PNG (0 background, 255 foreground)."""
     path = Path(path)

@@ -28,7 +28,8 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from .fast_grounding import PathCounts
-from .processing import MASK_THRESHOLD, box_region_mask, point_region_mask
+from .processing import box_region_mask, point_region_mask
+from .results import label_from_probs
 from .tokenization import grounding_prompt
 from .transforms.intensity import CT_WINDOWS, CTWindow, Passthrough8Bit, SAMed2DNormalize
 from .transforms.prompts import MapPromptsToSliced
@@ -467,7 +468,5 @@ def _labels_from_probs(probs: torch.Tensor, geometry: SliceGeometry, slices: Seq
     """
     label = torch.zeros((1, *probs.shape[1:]), dtype=torch.uint8)
     for index in slices:
-        plane = geometry.take(probs, index)  # (T, H, W)
-        best, which = plane.max(dim=0)
-        geometry.put(label, torch.where(best > MASK_THRESHOLD, which + 1, 0).to(torch.uint8)[None], index)
+        geometry.put(label, label_from_probs(geometry.take(probs, index))[None], index)
     return label
