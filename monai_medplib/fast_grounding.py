@@ -37,7 +37,7 @@ from .modeling.medplib import IMAGE_TOKEN_INDEX
 if TYPE_CHECKING:
     from .inference import MedPLIBPipeline
 
-__all__ = ["GROUNDING_MODES", "PathCounts", "PrefixState", "SegState", "seg_states"]
+__all__ = ["GROUNDING_MODES", "PathCounts", "PrefixState", "SegState", "image_prefix_length", "seg_states"]
 
 GROUNDING_MODES = ("generate", "shortcut", "forced")
 
@@ -92,13 +92,18 @@ class PrefixState:
 
 
 # ------------------------------------------------------------------------------------------ one-prefill paths
+def image_prefix_length(ids: Sequence[int]) -> int:
+    """Ids of the prompt prefix shared by every question about an image: up to and including ``<im_end>``."""
+    return list(ids).index(IMAGE_TOKEN_INDEX) + 2
+
+
 def _split_prefix(ids: Sequence[int]) -> tuple[tuple[int, ...], list[int]] | None:
     """``(ids up to and including <im_end>, the rest)``, or None when there is no image or the rest holds a
     placeholder (region prompts are not grounded here) or is empty."""
     ids = list(ids)
     if IMAGE_TOKEN_INDEX not in ids:
         return None
-    cut = ids.index(IMAGE_TOKEN_INDEX) + 2
+    cut = image_prefix_length(ids)
     rest = ids[cut:]
     if not rest or min(rest) < 0:
         return None

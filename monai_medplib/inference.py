@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_medplib
-from .fast_grounding import PathCounts, seg_states
+from .fast_grounding import PathCounts, image_prefix_length, seg_states
 from .feature_cache import DEFAULT_CACHE_BYTES, FeatureCache, content_key
-from .features import ImageFeatures
+from .features import ImageFeatures, image_cache_bytes
 from .modeling.generation import GenerationOutput
 from .modeling.medplib import LLMOutput, MedPLIBForCausalLM
 from .processing import (
@@ -53,6 +53,7 @@ from .tokenization import MedPLIBTokenizer, build_prompt, get_template
 from .volume import VolumeMixin
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # official evaluation (vqa_infer.py)
+CACHED_IMAGES = 4  # the default cache holds at least this many images' features and prompt-prefix states
 SEG_RULES = ("release", "clean")
 InputImage = ImageLike | ImageFeatures
 
@@ -88,7 +89,10 @@ class MedPLIBPipeline(VolumeMixin):
         template: ``"vicuna_v1"`` (official evaluation) or ``"llava_v1"`` (training / demo wording).
         feature_cache: the store of :class:`ImageFeatures` (and prompt-prefix states) keyed by image content;
             default: a new :class:`~monai_medplib.feature_cache.FeatureCache` of ``cache_bytes``.
-        cache_bytes: size of the default cache (0 turns caching off).
+        cache_bytes: size of the default cache (0 turns caching off); default: room for
+            :data:`CACHED_IMAGES` images of this model (features and prompt-prefix states, see
+            :func:`~monai_medplib.features.image_cache_bytes`; 2.6 GB for the release 7b-2e in fp32), at
+            least :data:`~monai_medplib.feature_cache.DEFAULT_CACHE_BYTES`.
         encode_batch_size: images per CLIP / SAM encoder call; default 8 on a GPU, 1 on the CPU.
         prefill_batch_size: prompts per one-prefill [SEG] forward (``force_seg`` / ``fast``); default: the whole
             batch on a GPU, 1 on the CPU.
@@ -105,14 +109,21 @@ class MedPLIBPipeline(VolumeMixin):
         template: str = "vicuna_v1",
         feature_cache: FeatureCache | None = None,
         encode_batch_size: int | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
         prefill_batch_size: int | None = None,
     ) -> None:
         get_template(template)  # fail early on an unknown name
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
-        self.feature_cache = feature_cache if feature_cache is not None else FeatureCache(cache_bytes)
+        if feature_cache is None:
+            if cache_bytes is None:
+                per_image = image_cache_bytes(
+                    model.config, model.dtype, image_prefix_length(self.prompt_ids("?"))
+                )
+                cache_bytes = max(DEFAULT_CACHE_BYTES, CACHED_IMAGES * per_image)
+            feature_cache = FeatureCache(cache_bytes)
+        self.feature_cache = feature_cache
         on_gpu = self.device.type != "cpu"
         self.encode_batch_size = max(1, int(encode_batch_size or (8 if on_gpu else 1)))
         self.prefill_batch_size = prefill_batch_size or (None if on_gpu else 1)

@@ -18,6 +18,8 @@ from monai.data import MetaTensor
 
 from monai_medplib.checkpoint import load_medplib
 from monai_medplib.data.lits import load_lits_case
+from monai_medplib.fast_grounding import image_prefix_length
+from monai_medplib.features import image_cache_bytes
 from monai_medplib.inference import MedPLIBPipeline
 from monai_medplib.processing import clip_pixels, postprocess_mask_logits, sam_pixels
 from monai_medplib.tokenization import build_prompt
@@ -231,6 +233,16 @@ def test_second_question_prefills_only_its_own_tokens(pipe, ct):
         atol=1e-4,
         rtol=0,
     )
+
+
+def test_one_image_in_the_cache_takes_image_cache_bytes(pipe, ct):
+    pipe.feature_cache.clear()
+    pipe.ground_volume(ct, LIVER, slices=[5], force_seg=True)
+    prefix = image_prefix_length(pipe.prompt_ids(LIVER))
+    config = pipe.model.config  # CLIP 576 x 32 + SAM 256 x 16 x 16 + K and V of every layer, in float32
+    expected = 4 * (576 * 32 + 256 * 16 * 16 + 2 * config.num_hidden_layers * (prefix - 1 + 576) * 64)
+    assert image_cache_bytes(config, torch.float32, prefix) == expected
+    assert pipe.feature_cache.nbytes == expected and len(pipe.feature_cache) == 2  # features + prefix
 
 
 def test_cache_hit_skips_both_encoders(pipe, ct):

@@ -1,4 +1,5 @@
-"""Fast-path helpers: grey preprocessing parity, seg_states batching, the GPU benchmark's meta construction."""
+"""Fast-path helpers: grey preprocessing parity, seg_states batching, the release-size benchmark models and
+cache sizing on the meta device."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from monai_medplib.checkpoint import load_medplib
-from monai_medplib.fast_grounding import PathCounts, seg_states
+from monai_medplib.fast_grounding import PathCounts, image_prefix_length, seg_states
 from monai_medplib.features import ImageFeatures
-from monai_medplib.inference import MedPLIBPipeline
+from monai_medplib.inference import CACHED_IMAGES, MedPLIBPipeline
 from monai_medplib.processing import (
     clip_pixels,
     clip_pixels_batch,
@@ -20,6 +21,7 @@ from monai_medplib.processing import (
     sam_pixels,
     sam_pixels_batch,
 )
+from monai_medplib.tokenization import MedPLIBTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +82,20 @@ def test_gpu_benchmark_builds_release_architecture_on_meta():
     routers = [p for n, p in model.named_parameters() if n.endswith("gate.wg.weight")]
     assert len(routers) == 32 and all(p.dtype == torch.float32 for p in routers)
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.shape == (32267, 4096)
+
+
+def test_default_cache_holds_the_release_models_prompt_prefix(public_fixture):
+    # release size on the meta device: the prompt-prefix K/V of one image is ~0.65 GB in fp32, beyond the old
+    # fixed 512 MiB, so a second question would have re-run the 600-row prefill of the 7B model
+    spec = importlib.util.spec_from_file_location("gpu_7b", REPO / "benchmarks" / "gpu_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = MedPLIBTokenizer.from_pretrained(public_fixture / "model")
+    for dtype, bytes_per_value in ((torch.float32, 4), (torch.bfloat16, 2)):
+        model = module.build_random_release_model("meta", dtype=dtype)
+        pipe = MedPLIBPipeline(model, tokenizer)
+        rows = image_prefix_length(pipe.prompt_ids("?")) - 1 + 576
+        per_image = bytes_per_value * (576 * 1024 + 256 * 16 * 16 + 2 * 32 * rows * 4096)
+        assert pipe.feature_cache.max_bytes == CACHED_IMAGES * per_image
+        assert dtype != torch.float32 or per_image > 512 * 2**20
+    assert MedPLIBPipeline(model, tokenizer, cache_bytes=0).feature_cache.max_bytes == 0
