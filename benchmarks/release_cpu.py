@@ -96,7 +96,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "architecture": "MedPLIB-7b-2e (LLaMA-7B 32 x 2-expert top-1 MoE, CLIP ViT-L/336, SAM-Med2D ViT-B), fp32",
-        "params_computed": sum(p.numel() for p in model.parameters()),
+        "params_computed": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)),
         "weights_gb_resident": round(sum(unique.values()) / 1e9, 2),
         "build_seconds": round(build_s, 1),
         "build_rss_increase_mb": round(build_mem.increase_mb, 1),

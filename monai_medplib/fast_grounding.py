@@ -14,9 +14,9 @@ Three ways to get the [SEG] state of a prompt, counted in :class:`PathCounts`:
   ``forced_decoder_ids``; one prefill, no check. For random-weight models and benchmarks.
 
 The one-prefill paths reuse per-image *prompt-prefix* KV states: causal attention makes the rows up to
-``<im_end>`` (system text + 576 image rows) independent of the question, so they are computed once per image,
-kept in the pipeline's feature cache next to the image features, and every further question about the image
-prefills only its own ~20 tokens.
+``<im_end>`` (system text + 576 image rows) independent of the question, so they are taken from the first
+prompt's own (whole) prefill, kept in the pipeline's feature cache next to the image features, and every
+further question about the image prefills only its own ~20 tokens.
 """
 
 from __future__ import annotations
@@ -110,54 +110,40 @@ def _split_prefix(ids: Sequence[int]) -> tuple[tuple[int, ...], list[int]] | Non
     return tuple(ids[:cut]), rest
 
 
-def _prefix_states(
-    pipeline: MedPLIBPipeline,
-    features: Sequence[ImageFeatures],
-    prefixes: Sequence[tuple[int, ...]],
-    counts: PathCounts,
-) -> list[PrefixState]:
+def _prefix_key(features: ImageFeatures, prefix: tuple[int, ...]) -> str:
+    return f"prefix|{features.key}|{content_key(np.asarray(prefix))}"
+
+
+def _full_prefills(pipeline, features, prompts, rows, prefix_len, found, keys) -> dict[int, tuple]:
+    """Prefill the whole prompts ``rows`` (one per image whose prefix is missing) and keep each one's prefix
+    K/V: causal attention makes those rows equal to a prefix-only pass, so no second pass over the weights is
+    needed. Returns ``{row: (last hidden [H], last logits [V])}``."""
     cache, model = pipeline.feature_cache, pipeline.model
-    keys = [f"prefix|{f.key}|{content_key(np.asarray(p))}" for f, p in zip(features, prefixes)]
-    found: dict[str, PrefixState] = {}
-    for key in dict.fromkeys(keys):
-        hit = cache.get(key) if cache is not None else None
-        if hit is not None:
-            found[key] = hit
-    missing = [k for k in dict.fromkeys(keys) if k not in found]
-    if missing:
-        rows = [keys.index(k) for k in missing]
-        embeds, mask = pipeline.embed([features[b] for b in rows], [prefixes[b] for b in rows])
-        kv = model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True).past_key_values
-        for n, key in enumerate(missing):
-            # clone: a view would keep the whole batch alive and under-count the cache's bytes
-            state = PrefixState(
-                tuple(layer.keys[n].clone() for layer in kv.layers),
-                tuple(layer.values[n].clone() for layer in kv.layers),
-            )
-            found[key] = state
-            if cache is not None:
-                cache.put(key, state)
-    counts.prefix_computed += len(missing)
-    counts.prefix_cached += len(keys) - len(missing)
-    return [found[k] for k in keys]
+    embeds, mask = pipeline.embed([features[b] for b in rows], [prompts[b] for b in rows])
+    out = model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True)
+    prefix_rows = prefix_len - 1 + features[rows[0]].clip_feats.shape[0]  # <image> expands to 576 rows
+    last = {}
+    for n, b in enumerate(rows):
+        pad = int(mask.shape[1] - mask[n].sum())  # left padding; positions follow the mask, keys do not move
+        window = slice(pad, pad + prefix_rows)
+        # clone: a view would keep the whole batch alive and under-count the cache's bytes
+        state = PrefixState(
+            tuple(layer.keys[n, :, window].clone() for layer in out.past_key_values.layers),
+            tuple(layer.values[n, :, window].clone() for layer in out.past_key_values.layers),
+        )
+        found[keys[b]] = state
+        cache.put(keys[b], state)
+        last[b] = (out.hidden_states[n, -1], out.logits[n, -1])
+    return last
 
 
-def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(last hidden [B,H], last logits [B,V])`` continuing from per-image prefix states; None when the batch
-    does not qualify (no cache, an image without key, prefixes of different lengths)."""
-    if pipeline.feature_cache is None or not all(f.key for f in features):
-        return None
-    split = [_split_prefix(ids) for ids in prompts]
-    if any(s is None for s in split) or len({len(s[0]) for s in split}) != 1:
-        return None
-    model = pipeline.model
-    states = _prefix_states(pipeline, features, [s[0] for s in split], counts)
-    prefix_rows = len(split[0][0]) - 1 + features[0].clip_feats.shape[0]  # <image> expands to 576 rows
-    longest = max(len(s[1]) for s in split)
-    suffix_ids = torch.zeros(len(split), longest, dtype=torch.long, device=pipeline.device)
-    mask = torch.zeros(len(split), prefix_rows + longest, dtype=torch.long, device=pipeline.device)
+def _continue_from_prefix(model, states, rests, prefix_rows, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(last hidden [B,H], last logits [B,V])`` of question ids ``rests`` continuing from prefix ``states``."""
+    longest = max(len(rest) for rest in rests)
+    suffix_ids = torch.zeros(len(rests), longest, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rests), prefix_rows + longest, dtype=torch.long, device=device)
     mask[:, :prefix_rows] = 1
-    for b, (_, rest) in enumerate(split):  # right padding: the prefix rows stay aligned
+    for b, rest in enumerate(rests):  # right padding: the prefix rows stay aligned
         suffix_ids[b, : len(rest)] = torch.tensor(rest)
         mask[b, prefix_rows : prefix_rows + len(rest)] = 1
     kv = DynamicCache(config=model.model.config)
@@ -169,8 +155,47 @@ def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch
         )
     hidden = model.llm_forward(model.model.embed_tokens(suffix_ids), mask, past_key_values=kv, use_cache=True)
     last = mask[:, prefix_rows:].sum(dim=1) - 1  # each prompt's own last row
-    rows = hidden.hidden_states[torch.arange(len(split), device=last.device), last]
+    rows = hidden.hidden_states[torch.arange(len(rests), device=last.device), last]
     return rows, model.lm_head(rows).float()
+
+
+def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(last hidden [B,H], last logits [B,V])`` reusing per-image prefix states; None when the batch does not
+    qualify (no cache, an image without key, prefixes of different lengths).
+
+    The first prompt about an image whose prefix is not cached is prefilled whole (its prefix states are kept
+    from that pass); every other prompt prefills only its question on the prefix states.
+    """
+    if pipeline.feature_cache is None or not all(f.key for f in features):
+        return None
+    split = [_split_prefix(ids) for ids in prompts]
+    if any(s is None for s in split) or len({len(s[0]) for s in split}) != 1:
+        return None
+    keys = [_prefix_key(f, s[0]) for f, s in zip(features, split)]
+    found: dict[str, PrefixState] = {}
+    for key in dict.fromkeys(keys):
+        hit = pipeline.feature_cache.get(key)
+        if hit is not None:
+            found[key] = hit
+    whole = [keys.index(k) for k in dict.fromkeys(keys) if k not in found]
+    counts.prefix_computed += len(whole)
+    counts.prefix_cached += len(keys) - len(whole)
+    last = _full_prefills(pipeline, features, prompts, whole, len(split[0][0]), found, keys) if whole else {}
+    rest = [b for b in range(len(prompts)) if b not in last]
+    if rest:
+        prefix_rows = len(split[0][0]) - 1 + features[0].clip_feats.shape[0]
+        hidden, logits = _continue_from_prefix(
+            pipeline.model,
+            [found[keys[b]] for b in rest],
+            [split[b][1] for b in rest],
+            prefix_rows,
+            pipeline.device,
+        )
+        last.update({b: (hidden[n], logits[n]) for n, b in enumerate(rest)})
+    return (
+        torch.stack([last[b][0] for b in range(len(prompts))]),
+        torch.stack([last[b][1] for b in range(len(prompts))]),
+    )
 
 
 def _last_states(

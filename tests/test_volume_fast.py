@@ -67,6 +67,14 @@ def test_seg_states_batch_of_different_lengths_equals_one_at_a_time(public_fixtu
         for b in range(2):
             torch.testing.assert_close(reused[b].hidden, batched[b].hidden, atol=1e-4, rtol=0)
     assert counts.prefix_computed == 2 and counts.prefix_cached == 2
+    # one call, nothing cached: image 0 asked twice, image 1 once with the longer prompt (left-padded whole
+    # prefill of the first prompts; image 0's second question continues from the prefix just taken from it)
+    pipe.feature_cache.clear()
+    mixed = seg_states(pipe, [keyed[0], keyed[0], keyed[1]], [ids[0], ids[1], ids[1]], force_seg=True)
+    expected = [batched[0].hidden, seg_states(pipe, feats[:1], [ids[1]], force_seg=True)[0].hidden]
+    for got, want in zip([s.hidden for s in mixed], [expected[0], expected[1], batched[1].hidden]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert len(pipe.feature_cache) == 2  # the two prefix states
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         seg_states(pipe, feats, ids[:1])
 
