@@ -1,5 +1,6 @@
-"""The full-size ``MedPLIB-7b-2e`` architecture on a CPU: one slice the original's way vs the pipeline, and a
-second prompt on the cached slice (``python benchmarks/release_cpu.py``, about 10 minutes on 2 cores).
+"""The full-size ``MedPLIB-7b-2e`` architecture on a CPU: one slice the original's way vs the pipeline, the
+networks alone (the floor, see ``run.py``), and a second prompt on the cached slice
+(``python benchmarks/release_cpu.py``, about 5 minutes on 2 cores).
 
 The demo model's proportions are not the release's: its LLM is 2 x 128 wide, so its ~680-row prefill is cheap
 next to the full-size SAM decoder, and a cached second prompt cannot be much faster than the first. This script
@@ -33,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_7b import TEXT, TEXT2, TINY  # noqa: E402
-from run import BenchPipeline, PeakRSS, lits_volume, original_way  # noqa: E402
+from run import BenchPipeline, PeakRSS, lits_volume, network_floor, original_way  # noqa: E402
 
 from monai_medplib.checkpoint import build_empty_model  # noqa: E402
 from monai_medplib.config import MedPLIBConfig  # noqa: E402
@@ -113,8 +114,12 @@ def main() -> None:
     pipe.feature_cache.clear()
     pipeline_s, _ = _time(lambda: pipe.ground_volume(volume, TEXT, slices=[70], force_seg=True))
     print(f"pipeline, slice 70: {pipeline_s:.1f} s", flush=True)
+    floor = network_floor(model, pipe.tokenizer, volume, TEXT, [80])
+    print("networks, slice 80 (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in floor.items()), flush=True)
     results.update(
         {
+            "network_ms_per_slice": {k: round(v) for k, v in floor.items()},
+            "volume_speedup_bound": round(original_s / (sum(floor.values()) / 1000), 3),
             "first_prompt_s": round(first_s, 2),
             "second_prompt_cached_s": round(second_s, 3),
             "cache_speedup": round(first_s / second_s, 1),
