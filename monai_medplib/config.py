@@ -81,6 +81,7 @@ class MedPLIBConfig:
     top_k_experts: int = 1
     eval_capacity_factor: float = 2.0
     capacity_factor: float = 1.5
+    min_capacity: int = 0
     router_aux_loss_coef: float = 0.0
     # vision
     clip: dict[str, Any] = field(default_factory=lambda: dict(RELEASE_CLIP))
@@ -221,6 +222,7 @@ class MedPLIBConfig:
             top_k_experts=moe.get("top_k_experts", 1),
             eval_capacity_factor=moe.get("eval_capacity_factor", 2.0),
             capacity_factor=moe.get("capacity_factor", 1.5),
+            min_capacity=moe.get("min_capacity", 0),
             router_aux_loss_coef=moe.get("router_aux_loss_coef", 0.0),
             clip={k: v for k, v in clip_cfg.items() if k in _CLIP_KEYS},
             mm_hidden_size=data["mm_hidden_size"],
@@ -303,7 +305,7 @@ class MedPLIBConfig:
                     "top_k_experts": self.top_k_experts,
                     "capacity_factor": self.capacity_factor,
                     "eval_capacity_factor": self.eval_capacity_factor,
-                    "min_capacity": 0,
+                    "min_capacity": self.min_capacity,
                     "ep_size": 1,
                     "use_residual": False,
                     "router_aux_loss_coef": self.router_aux_loss_coef,

@@ -209,7 +209,7 @@ def test_placeholder_errors(model, tensors):
 # ------------------------------------------------------------------------------------------ MoE unit checks
 def test_moe_top1_scaling_and_ties():
     torch.manual_seed(0)
-    moe = TopOneMoE(hidden_size=8, intermediate_size=16, num_experts=2)
+    moe = TopOneMoE(hidden_size=8, intermediate_size=16, num_experts=2).eval()  # inference: nothing dropped
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         y = moe(x)
@@ -223,6 +223,28 @@ def test_moe_top1_scaling_and_ties():
         y = moe(x)
         assert torch.allclose(y, 0.5 * moe.experts[0](x), atol=1e-6)
     assert moe.last_router_logits.shape == (2, 5, 2) and moe.last_router_logits.dtype == torch.float32
+
+
+def test_moe_capacity_drops_overflow_by_random_token_selection_in_training_only():
+    torch.manual_seed(0)
+    moe = TopOneMoE(hidden_size=8, intermediate_size=16, num_experts=2)
+    moe.deepspeed_moe.gate.wg.weight.data.zero_()  # every token ties: all 8 go to expert 0, weight 0.5
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        full = 0.5 * moe.experts[0](x).view(8, 8)
+        moe.eval()  # capacity ceil(8 / 2 * 2.0) = 8: nothing dropped
+        assert moe.capacity(8) == 8 and torch.allclose(moe(x).view(8, 8), full, atol=1e-6)
+        assert moe.last_dropped == 0
+        moe.train()  # capacity ceil(8 / 2 * 1.5) = 6: the 6 tokens with the highest uniform score stay
+        torch.manual_seed(7)
+        kept = torch.rand(8).topk(6).indices
+        torch.manual_seed(7)
+        y = moe(x).view(8, 8)
+    dropped = sorted(set(range(8)) - set(kept.tolist()))
+    assert moe.capacity(8) == 6 and moe.last_dropped == 2 and len(dropped) == 2
+    assert torch.allclose(y[kept], full[kept], atol=1e-6) and torch.all(y[dropped] == 0)
+    moe.min_capacity = 8  # min_capacity wins over the factor
+    assert moe.capacity(8) == 8
 
 
 def test_moe_router_runs_in_fp32_for_bf16_activations():

@@ -71,7 +71,14 @@ class MedPLIBModel(LlamaModel):
     def __init__(self, config: MedPLIBConfig, attn_implementation: str = "sdpa"):
         super().__init__(llama_config(config, attn_implementation))
         for idx in config.moe_layers_idx if config.moe_enable else []:
-            self.layers[idx].mlp = TopOneMoE(config.hidden_size, config.intermediate_size, config.num_experts)
+            self.layers[idx].mlp = TopOneMoE(
+                config.hidden_size,
+                config.intermediate_size,
+                config.num_experts,
+                capacity_factor=config.capacity_factor,
+                eval_capacity_factor=config.eval_capacity_factor,
+                min_capacity=config.min_capacity,
+            )
         self.vision_tower = CLIPVisionTower(config.clip, config.mm_vision_select_layer, attn_implementation)
         self.mm_projector = build_projector(config.mm_hidden_size, config.hidden_size)
         self.region_fea_adapter = nn.Linear(config.mm_hidden_size, config.hidden_size)
