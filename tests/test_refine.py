@@ -136,7 +136,9 @@ def test_clicks_change_the_mask_and_geometry_is_the_image(pipe, image, prior):
 def test_text_without_prior_grounds_first(pipe, image, prior):
     via_text = pipe.refine(image, [(210, 150)], [1], text=TEXT, force_seg=True)
     via_prior = pipe.refine(image, [(210, 150)], [1], prior=prior)
-    assert torch.equal(via_text.low_res_logits, via_prior.low_res_logits)
+    # the prior's prompt was prefilled whole, this one continues from the cached image prefix: same up to
+    # float rounding
+    torch.testing.assert_close(via_text.low_res_logits, via_prior.low_res_logits, atol=1e-4, rtol=0)
 
 
 def test_points_only_without_prior_or_text(pipe, image, monkeypatch):
