@@ -39,16 +39,27 @@ TEXT, TEXT2 = "Please segment the liver.", "Please segment the tumour in the liv
 
 
 def build_random_release_model(
-    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    share_llm_layers: bool = False,
 ) -> nn.Module:
-    """The release architecture with random weights created tensor by tensor on ``device`` (never on the CPU).
+    """The release architecture with random weights created tensor by tensor on ``device`` (never on the CPU
+    unless it is the device).
 
-    ``device="meta"`` allocates nothing. MoE routers stay fp32 (as DeepSpeed keeps them); norm weights are ones, biases zeros.
+    ``device="meta"`` allocates nothing. MoE routers stay fp32 (as DeepSpeed keeps them); norm weights are ones,
+    biases zeros. ``share_llm_layers``: LLM decoder layers 1-31 reuse layer 0's parameter tensors (each keeps
+    its own module, index and KV-cache slot): the same computation with 1/32 of the LLM weights in memory.
     """
     model = build_empty_model(MedPLIBConfig.release_7b_2e())
     generator = None if str(device) == "meta" else torch.Generator(device=device).manual_seed(seed)
     routers = {id(gate.wg) for gate in model.modules() if isinstance(gate, TopOneGate)}
+    layers = model.model.layers
+    aliases = layers[1:] if share_llm_layers else []
+    aliased = {id(m) for layer in aliases for m in layer.modules()}
     for module in model.modules():
+        if id(module) in aliased:
+            continue
         for name, param in list(module.named_parameters(recurse=False)):
             wanted = torch.float32 if id(module) in routers else dtype
             data = torch.empty(param.shape, dtype=wanted, device=device)
@@ -60,6 +71,10 @@ def build_random_release_model(
                 else:
                     data.normal_(0.0, 0.02, generator=generator)
             module._parameters[name] = nn.Parameter(data, requires_grad=False)
+    for layer in aliases:
+        for source, target in zip(layers[0].modules(), layer.modules(), strict=True):
+            for name in list(target._parameters):
+                target._parameters[name] = source._parameters[name]
     if str(device) != "meta":
         model.to(device)  # the buffers (RoPE, CLIP positions, SAM statistics)
     return model.eval()

@@ -27,50 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_7b import TEXT, TEXT2, TINY  # noqa: E402
+from gpu_7b import TEXT, TEXT2, TINY, build_random_release_model  # noqa: E402
 from run import BenchPipeline, PeakRSS, lits_volume, network_floor, original_way  # noqa: E402
 
-from monai_medplib.checkpoint import build_empty_model  # noqa: E402
-from monai_medplib.config import MedPLIBConfig  # noqa: E402
-from monai_medplib.modeling.moe import TopOneGate  # noqa: E402
 from monai_medplib.tokenization import MedPLIBTokenizer  # noqa: E402
-
-
-def _random_(module: nn.Module, name: str, param: nn.Parameter, dtype: torch.dtype, gen) -> nn.Parameter:
-    data = torch.empty(param.shape, dtype=dtype)
-    if name == "bias":
-        data.zero_()
-    elif "norm" in type(module).__name__.lower():
-        data.fill_(1.0)
-    else:
-        data.normal_(0.0, 0.02, generator=gen)
-    return nn.Parameter(data, requires_grad=False)
-
-
-def build_release_shared_layers(seed: int = 0) -> nn.Module:
-    """The release architecture in fp32 on the CPU, LLM decoder layers 1-31 reusing layer 0's parameters."""
-    model = build_empty_model(MedPLIBConfig.release_7b_2e())
-    gen = torch.Generator().manual_seed(seed)
-    layers = model.model.layers
-    shared = {id(m) for layer in layers[1:] for m in layer.modules()}
-    for module in model.modules():
-        if id(module) in shared:
-            continue
-        for name, param in list(module.named_parameters(recurse=False)):
-            module._parameters[name] = _random_(module, name, param, torch.float32, gen)
-    for layer in layers[1:]:
-        for (_, source), (_, target) in zip(layers[0].named_modules(), layer.named_modules(), strict=True):
-            for name in list(target._parameters):
-                target._parameters[name] = source._parameters[name]
-    assert not any(p.is_meta for p in model.parameters())
-    assert all(isinstance(g.wg, nn.Linear) for g in model.modules() if isinstance(g, TopOneGate))
-    return model.eval()
 
 
 def _time(fn) -> tuple[float, object]:
@@ -88,7 +53,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     with PeakRSS() as build_mem:
-        build_s, model = _time(build_release_shared_layers)
+        build_s, model = _time(
+            lambda: build_random_release_model("cpu", torch.float32, share_llm_layers=True)
+        )
     pipe = BenchPipeline(model, MedPLIBTokenizer.from_pretrained(TINY))
     volume = lits_volume(128)
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}

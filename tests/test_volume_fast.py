@@ -90,6 +90,14 @@ def test_gpu_benchmark_builds_release_architecture_on_meta():
     routers = [p for n, p in model.named_parameters() if n.endswith("gate.wg.weight")]
     assert len(routers) == 32 and all(p.dtype == torch.float32 for p in routers)
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.shape == (32267, 4096)
+    # release_cpu.py: the 32 LLM layers share layer 0's tensors, every layer still has its own module
+    shared = module.build_random_release_model("meta", share_llm_layers=True)
+    computed = sum(p.numel() for _, p in shared.named_parameters(remove_duplicate=False))
+    stored = sum(p.numel() for p in shared.parameters())
+    assert computed == sum(p.numel() for p in params) and stored < computed / 9
+    layers = shared.model.layers
+    assert layers[31].self_attn.q_proj.weight is layers[0].self_attn.q_proj.weight
+    assert layers[31].self_attn.layer_idx == 31 and layers[31] is not layers[0]
 
 
 def test_default_cache_holds_the_release_models_prompt_prefix(public_fixture):
