@@ -114,16 +114,15 @@ def _prefix_key(features: ImageFeatures, prefix: tuple[int, ...]) -> str:
     return f"prefix|{features.key}|{content_key(np.asarray(prefix))}"
 
 
-def _full_prefills(pipeline, features, prompts, rows, prefix_len, found, keys) -> dict[int, tuple]:
-    """Prefill the whole prompts ``rows`` (one per image whose prefix is missing) and keep each one's prefix
-    K/V: causal attention makes those rows equal to a prefix-only pass, so no second pass over the weights is
-    needed. Returns ``{row: (last hidden [H], last logits [V])}``."""
-    cache, model = pipeline.feature_cache, pipeline.model
-    embeds, mask = pipeline.embed([features[b] for b in rows], [prompts[b] for b in rows])
-    out = model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True)
-    prefix_rows = prefix_len - 1 + features[rows[0]].clip_feats.shape[0]  # <image> expands to 576 rows
-    last = {}
-    for n, b in enumerate(rows):
+def _whole_prefills(
+    pipeline, features, prompts, prefix_rows
+) -> list[tuple[torch.Tensor, torch.Tensor, PrefixState]]:
+    """``(last hidden [H], last logits [V], prefix states)`` of whole prompts: causal attention makes a prompt's
+    first ``prefix_rows`` K/V equal to a prefix-only pass, so no second pass over the weights is needed."""
+    embeds, mask = pipeline.embed(features, prompts)
+    out = pipeline.model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True)
+    results = []
+    for n in range(len(prompts)):
         pad = int(mask.shape[1] - mask[n].sum())  # left padding; positions follow the mask, keys do not move
         window = slice(pad, pad + prefix_rows)
         # clone: a view would keep the whole batch alive and under-count the cache's bytes
@@ -131,10 +130,8 @@ def _full_prefills(pipeline, features, prompts, rows, prefix_len, found, keys) -
             tuple(layer.keys[n, :, window].clone() for layer in out.past_key_values.layers),
             tuple(layer.values[n, :, window].clone() for layer in out.past_key_values.layers),
         )
-        found[keys[b]] = state
-        cache.put(keys[b], state)
-        last[b] = (out.hidden_states[n, -1], out.logits[n, -1])
-    return last
+        results.append((out.hidden_states[n, -1], out.logits[n, -1], state))
+    return results
 
 
 def _continue_from_prefix(model, states, rests, prefix_rows, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +177,18 @@ def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch
     whole = [keys.index(k) for k in dict.fromkeys(keys) if k not in found]
     counts.prefix_computed += len(whole)
     counts.prefix_cached += len(keys) - len(whole)
-    last = _full_prefills(pipeline, features, prompts, whole, len(split[0][0]), found, keys) if whole else {}
+    prefix_rows = len(split[0][0]) - 1 + features[0].clip_feats.shape[0]  # <image> expands to 576 rows
+    last = {}
+    if whole:
+        computed = _whole_prefills(
+            pipeline, [features[b] for b in whole], [prompts[b] for b in whole], prefix_rows
+        )
+        for b, (hidden, logits, state) in zip(whole, computed):
+            found[keys[b]] = state
+            pipeline.feature_cache.put(keys[b], state)
+            last[b] = (hidden, logits)
     rest = [b for b in range(len(prompts)) if b not in last]
     if rest:
-        prefix_rows = len(split[0][0]) - 1 + features[0].clip_feats.shape[0]
         hidden, logits = _continue_from_prefix(
             pipeline.model,
             [found[keys[b]] for b in rest],
