@@ -19,6 +19,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ class VolumeGroundingResult:
 
     Attributes:
         label: uint8 ``(1, X, Y, Z)``: ``label_names[text]`` where that text is the most probable grounded one.
-        probs: float32 ``(T, X, Y, Z)``: channel ``t`` = sigmoid probability of ``texts[t]`` (0 off the slices).
+        probs: float32 ``(T, X, Y, Z)``: channel ``t`` = sigmoid probability of ``texts[t]`` (0 off the slices);
+            assembled on first access from the per-slice probabilities, so an interactive call on one slice of
+            a large CT does not allocate and zero a dense float volume per text.
         label_names: ``{text: label value}`` (1-based, in the order given).
         answers: ``{text: {slice index: answer}}``.
         has_seg: ``{text: {slice index: bool}}``.
@@ -84,7 +87,6 @@ class VolumeGroundingResult:
     """
 
     label: MetaTensor
-    probs: MetaTensor
     label_names: dict[str, int]
     answers: dict[str, dict[int, str]]
     has_seg: dict[str, dict[int, bool]]
@@ -92,6 +94,15 @@ class VolumeGroundingResult:
     axis: str
     paths: dict[str, int]
     slice_results: dict[tuple[str, int], SliceGrounding] = field(default_factory=dict, repr=False)
+    slice_probs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    geometry: SliceGeometry | None = field(default=None, repr=False)
+
+    @cached_property
+    def probs(self) -> MetaTensor:
+        probs = torch.zeros((len(self.label_names), *self.label.shape[1:]), dtype=torch.float32)
+        for (t, index), slice_probs in self.slice_probs.items():
+            self.geometry.put(probs[t : t + 1], slice_probs[None], index)
+        return _like(probs, self.label)
 
     @property
     def mask(self) -> MetaTensor:
@@ -312,8 +323,7 @@ class VolumeMixin:
         chosen = _check_slices(geometry, slices)
         prompts = [self.prompt_ids(t) for t in texts]
         counts = PathCounts()
-        spatial = tuple(vol.shape[1:])
-        probs = torch.zeros((len(texts), *spatial), dtype=torch.float32)
+        slice_probs: dict[tuple[int, int], torch.Tensor] = {}  # (text, slice) -> (H, W), display orientation
         answers: dict[str, dict[int, str]] = {t: {} for t in texts}
         has_seg: dict[str, dict[int, bool]] = {t: {} for t in texts}
         results: dict[tuple[str, int], SliceGrounding] = {}
@@ -340,7 +350,7 @@ class VolumeMixin:
                     answers[name][index] = result.answer
                     has_seg[name][index] = result.has_seg
                     if result.has_seg:
-                        geometry.put(probs[t : t + 1], torch.from_numpy(result.probs)[None], index)
+                        slice_probs[(t, index)] = torch.from_numpy(result.probs)
                     if keep_slice_results:
                         results[(name, index)] = SliceGrounding(
                             result.mask,
@@ -353,7 +363,7 @@ class VolumeMixin:
                 bar.update(len(batch))
         finally:
             bar.close()
-        label = _labels_from_probs(probs, geometry, chosen)
+        label = _labels_from_slices(slice_probs, len(texts), geometry, tuple(vol.shape[1:]), chosen)
         for name in texts:
             if chosen and not any(has_seg[name].values()):
                 # Usually a bare structure name: the model was trained on requests.
@@ -365,7 +375,6 @@ class VolumeMixin:
                 )
         return VolumeGroundingResult(
             label=_like(label, vol),
-            probs=_like(probs, vol),
             label_names={t: n + 1 for n, t in enumerate(texts)},
             answers=answers,
             has_seg=has_seg,
@@ -373,6 +382,8 @@ class VolumeMixin:
             axis=axis,
             paths=counts.as_dict(),
             slice_results=results,
+            slice_probs=slice_probs,
+            geometry=geometry,
         )
 
     # -- region VQA and slice VQA
@@ -461,12 +472,26 @@ class VolumeMixin:
         return out[0].numpy()
 
 
-def _labels_from_probs(probs: torch.Tensor, geometry: SliceGeometry, slices: Sequence[int]) -> torch.Tensor:
+def _labels_from_slices(
+    slice_probs: dict[tuple[int, int], torch.Tensor],
+    num_texts: int,
+    geometry: SliceGeometry,
+    spatial: tuple[int, ...],
+    slices: Sequence[int],
+) -> torch.Tensor:
     """uint8 ``(1, X, Y, Z)``: 1-based index of the most probable text where it passes the release threshold.
 
     Only the grounded slices are visited (an interactive one-slice call stays cheap on a large volume).
     """
-    label = torch.zeros((1, *probs.shape[1:]), dtype=torch.uint8)
+    by_slice: dict[int, dict[int, torch.Tensor]] = {}
+    for (t, index), probs in slice_probs.items():
+        by_slice.setdefault(index, {})[t] = probs
+    label = torch.zeros((1, *spatial), dtype=torch.uint8)
     for index in slices:
-        geometry.put(label, label_from_probs(geometry.take(probs, index))[None], index)
+        found = by_slice.get(index)
+        if not found:
+            continue  # no text produced <SEG> here: background
+        blank = torch.zeros_like(next(iter(found.values())))
+        stacked = torch.stack([found.get(t, blank) for t in range(num_texts)])
+        geometry.put(label, label_from_probs(stacked)[None], index)
     return label

@@ -268,6 +268,9 @@ def test_several_texts_make_one_multi_label_volume(pipe, ct, capsys):
     result = pipe.ground_volume(ct, [LIVER, TUMOUR], slices=[12], force_seg=True, progress=True)
     assert "grounding axial slices" in capsys.readouterr().err
     assert result.label_names == {LIVER: 1, TUMOUR: 2}
+    assert "probs" not in vars(result)  # the dense float volume is only built when asked for
+    assert result.probs.shape == (2, 16, 16, 16) and torch.equal(result.probs.affine, ct.affine)
+    assert not result.probs.as_tensor()[..., [k for k in range(16) if k != 12]].any()  # 0 off the slice
     probs, label = result.probs.as_tensor()[:, :, :, 12], result.label.as_tensor()[0, :, :, 12]
     expected = torch.where(probs.max(0).values > 0.1, probs.argmax(0) + 1, 0)
     assert torch.equal(label.long(), expected)
