@@ -14,8 +14,7 @@ Protocol (spec 8; release ``model/eval/vqa_infer.py`` + ``cal_metric.py``):
   the release evaluation script does (spec 5.3).
 
 Every model step goes through :class:`~monai_medplib.inference.MedPLIBPipeline` (``ground_batch``,
-``answer_batch``, and for region VQA the primitives ``encode_images`` / ``region_grid`` / ``generate``), so the
-numbers are those of the library's public API. Used by ``medplib eval``, the bundle's ``evaluate.json`` and the
+``answer_batch``, ``answer_region_batch``), so the numbers are those of the library's public API. Used by ``medplib eval``, the bundle's ``evaluate.json`` and the
 demo-model training script.
 """
 
@@ -215,7 +214,14 @@ class _Scorer:
         if task == "grounding":
             return self._grounding(batch, images, questions)
         if task == "region_vqa":
-            preds = self._answer_regions(batch, images, questions)
+            preds = self.pipeline.answer_region_batch(
+                images,
+                questions,
+                [[str(p) for p in s.record.turns[0].region_paths] for s in batch],
+                official_eval_region=self.official_eval_region,
+                keep_largest_component=self.keep_largest_component,
+                max_new_tokens=self.max_new_tokens,
+            )
         else:
             preds = self.pipeline.answer_batch(images, questions, max_new_tokens=self.max_new_tokens)
         rows = []
@@ -245,26 +251,6 @@ class _Scorer:
             row.update(gt=str(gt_path), **meter.rows[0])
             rows.append(row)
         return rows
-
-    def _answer_regions(self, batch, images, questions) -> list[str]:
-        """Batched :meth:`MedPLIBPipeline.answer_region` for dataset regions (mask files), built from the
-        pipeline's primitives."""
-        pipe = self.pipeline
-        features = pipe.encode_images(images, with_sam=False)
-        grids = None
-        if not self.official_eval_region:
-            grids = [
-                [
-                    pipe.region_grid(
-                        f.original_size, mask=str(p), keep_largest_component=self.keep_largest_component
-                    )
-                    for p in s.record.turns[0].region_paths
-                ]
-                for f, s in zip(features, batch)
-            ]
-        prompts = [pipe.prompt_ids(q, region=True) for q in questions]
-        out = pipe.generate(features, prompts, grids, max_new_tokens=self.max_new_tokens)
-        return [pipe.decode_text(ids) for ids in out.new_ids]
 
 
 def _base_row(task: str, sample: _Sample, question: str, pred: str) -> dict[str, Any]:

@@ -408,12 +408,49 @@ class MedPLIBPipeline(VolumeMixin):
         reproduces the official ``vqa_infer.py`` evaluation, which drops the region (no feature inserted).
         ``keep_largest_component`` uses the dataset path's grid (largest 8-connected component only).
         """
-        features = self.encode_images([image], with_sam=False)[0]
-        grid = self.region_grid(features.original_size, mask, points, box, keep_largest_component)
-        grids = None if official_eval_region else [[grid]]
-        prompt = self.prompt_ids(question, region=True)
-        out = self.generate([features], [prompt], grids, max_new_tokens, temperature, seed)
-        return self.decode_text(out.new_ids[0])
+        features = self.encode_images([image], with_sam=False)
+        grids = None
+        if not official_eval_region:
+            grids = [[self.region_grid(features[0].original_size, mask, points, box, keep_largest_component)]]
+        return self._answer_with_regions(features, [question], grids, max_new_tokens, temperature, seed)[0]
+
+    def answer_region_batch(
+        self,
+        images: Sequence[InputImage],
+        questions: Sequence[str],
+        regions: Sequence[MaskLike | Sequence[MaskLike]],
+        *,
+        official_eval_region: bool = False,
+        keep_largest_component: bool = False,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """:meth:`answer_region` for several (image, question, region mask) triples in one left-padded batch.
+
+        ``regions[b]`` is one mask, or a list of masks for a question with several ``<region>`` places (as
+        MeCoVQA-R entries have); the masks of unused regions are not read with ``official_eval_region``.
+        """
+        if not len(images) == len(questions) == len(regions):
+            raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(regions)} regions")
+        features = self.encode_images(images, with_sam=False)
+        grids = None
+        if not official_eval_region:
+            grids = [
+                [
+                    self.region_grid(f.original_size, mask=m, keep_largest_component=keep_largest_component)
+                    for m in (r if isinstance(r, list | tuple) else [r])
+                ]
+                for f, r in zip(features, regions)
+            ]
+        return self._answer_with_regions(features, questions, grids, max_new_tokens, temperature, seed)
+
+    def _answer_with_regions(
+        self, features, questions, grids, max_new_tokens, temperature, seed
+    ) -> list[str]:
+        prompts = [self.prompt_ids(q, region=True) for q in questions]
+        out = self.generate(features, prompts, grids, max_new_tokens, temperature, seed)
+        return [self.decode_text(ids) for ids in out.new_ids]
 
     def ground(
         self,

@@ -118,6 +118,24 @@ def test_bad_seg_rule(pipe, inputs):
         pipe.ground(inputs / "image.png", "x", seg_rule="first")
 
 
+def test_answer_region_batch_matches_single_calls(pipe, cases, inputs, public_fixture):
+    question = _question(public_fixture, "b_region_vqa")
+    image, mask = inputs / "image.png", inputs / "region_mask.png"
+    box = np.zeros((300, 420), np.uint8)  # the fixture image is 420 x 300
+    box[40:160, 30:120] = 1
+    batch = pipe.answer_region_batch(
+        [image, image], [question, "What is in <region>?"], [mask, [box]], max_new_tokens=STEPS
+    )
+    assert batch[0] == cases["b_region_vqa"]["greedy"]["text"]
+    assert batch[1] == pipe.answer_region(image, "What is in <region>?", mask=box, max_new_tokens=STEPS)
+    official = pipe.answer_region_batch(
+        [image], [question], ["not read"], official_eval_region=True, max_new_tokens=STEPS
+    )
+    assert official == [cases["b_region_vqa"]["evalpath_greedy"]["text"]]
+    with pytest.raises(ValueError, match="2 images, 2 questions, 1 regions"):
+        pipe.answer_region_batch([image, image], [question, question], [mask])
+
+
 def test_points_and_box_become_the_demo_region_masks(pipe, inputs):
     shape = (300, 420)
     points = [(200.0, 150.0), (210.0, 140.0), (190.0, 160.0)]
