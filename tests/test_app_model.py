@@ -91,3 +91,23 @@ def test_force_seg_conf_makes_a_random_weight_model_decode_masks(public_fixture)
         "spleen": ["1", "4"],
     }
     assert all(a.startswith("<SEG>") for by_slice in answers.values() for a in by_slice.values())
+
+
+def test_fast_grounding_conf_takes_the_checked_shortcut_with_the_same_labels(lits):
+    sys.path.insert(0, str(APP_DIR))
+    import torch
+    from lib.engine import MedPLIBEngine
+    from monai.data import MetaTensor
+
+    _, case = lits
+    volume = MetaTensor(torch.from_numpy(case.image)[None], affine=torch.as_tensor(case.affine))
+    labels, generate_calls = {}, {}
+    for flag in ("false", "true"):
+        engine = MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "fast_grounding": flag})
+        pipeline, calls = engine.pipeline, []
+        generate = pipeline.generate
+        pipeline.generate = lambda *args, _g=generate, _c=calls, **kw: _c.append(1) or _g(*args, **kw)
+        labels[flag], _, _ = engine.ground(volume, ["liver"], [40, 56, 72], "axial")
+        generate_calls[flag] = len(calls)
+    assert generate_calls == {"false": 1, "true": 0}  # the shortcut's <SEG> check passed on every slice
+    assert labels["true"][..., [40, 56, 72]].any() and np.array_equal(labels["true"], labels["false"])

@@ -10,6 +10,8 @@ apps/medplib --studies ... --conf model demo``). Options (``--conf key value``):
                    ``medplib_vqa``, ``medplib_region_vqa``, ``medplib_refine``
 ``preload``        ``true`` (default): load the model at start-up instead of on the first request
 ``force_seg``      ``true``: every grounding decodes a mask (random-weight models, benchmarks); default false
+``fast_grounding`` ``true``: opt-in one-prefill grounding (checked per slice, falls back to generation) that
+                   reuses a slice's cached prompt prefix for further texts; default false (the release's way)
 ``grounding_text`` default text of the grounding / refinement tasks; ``vqa_question`` and
                    ``region_question`` default questions
 =================  =====================================================================================
