@@ -143,6 +143,8 @@ class BundlePromptRunner:
         output_dir: where ``<id>/`` folders are written.
         max_new_tokens: decoding budget per answer.
         force_seg: force ``<SEG></s>`` when grounding (models that never emit ``<SEG>``, e.g. random weights).
+        fast_grounding: opt-in one-prefill grounding (checked per slice, generation where ``<SEG>`` is not the
+            first token); several texts on a slice then share its prompt prefix (4 texts cost ~1.5x one).
         intensity: volume intensity mapping ("samed2d", "uint8", a CT window preset name).
         batch_size: slices per batch when grounding a volume.
         output_ext: label volume extension (".nii.gz" or ".nii").
@@ -161,6 +163,7 @@ class BundlePromptRunner:
         output_ext: str = ".nii.gz",
         output_postfix: str = "seg",
         overwrite: bool = True,
+        fast_grounding: bool = False,
     ) -> None:
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
@@ -168,6 +171,7 @@ class BundlePromptRunner:
         self.output_dir = Path(output_dir)
         self.max_new_tokens = int(max_new_tokens)
         self.force_seg = bool(force_seg)
+        self.fast_grounding = bool(fast_grounding)
         self.intensity = intensity
         self.batch_size = int(batch_size)
         self.output_ext = output_ext
@@ -229,7 +233,13 @@ class BundlePromptRunner:
                 }
         if prompt.texts:
             grounded = [
-                self.pipeline.ground(str(prompt.image), grounding_prompt(t), force_seg=self.force_seg, **gen)
+                self.pipeline.ground(
+                    str(prompt.image),
+                    grounding_prompt(t),
+                    force_seg=self.force_seg,
+                    fast=self.fast_grounding,
+                    **gen,
+                )
                 for t in prompt.texts
             ]
             label = label_from_probs(torch.stack([torch.as_tensor(g.probs) for g in grounded])).numpy()
@@ -291,6 +301,7 @@ class BundlePromptRunner:
                 slices=None if prompt.slices is None else list(prompt.slices),
                 batch_size=self.batch_size,
                 force_seg=self.force_seg,
+                fast=self.fast_grounding,
                 progress=False,
                 keep_slice_results=False,
                 **gen,
@@ -307,6 +318,7 @@ class BundlePromptRunner:
                 "answers": {requests[p]: _json_keys(a) for p, a in grounded.answers.items()},
                 "has_seg": {requests[p]: _json_keys(s) for p, s in grounded.has_seg.items()},
                 "foreground_voxels": {t: int((grounded.label == v).sum()) for t, v in names.items()},
+                "paths": grounded.paths,  # how many prompts took each [SEG] path, encoder / cache use
             }
             if prompt.is_dicom_series:
                 result["outputs"]["dicom_seg"] = self._dicom_seg(

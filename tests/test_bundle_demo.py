@@ -25,12 +25,14 @@ def test_default_bundle_grounds_the_liver_by_name_on_nifti_and_dicom(tmp_path: P
     series = tmp_path / "ct_dicom"
     write_dicom_series(case.image, case.affine, series)
     liver = case.label >= 1
-    for image in (ct, series):
-        out = tmp_path / f"out_{image.name}"
+    labels = {}
+    # the NIfTI once more with the opt-in one-prefill grounding: the same label
+    for image, extra in ((ct, []), (series, []), (ct, ["--fast_grounding", "True"])):
+        out = tmp_path / f"out_{image.name}_{len(extra)}"
         input_dict = {"image": str(image), "text": "liver", "slices": SLICES, "id": "study"}
         run = subprocess.run(
             [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
-            + ["--input_dict", json.dumps(input_dict), "--output_dir", str(out)],
+            + ["--input_dict", json.dumps(input_dict), "--output_dir", str(out), *extra],
             cwd=REPO / "bundle",
             capture_output=True,
             text=True,
@@ -43,9 +45,13 @@ def test_default_bundle_grounds_the_liver_by_name_on_nifti_and_dicom(tmp_path: P
         label = nib.load(report["outputs"]["label"])
         np.testing.assert_allclose(label.affine, case.affine, atol=1e-4)
         grounded = np.asarray(label.dataobj) > 0
+        labels[(image, bool(extra))] = grounded
+        paths = report["grounding"]["paths"]
+        assert (paths["shortcut"], paths["generate"]) == ((3, 0) if extra else (0, 3))
         ref = np.zeros_like(liver)
         ref[..., SLICES] = liver[..., SLICES]
         dice = 2 * (grounded & ref).sum() / (grounded.sum() + ref.sum())
         assert dice >= 0.85, f"{image.name}: liver Dice {dice:.3f}"
         if image == series:
             assert Path(report["outputs"]["dicom_seg"]).is_file()
+    assert np.array_equal(labels[(ct, True)], labels[(ct, False)])
