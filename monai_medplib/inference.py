@@ -383,9 +383,7 @@ class MedPLIBPipeline(VolumeMixin):
     ) -> list[str]:
         """:meth:`answer` for several (image, question) pairs in one left-padded batch."""
         features = self.encode_images(images, with_sam=False)
-        prompts = [self.prompt_ids(q) for q in questions]
-        out = self.generate(features, prompts, None, max_new_tokens, temperature, seed)
-        return [self.decode_text(ids) for ids in out.new_ids]
+        return self._answers(features, questions, None, max_new_tokens, temperature, seed)
 
     def answer_region(
         self,
@@ -412,7 +410,7 @@ class MedPLIBPipeline(VolumeMixin):
         grids = None
         if not official_eval_region:
             grids = [[self.region_grid(features[0].original_size, mask, points, box, keep_largest_component)]]
-        return self._answer_with_regions(features, [question], grids, max_new_tokens, temperature, seed)[0]
+        return self._answers(features, [question], grids, max_new_tokens, temperature, seed, region=True)[0]
 
     def answer_region_batch(
         self,
@@ -443,12 +441,12 @@ class MedPLIBPipeline(VolumeMixin):
                 ]
                 for f, r in zip(features, regions)
             ]
-        return self._answer_with_regions(features, questions, grids, max_new_tokens, temperature, seed)
+        return self._answers(features, questions, grids, max_new_tokens, temperature, seed, region=True)
 
-    def _answer_with_regions(
-        self, features, questions, grids, max_new_tokens, temperature, seed
+    def _answers(
+        self, features, questions, grids, max_new_tokens, temperature, seed, region: bool = False
     ) -> list[str]:
-        prompts = [self.prompt_ids(q, region=True) for q in questions]
+        prompts = [self.prompt_ids(q, region=region) for q in questions]
         out = self.generate(features, prompts, grids, max_new_tokens, temperature, seed)
         return [self.decode_text(ids) for ids in out.new_ids]
 
