@@ -144,7 +144,7 @@ class BundlePromptRunner:
         max_new_tokens: decoding budget per answer.
         force_seg: force ``<SEG></s>`` when grounding (models that never emit ``<SEG>``, e.g. random weights).
         fast_grounding: opt-in one-prefill grounding (checked per slice, generation where ``<SEG>`` is not the
-            first token); several texts on a slice then share its prompt prefix (4 texts cost ~1.5x one).
+            first token); several texts on a slice then share its prompt prefix.
         intensity: volume intensity mapping ("samed2d", "uint8", a CT window preset name).
         batch_size: slices per batch when grounding a volume.
         output_ext: label volume extension (".nii.gz" or ".nii").

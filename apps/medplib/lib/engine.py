@@ -73,7 +73,7 @@ class MedPLIBEngine:
         force_seg: force ``<SEG>`` in grounding answers (for random-weight test models and benchmarks).
         fast_grounding: opt-in one-prefill grounding shortcut (checked per slice, generation where ``<SEG>`` is
             not the first token); it also reuses each slice's cached prompt prefix, so a second text on a slice
-            prefills only its own tokens (11x faster than the first at 7b-2e size on a CPU).
+            prefills only its own tokens (figures: ``benchmarks/RESULTS.md``).
     """
 
     def __init__(
