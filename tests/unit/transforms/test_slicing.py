@@ -7,7 +7,6 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, Lambdad
-from realdata import VARIANTS, lits_variant
 
 from monai_medplib.transforms import (
     PLANES,
@@ -17,6 +16,7 @@ from monai_medplib.transforms import (
     slice_geometry,
     slices_to_volume,
 )
+from tests.support.realdata import VARIANTS, lits_variant
 
 
 def _meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "medplib"
+from tests.support.paths import REPO
+
+APP_DIR = REPO / "apps" / "medplib"
 sys.path.insert(0, str(APP_DIR))
 
 from fastapi import HTTPException  # noqa: E402

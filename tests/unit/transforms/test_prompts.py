@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from realdata import VARIANTS, lits_variant
 
 from monai_medplib.transforms import (
     PLANES,
@@ -20,6 +19,7 @@ from monai_medplib.transforms import (
     voxel_to_world,
     world_to_slice_point,
 )
+from tests.support.realdata import VARIANTS, lits_variant
 
 
 def _meta(array, affine):

@@ -23,8 +23,8 @@ from PIL import Image
 
 from monai_medplib.bundle_workflows import load_pipeline
 from monai_medplib.io import write_dicom_series
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = BUNDLE / "schema" / "meta_schema_medplib.json"

@@ -22,8 +22,6 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
-    from training_helpers import tiny_config
-
     from monai_medplib.data.mecovqa import collate_mecovqa
     from monai_medplib.modeling.medplib import MedPLIBForCausalLM
     from monai_medplib.tokenization import MedPLIBTokenizer
@@ -31,6 +29,7 @@ def _worker(rank: int, world: int, port: int, root: str, phase: str) -> None:
     from monai_medplib.training.loop import TrainConfig, train
     from monai_medplib.training.run import stage_dataset
     from monai_medplib.training.stages import STAGE0
+    from tests.support.training_helpers import tiny_config
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -69,7 +68,7 @@ def _spawn(root: Path, phase: str) -> list[dict]:
 
 
 def test_two_process_gloo_training_syncs_and_resumes(tmp_path):
-    from training_helpers import build_tiny_data
+    from tests.support.training_helpers import build_tiny_data
 
     build_tiny_data(tmp_path)
     full = _spawn(tmp_path, "full")

@@ -13,8 +13,8 @@ import pytest
 
 from monai_medplib.data.lits import load_lits_case
 from monai_medplib.io import save_nifti, write_dicom_series
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SLICES = [40, 64, 88]
 
 

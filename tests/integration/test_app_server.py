@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from app_clients import (
+
+from tests.support.app_clients import (
     dice,
     load_slicer_client_module,
     ohif_infer,
@@ -26,7 +27,7 @@ from app_clients import (
     slicer_infer,
     write_lits_slab,
 )
-from mlserver import MONAILabelServer
+from tests.support.mlserver import MONAILabelServer
 
 pytestmark = pytest.mark.slow
 TASKS = ["medplib_grounding", "medplib_vqa", "medplib_region_vqa", "medplib_refine"]
@@ -206,7 +207,7 @@ def test_slicer_refine_clicks_on_grounded_mask(studies, slicer):
     }
     path, result = slicer_infer(client, "medplib_refine", "ct1", params)
     label, _ = read_result(path)
-    # The clicks reach SAM-Med2D's prompt encoder on the cached embedding (tests/test_refine.py checks the
+    # The clicks reach SAM-Med2D's prompt encoder on the cached embedding (tests/unit/pipeline/test_refinement.py checks the
     # decoder call by hand). What they do to the mask is the model's: the demo model never trained point
     # prompts (its data has text prompts only), so only where the result lands is asserted here.
     assert np.flatnonzero(label.any(axis=(0, 1))).tolist() in ([6], [])

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 import requests
-from app_clients import dice, load_slicer_client_module, read_result, slicer_infer
-from mlserver import APP_DIR, MONAILabelServer
+
+from tests.support.app_clients import dice, load_slicer_client_module, read_result, slicer_infer
+from tests.support.mlserver import APP_DIR, MONAILabelServer
 
 pytestmark = pytest.mark.slow
 GROUNDED_SLICES = [8, 24, 40, 56, 72, 88, 104, 120]  # spread over the whole CT, held-out block included

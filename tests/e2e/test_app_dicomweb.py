@@ -15,9 +15,10 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from app_clients import write_lits_slab
-from mlserver import MONAILabelServer
-from orthanc import OrthancServer, missing_orthanc
+
+from tests.support.app_clients import write_lits_slab
+from tests.support.mlserver import MONAILabelServer
+from tests.support.orthanc import OrthancServer, missing_orthanc
 
 pytestmark = [
     pytest.mark.slow,

@@ -2,7 +2,7 @@
 
 Reusable by any test (app tests, the OHIF end-to-end test)::
 
-    from mlserver import MONAILabelServer
+    from tests.support.mlserver import MONAILabelServer
 
     with MONAILabelServer(studies=tmp_path / "studies", model=str(model_dir)) as server:
         requests.get(server.url + "/info/")
@@ -25,7 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
+
 APP_DIR = REPO / "apps" / "medplib"
 
 

@@ -15,8 +15,9 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from monai_medplib.bundle_prompts import parse_prompt
+from tests.support.paths import REPO
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 
 

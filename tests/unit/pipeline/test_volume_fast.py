@@ -4,7 +4,6 @@ cache sizing on the meta device."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,14 +21,13 @@ from monai_medplib.processing import (
     sam_pixels_batch,
 )
 from monai_medplib.tokenization import MedPLIBTokenizer
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
 
 
 @pytest.mark.parametrize("shape", [(97, 131), (128, 128), (300, 420), (512, 77)])
 def test_grey_batch_preprocessing_bit_identical_to_rgb(shape):
     """Grey images go through one PIL band and per-level tables; the result must equal the RGB copy's, which
-    tests/test_processing.py checks against the release tensors."""
+    tests/unit/test_processing.py checks against the release tensors."""
     rng = np.random.default_rng(sum(shape))
     greys = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)]
     colour = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)

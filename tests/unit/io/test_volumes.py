@@ -12,11 +12,11 @@ import pydicom
 import pytest
 import torch
 from pydicom.data import get_testdata_file
-from realdata import lits_variant
 
 from monai_medplib import __version__
 from monai_medplib.io import find_dicom_series, load_volume, save_nifti, write_dicom_seg, write_dicom_series
 from monai_medplib.transforms import PLANES, ExtractSlices, SAMed2DNormalize
+from tests.support.realdata import lits_variant
 
 DICOMDIR_TESTS = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests"
 

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ohif import CHROMIUM_ARGS, OhifServer, find_chromium, ohif_dist_dir, viewer_url
-from orthanc import OrthancServer, missing_orthanc
+
+from tests.support.ohif import CHROMIUM_ARGS, OhifServer, find_chromium, ohif_dist_dir, viewer_url
+from tests.support.orthanc import OrthancServer, missing_orthanc
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = REPO / "outputs" / "e2e"
 SEGMENT_LABEL = "Liver"
 BROWSER_TIMEOUT_MS = 60_000
@@ -179,7 +180,8 @@ def ground_with_monailabel(
     result JSON.
     """
     import requests
-    from mlserver import MONAILabelServer
+
+    from tests.support.mlserver import MONAILabelServer
 
     seg_before = set(orthanc.series_instance_uids())
     with MONAILabelServer(

@@ -54,7 +54,7 @@ def orthanc_config(work_dir: Path, http_port: int) -> dict:
         "IndexDirectory": storage,
         "OrthancExplorerEnabled": False,
         "WebDavEnabled": False,
-        # Plain bodies keep the pass-through proxy in tests/ohif.py trivial.
+        # Plain bodies keep the pass-through proxy in tests/support/ohif.py trivial.
         "HttpCompressionEnabled": False,
         "SaveJobs": False,
         "HttpThreadsCount": 16,

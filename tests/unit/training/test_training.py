@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from training_helpers import build_tiny_data, tiny_config
 
 from monai_medplib.data.demo_dataset import slab_split
 from monai_medplib.modeling.medplib import MedPLIBForCausalLM
@@ -18,6 +17,7 @@ from monai_medplib.training.lora import add_lora, lora_target_regex, merge_lora,
 from monai_medplib.training.losses import LossWeights, sigmoid_bce_loss
 from monai_medplib.training.moe_assembly import assemble_moe
 from monai_medplib.training.stages import STAGE2, STAGE4, get_stage
+from tests.support.training_helpers import build_tiny_data, tiny_config
 
 
 def test_slab_split_holds_out_a_central_block_with_gaps():

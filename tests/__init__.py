@@ -1,0 +1,1 @@
+"""monai-medplib tests: unit/ (mirrors the package), integration/, e2e/, support/ (helpers)."""
