@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the browser end-to-end test (tests/test_e2e_ohif.py) needs on a Debian machine, as root:
+# Installs what the browser end-to-end test (tests/e2e/test_ohif.py) needs on a Debian machine, as root:
 #   - Orthanc with its DICOMweb plugin (the PACS the viewer and MONAI Label talk to),
 #   - Chromium (driven headless by Playwright Python; Playwright's own browser download is not used),
 #   - OHIF's prebuilt viewer, the npm package @ohif/app (only its dist/ folder is used).
