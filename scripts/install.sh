@@ -16,7 +16,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # pydicom-seg (imported by MONAI Label) still imports a module pydicom 3 removed: alias it at start-up,
 # so that a plain `monailabel start_server` works as well as `medplib serve`.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "import monai_medplib.pydicom_compat as m; m.install()" > "$SITE/monai_medplib_pydicom_compat.pth"
+echo "import monai_medplib.adapters.monailabel.pydicom_compat as m; m.install()" > "$SITE/monai_medplib_pydicom_compat.pth"
 # torchvision breaks peft and transformers' LLaMA beside the CPU torch: it must not be there.
 if "$VENV/bin/python" -m pip show torchvision >/dev/null 2>&1; then
   echo "torchvision got installed; removing it" >&2

@@ -24,26 +24,20 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
+# monai_medplib is an installed package (pip install -e .); lib.* is this folder's, which MONAI Label puts on
+# sys.path while it imports this file.
+from lib.configs.medplib_grounding import MedPLIBGroundingConfig
+from lib.configs.medplib_refine import MedPLIBRefineConfig
+from lib.configs.medplib_region_vqa import MedPLIBRegionVQAConfig
+from lib.configs.medplib_vqa import MedPLIBVQAConfig
+from lib.engine import MedPLIBEngine
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-_APP_DIR = os.path.dirname(os.path.realpath(__file__))
-_REPO_ROOT = os.path.dirname(os.path.dirname(_APP_DIR))
-for _path in (_APP_DIR, _REPO_ROOT):  # lib.* and monai_medplib, also under a plain `monailabel start_server`
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from lib.configs.medplib_grounding import MedPLIBGroundingConfig  # noqa: E402
-from lib.configs.medplib_refine import MedPLIBRefineConfig  # noqa: E402
-from lib.configs.medplib_region_vqa import MedPLIBRegionVQAConfig  # noqa: E402
-from lib.configs.medplib_vqa import MedPLIBVQAConfig  # noqa: E402
-from lib.engine import MedPLIBEngine  # noqa: E402
-
-import monai_medplib  # noqa: E402
-from monai_medplib.serve import harden_running_server  # noqa: E402
+import monai_medplib
+from monai_medplib.adapters.monailabel.server import harden_running_server
 
 logger = logging.getLogger(__name__)
 

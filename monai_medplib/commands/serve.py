@@ -9,12 +9,12 @@ HELP = "run the MONAI Label server with the MedPLIB app (grounding, VQA, region 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..serve import add_serve_arguments
+    from ..adapters.monailabel.server import add_serve_arguments
 
     add_serve_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve import run_serve
+    from ..adapters.monailabel.server import run_serve
 
     return run_serve(args)

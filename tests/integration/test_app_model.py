@@ -40,7 +40,10 @@ def plain_server(lits):
 
 def test_plain_monailabel_start_server_serves_info(plain_server):
     command = plain_server.command()
-    assert command[1:4] == ["-m", "monailabel.main", "start_server"] and "monai_medplib.serve" not in command
+    assert (
+        command[1:4] == ["-m", "monailabel.main", "start_server"]
+        and "monai_medplib.adapters.monailabel.server" not in command
+    )
     assert command[command.index("--app") + 1] == str(APP_DIR)
     info = requests.get(plain_server.url + "/info/", timeout=30).json()
     assert sorted(info["models"]) == [

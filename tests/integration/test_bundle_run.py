@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
 from PIL import Image
 
-from monai_medplib.bundle_workflows import load_pipeline
+from monai_medplib.adapters.bundle.runner import load_pipeline
 from monai_medplib.io import write_dicom_series
 from tests.support.paths import REPO
 

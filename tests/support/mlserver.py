@@ -7,7 +7,7 @@ Reusable by any test (app tests, the OHIF end-to-end test)::
     with MONAILabelServer(studies=tmp_path / "studies", model=str(model_dir)) as server:
         requests.get(server.url + "/info/")
 
-The server runs as ``python -m monai_medplib.serve`` (the ``medplib serve`` launcher) in its own process
+The server runs as ``python -m monai_medplib.adapters.monailabel.server`` (the ``medplib serve`` launcher) in its own process
 group, so stopping it also stops anything it started; ``launcher="monailabel"`` runs
 a plain ``python -m monailabel.main start_server --app apps/medplib`` instead.
 """
@@ -45,7 +45,7 @@ class MONAILabelServer:
         model: model directory or "demo".
         conf: extra ``--conf`` pairs (e.g. ``{"models": "medplib_vqa"}``).
         env: extra environment variables (e.g. ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER``).
-        launcher: "medplib" (``python -m monai_medplib.serve``) or "monailabel" (``monailabel.main``).
+        launcher: "medplib" (``python -m monai_medplib.adapters.monailabel.server``) or "monailabel" (``monailabel.main``).
         startup_timeout: seconds to wait for ``GET /info/`` to answer.
         log_path: where the server's stdout/stderr go (default: a temp file, see ``log_text()``).
     """
@@ -83,7 +83,7 @@ class MONAILabelServer:
             cmd = [
                 sys.executable,
                 "-m",
-                "monai_medplib.serve",
+                "monai_medplib.adapters.monailabel.server",
                 "--app",
                 self.app_dir,
                 "--studies",

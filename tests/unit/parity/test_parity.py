@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from monai_medplib.cli import main
 from monai_medplib.parity import run_parity
-from monai_medplib.parity_compare import (
+from monai_medplib.parity.compare import (
     EXACT,
     Tolerance,
     compare_binary_mask,
@@ -45,6 +45,9 @@ def test_public_fixture_passes_every_row(public_fixture, capsys):
         ("c_grounding", "pred_mask_binary"),
         ("d_grounding_square", "pred_mask_logits"),
         ("d_vqa_square", "prefill_router_argmax"),
+        ("c_grounding", "training"),  # the dataset's input_ids
+        ("c_grounding", "tf_losses.loss"),
+        ("d_grounding_square", "tf_losses.unscale_mask_iou_loss"),
     ]:
         assert expected in quantities, expected
     assert "0 failed, 0 not compared" in out
@@ -94,6 +97,33 @@ def test_a_tampered_stage_fails_and_is_named(public_fixture, tmp_path, capsys):
     assert failing == {"mm_projector_out"}
     skipped = [row for row in report.rows if row.ok is None]
     assert [row.quantity for row in skipped] == ["surprise_tensor"]
+
+
+def test_training_losses_are_compared_with_the_fixture_weights(public_fixture, tmp_path):
+    """The training path's rows: a tampered stored loss fails alone, a changed weight moves the weighted totals."""
+    root = tmp_path / "fixture"
+    (root / "expected").mkdir(parents=True)
+    for name in ("model", "inputs"):
+        (root / name).symlink_to(public_fixture / name)
+    shutil.copy(public_fixture / "expected" / "d_grounding_square.safetensors", root / "expected")
+    expected = json.loads((public_fixture / "expected" / "expected.json").read_text())
+    case = expected["cases"]["d_grounding_square"]
+    case["tf_losses"]["unscale_mask_iou_loss"] += 1e-3
+    case["tf_loss_weights"]["iou"] = 3.0  # the stored totals were made with 2.0
+    expected["cases"] = {"d_grounding_square": case}
+    (root / "expected" / "expected.json").write_text(json.dumps(expected))
+    report = run_parity(root)
+    training = [row for row in report.rows if row.quantity.startswith(("tf_losses", "training"))]
+    assert len(training) == 1 + 4 + len(case["tf_losses"])
+    # mask_iou_loss is not stored; the weighted totals carry the extra IoU weight
+    assert {row.quantity for row in report.failures} == {
+        "tf_losses.unscale_mask_iou_loss",
+        "tf_losses.loss",
+        "tf_losses.mask_loss",
+    }
+    loss = next(row for row in report.failures if row.quantity == "tf_losses.loss")
+    iou = case["tf_losses"]["unscale_mask_iou_loss"] - 1e-3
+    assert math.isclose(loss.diff, iou, rel_tol=1e-3)  # one more unit of the IoU term
 
 
 def test_strict_loading_failure_is_a_failed_row(public_fixture, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from monai_medplib.bundle_prompts import parse_prompt
+from monai_medplib.adapters.bundle.prompts import parse_prompt
 from tests.support.paths import REPO
 
 BUNDLE = REPO / "bundle"

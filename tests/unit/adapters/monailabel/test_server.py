@@ -1,4 +1,4 @@
-"""Fast tests of the ``medplib serve`` launcher pieces (monai_medplib/serve.py); no server is started."""
+"""Fast tests of the ``medplib serve`` launcher pieces (monai_medplib/adapters/monailabel/server.py); no server is started."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from monai_medplib import serve
+from monai_medplib.adapters.monailabel import server as serve
 
 
 def test_pydicom_seg_imports_on_pydicom3_through_the_installed_hook():
@@ -53,17 +53,15 @@ def test_serve_parser_and_server_command():
     )
     assert args.run is serve_command.run
     argv = serve.server_argv(args)
-    assert argv[:5] == ["start_server", "--app", str(serve.DEFAULT_APP_DIR), "--studies", "/data"]
-    assert argv[argv.index("--uvicorn_app") + 1] == "monai_medplib.serve:app"
+    assert argv[:5] == ["start_server", "--app", str(serve.app_dir()), "--studies", "/data"]
+    assert argv[argv.index("--uvicorn_app") + 1] == "monai_medplib.adapters.monailabel.server:app"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8123"
     confs = [tuple(argv[i + 1 : i + 3]) for i, a in enumerate(argv) if a == "--conf"]
     assert confs == [("model", "/m"), ("device", "auto"), ("models", "medplib_vqa")]
 
 
 def test_run_serve_rejects_a_missing_model_dir(tmp_path):
-    args = argparse.Namespace(
-        app=str(serve.DEFAULT_APP_DIR), studies=str(tmp_path), model=str(tmp_path / "nope")
-    )
+    args = argparse.Namespace(app=str(serve.app_dir()), studies=str(tmp_path), model=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="nope"):
         serve.run_serve(args)
 

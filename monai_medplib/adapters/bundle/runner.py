@@ -1,17 +1,17 @@
-"""Thin adapters that the MONAI Bundle configs (``bundle/configs/*.json``) instantiate.
+"""One study per bundle prompt: the ``network_def`` loader and the runner the MONAI Bundle configs instantiate.
 
 The bundle only picks inputs, prompts and outputs; every model, geometry and file-format step lives in the
-library (:mod:`monai_medplib.inference`, :mod:`monai_medplib.volume`, :mod:`monai_medplib.io`). This module:
+library (:mod:`monai_medplib.pipeline`, :mod:`monai_medplib.io`). This module:
 
-* :func:`~monai_medplib.bundle_prompts.parse_prompt` validates the vista3d-style ``input_dict`` and names the
-  key at fault;
-* :class:`BundlePromptRunner` routes one prompt to the pipeline and writes the outputs of one study into
-  ``output_dir/<id>/``: the label as NIfTI (volumes) or PNG (2D images), a DICOM-SEG beside it when the input
-  is a DICOM series folder, and ``<id>_answer.json`` (written last: it marks the study as done);
-* :func:`collect_studies` and :class:`CohortRunner` run a datalist or a folder of studies, sharded over
-  ``torch.distributed`` ranks, skipping finished studies and reporting (not raising on) unreadable ones;
-* :class:`MeCoVQAEvaluator` runs :func:`~monai_medplib.evaluation.evaluate_mecovqa` (grounding mIoU / mDice,
-  VQA) on a MeCoVQA-layout split and writes its report.
+* :func:`resolve_ckpt_path`, :func:`load_pipeline` and :func:`model_dir` turn the bundle's ``ckpt_path``
+  (``"demo"``, ``"release"`` or a folder) into a model directory or a loaded pipeline;
+* :class:`BundlePromptRunner` validates one prompt (:func:`~monai_medplib.adapters.bundle.prompts.parse_prompt`),
+  routes it to the pipeline and writes the outputs of one study into ``output_dir/<id>/``: the label as NIfTI
+  (volumes) or PNG (2D images), a DICOM-SEG beside it when the input is a DICOM series folder, and
+  ``<id>_answer.json`` (written last: it marks the study as done).
+
+Cohorts of studies are :mod:`monai_medplib.adapters.bundle.cohort`; the MeCoVQA evaluator is
+:mod:`monai_medplib.adapters.bundle.evaluator`.
 """
 
 from __future__ import annotations
@@ -27,23 +27,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bundle_prompts import (
+from ...checkpoint import resolve_model_path
+from ...pipeline import MedPLIBPipeline
+from ...pipeline.results import label_from_probs
+from ...tokenization import grounding_prompt
+from .prompts import (
     AXES,
     PROMPT_KEYS,
     BundlePrompt,
     parse_prompt,
 )
-from .evaluation import TASKS, evaluate_mecovqa
-from .inference import MedPLIBPipeline, resolve_model_path
-from .results import label_from_probs
-from .tokenization import grounding_prompt
 
 __all__ = [
     "AXES",
     "PROMPT_KEYS",
     "BundlePrompt",
     "BundlePromptRunner",
-    "MeCoVQAEvaluator",
     "load_pipeline",
     "model_dir",
     "require_torchrun",
@@ -256,7 +255,7 @@ class BundlePromptRunner:
 
     # -- volumes
     def _volume(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
-        from .io import load_volume, save_nifti
+        from ...io import load_volume, save_nifti
 
         gen = {"max_new_tokens": self.max_new_tokens, "intensity": self.intensity}
         volume = load_volume(prompt.image)  # once: the pipeline's memo reuses it for every call below
@@ -333,7 +332,7 @@ class BundlePromptRunner:
         folder: Path,
         result: dict[str, Any],
     ) -> str | None:
-        from .io import write_dicom_seg
+        from ...io import write_dicom_seg
 
         if not prompt.image.is_dir():
             result["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
@@ -350,58 +349,6 @@ class BundlePromptRunner:
 
 def _middle_slice(volume: Any, axis: str) -> int:
     """Index of the middle slice of ``volume`` along an anatomical plane."""
-    from .transforms.slicing import slice_geometry, volume_affine_ras
+    from ...transforms.slicing import slice_geometry, volume_affine_ras
 
     return slice_geometry(volume_affine_ras(volume), volume.shape[1:], axis).num_slices // 2
-
-
-# ------------------------------------------------------------------------------------------ cohorts
-class MeCoVQAEvaluator:
-    """The bundle's evaluator: :func:`~monai_medplib.evaluation.evaluate_mecovqa` on a MeCoVQA-layout split
-    (the demo dataset's ``test/`` files or the release test files), written to ``output_dir``.
-
-    Args:
-        pipeline: the loaded pipeline.
-        data_root: root the MeCoVQA image / mask paths are relative to.
-        files: task -> JSON file (relative to ``data_root``); tasks: "grounding", "vqa", "region_vqa".
-        output_dir: where ``metrics.json`` (the report) and ``predictions.json`` (one row per sample) go.
-        max_samples: records per file (the first ones; None = all).
-        max_new_tokens: decoding budget per answer.
-        force_seg: force ``<SEG></s>`` for grounding (random-weight models).
-        batch_size: samples per generation batch.
-        official_eval_region: drop the region feature in region VQA, as the release evaluation script does.
-    """
-
-    def __init__(
-        self,
-        pipeline: MedPLIBPipeline,
-        data_root: str | os.PathLike,
-        files: Mapping[str, str],
-        output_dir: str | os.PathLike,
-        max_samples: int | None = 20,
-        max_new_tokens: int = 64,
-        force_seg: bool = False,
-        batch_size: int = 8,
-        official_eval_region: bool = False,
-    ) -> None:
-        self.pipeline = pipeline
-        self.data_root = Path(data_root)
-        self.files = dict(files)
-        self.output_dir = Path(output_dir)
-        self.options = {
-            "limit": max_samples,
-            "max_new_tokens": int(max_new_tokens),
-            "force_seg": bool(force_seg),
-            "batch_size": int(batch_size),
-            "official_eval_region": bool(official_eval_region),
-        }
-        unknown = sorted(set(self.files) - set(TASKS))
-        if unknown:
-            raise ValueError(f"evaluation files: unknown tasks {unknown}; use {list(TASKS)}")
-
-    def run(self) -> dict[str, Any]:
-        report, table, rows = evaluate_mecovqa(self.pipeline, self.data_root, self.files, **self.options)
-        write_json(self.output_dir / "metrics.json", report)
-        write_json(self.output_dir / "predictions.json", {"predictions": rows})
-        logger.info("evaluation (%d samples, %.1f s)\n%s", report["samples"], report["seconds"], table)
-        return report

@@ -13,7 +13,8 @@ What this launcher adds to a plain ``monailabel start_server --app apps/medplib`
   every error into HTTP 500. The replacement is a plain ``def`` (FastAPI runs it in its thread pool) and
   maps user errors to 4xx with a message.
 
-The uvicorn application is ``monai_medplib.serve:app`` (built lazily on first access).
+The uvicorn application is ``monai_medplib.adapters.monailabel.server:app`` (built lazily on first access).
+The MONAI Label app itself (``apps/medplib``) is found by :func:`app_dir`.
 """
 
 import argparse
@@ -28,11 +29,25 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_APP_DIR = REPO_ROOT / "apps" / "medplib"
-UVICORN_APP = "monai_medplib.serve:app"
+UVICORN_APP = "monai_medplib.adapters.monailabel.server:app"
 DCMQI_TOOL = "itkimage2segimage"
 _HARDENED_FLAG = "_medplib_hardened"
+
+
+def app_dir() -> Path:
+    """The MedPLIB MONAI Label app folder (the one holding ``main.py``): ``apps/medplib`` of the repository
+    this package was installed from (``pip install -e .``).
+
+    Raises:
+        FileNotFoundError: no app beside this package (pass ``--app`` with the folder of ``apps/medplib``).
+    """
+    # monai_medplib/adapters/monailabel/server.py -> the repository root is four levels up
+    candidate = Path(__file__).resolve().parents[3] / "apps" / "medplib"
+    if not (candidate / "main.py").is_file():
+        raise FileNotFoundError(
+            f"the MedPLIB MONAI Label app was not found at {candidate}; pass --app with the apps/medplib folder"
+        )
+    return candidate
 
 
 def install_pydicom3_compat() -> None:
@@ -248,7 +263,7 @@ def _api_prefix() -> str:
 
 
 def __getattr__(name: str) -> Any:
-    # uvicorn resolves "monai_medplib.serve:app" with getattr; build the server app only then.
+    # uvicorn resolves UVICORN_APP with getattr; build the server app only then.
     if name == "app":
         fastapi_app = build_app()
         globals()["app"] = fastapi_app
@@ -257,12 +272,12 @@ def __getattr__(name: str) -> Any:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``medplib serve`` and ``python -m monai_medplib.serve``."""
+    """Arguments shared by ``medplib serve`` and ``python -m monai_medplib.adapters.monailabel.server``."""
     parser.add_argument("--studies", required=True, help="local folder of images or a DICOMweb root URL")
     parser.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     parser.add_argument(
-        "--app", default=str(DEFAULT_APP_DIR), help="MONAI Label app dir (default: apps/medplib)"
+        "--app", default=None, help="MONAI Label app dir (default: the repository's apps/medplib)"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -279,7 +294,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_argv(args: argparse.Namespace) -> list[str]:
     """The ``monailabel`` command line (after the program name) that ``run_serve`` executes in-process."""
-    argv = ["start_server", "--app", str(args.app), "--studies", str(args.studies)]
+    argv = ["start_server", "--app", str(args.app or app_dir()), "--studies", str(args.studies)]
     argv += ["--host", args.host, "--port", str(args.port), "--uvicorn_app", UVICORN_APP]
     argv += ["--log_level", args.log_level]
     confs = [("model", str(args.model)), ("device", args.device), *[tuple(c) for c in args.conf]]
@@ -290,8 +305,9 @@ def server_argv(args: argparse.Namespace) -> list[str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start the server in this process (blocks until it stops). Returns the exit code."""
-    if not Path(args.app, "main.py").is_file():
-        raise FileNotFoundError(f"MONAI Label app not found: {args.app}/main.py")
+    app = Path(args.app) if args.app else app_dir()
+    if not (app / "main.py").is_file():
+        raise FileNotFoundError(f"MONAI Label app not found: {app}/main.py")
     model = str(args.model)
     if model != "demo" and not model.startswith("fake:") and not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model!r} is neither 'demo' nor a model directory")
@@ -300,10 +316,6 @@ def run_serve(args: argparse.Namespace) -> int:
     prepare_environment()
     os.environ.setdefault("MONAI_LABEL_TASKS_TRAIN", "false")
     os.environ.setdefault("MONAI_LABEL_TASKS_SCORING", "false")
-    # The repository root must be importable from the app (lib.*) and by uvicorn (monai_medplib.serve).
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-
     from monailabel.main import Main
 
     saved_argv = sys.argv
@@ -316,9 +328,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m monai_medplib.serve --studies DIR [--model ...]`` (same as ``medplib serve``)."""
+    """``python -m monai_medplib.adapters.monailabel.server --studies DIR [--model ...]`` (= ``medplib serve``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m monai_medplib.serve", description=__doc__.splitlines()[0]
+        prog="python -m monai_medplib.adapters.monailabel.server", description=__doc__.splitlines()[0]
     )
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))

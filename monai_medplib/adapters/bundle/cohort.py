@@ -1,5 +1,5 @@
 """Cohorts for the MONAI Bundle: collect studies from a folder or a datalist and run them through a
-:class:`~monai_medplib.bundle_workflows.BundlePromptRunner`, sharded across ``torch.distributed`` ranks,
+:class:`~monai_medplib.adapters.bundle.runner.BundlePromptRunner`, sharded across ``torch.distributed`` ranks,
 skipping finished studies (resumable) and reporting unreadable ones without stopping the run.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle_prompts import IMAGE_2D_SUFFIXES, PROMPT_KEYS, VOLUME_SUFFIXES, study_id_of
-from .bundle_workflows import BundlePromptRunner, study_done, write_json
+from .prompts import IMAGE_2D_SUFFIXES, PROMPT_KEYS, VOLUME_SUFFIXES, study_id_of
+from .runner import BundlePromptRunner, study_done, write_json
 
 __all__ = ["CohortReport", "CohortRunner", "collect_studies"]
 

@@ -6,7 +6,8 @@ case names: what to run is read from each case's entries (an ``image``; a ``regi
 ``evalpath_greedy`` results; grounding entries such as ``resize`` and ``evaluate_output_ids``), and every stored
 tensor is compared by name with its ``suggested_tolerance``. Tensor names ending in ``_tail`` (from
 ``tail_start``) or ``_lastN`` are slices along the sequence axis. Model stages run through the same
-:class:`~monai_medplib.inference.MedPLIBPipeline` primitives users call, so a failing row names the stage.
+:class:`~monai_medplib.pipeline.MedPLIBPipeline` primitives users call, so a failing row names the stage.
+Cases with training losses (``tf_losses``) are also run through the training path (:mod:`.training`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .inference import MedPLIBPipeline
-from .parity_compare import (
+from ..pipeline import MedPLIBPipeline
+from ..processing import MASK_THRESHOLD, clip_pixels, load_rgb, sam_pixels
+from ..tokenization import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBTokenizer, build_prompt
+from .compare import (
     EXACT,
     ParityReport,
     Row,
@@ -30,8 +33,7 @@ from .parity_compare import (
     parse_tolerance,
     threshold_margin,
 )
-from .processing import MASK_THRESHOLD, clip_pixels, load_rgb, sam_pixels
-from .tokenization import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBTokenizer, build_prompt
+from .training import check_training_losses
 
 # Fixture conversation-template names (the release's conv_templates keys) -> ours.
 TEMPLATE_NAMES = {
@@ -99,6 +101,9 @@ def run_parity(fixture_dir: str | Path, device: str = "cpu") -> ParityReport:
         report.rows += check_tokenization(pipe.tokenizer, fixture.tokenization)
     for name, entry in fixture.cases.items():
         report.rows += _CaseCheck(pipe, fixture, name, entry).run()
+        report.rows += check_training_losses(
+            pipe.model, pipe.tokenizer, fixture.root / "inputs", name, entry, fixture.template
+        )
     return report
 
 
