@@ -31,167 +31,31 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import (
+    DEMO,
+    REPO,
+    TEXT,
+    TEXT2,
+    TEXTS,
+    TINY,
+    PeakRSS,
+    lits_volume,
+    network_floor,
+    original_way,
+    synthetic_ct,
+    timed,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from monai.data import MetaTensor  # noqa: E402
-
-from monai_medplib.checkpoint import load_medplib  # noqa: E402
-from monai_medplib.data.lits import load_lits_case  # noqa: E402
-from monai_medplib.inference import MedPLIBPipeline  # noqa: E402
-from monai_medplib.processing import binarize, clip_pixels, postprocess_mask_logits, sam_pixels  # noqa: E402
-from monai_medplib.tokenization import build_prompt  # noqa: E402
-from monai_medplib.transforms.slicing import slice_geometry, volume_affine_ras  # noqa: E402
-from monai_medplib.volume import prepare_volume  # noqa: E402
-
-DEMO = REPO / "monai_medplib" / "demo_model"
-TINY = Path("/work/shared/fixtures/upstream_tiny_public/model")
-TEXT = "Please segment the liver."
-TEXT2 = "Please segment the tumour in the liver."
-TEXTS = [TEXT, TEXT2, "Please segment the liver tumour.", "Can you segment the liver in this image?"]
-
-BenchPipeline = MedPLIBPipeline  # gpu_7b.py imports it under this name
-
-
-# ------------------------------------------------------------------------------------------ memory
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak resident set size above the level at entry, sampled every 2 ms by a thread."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = rss_bytes()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def increase_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-# ------------------------------------------------------------------------------------------ the original's way
-@torch.no_grad()
-def original_way(
-    model,
-    tokenizer,
-    volume: MetaTensor,
-    text: str,
-    slices: list[int],
-    all_logits: bool = True,
-    force_seg: bool = True,
-    max_new_tokens: int = 1024,
-) -> torch.Tensor:
-    """Release ``evaluate`` per slice: preprocess the slice as an RGB image, CLIP (batch 1), greedy generation with
-    a KV cache until EOS (``all_logits``: ``lm_head`` over every prefill row, as transformers 4.31 does; with
-    ``force_seg`` the answer is forced to ``<SEG></s>``: prefill + one step), the release [SEG] rule, SAM encoder
-    (batch 1), decoder, post-processing; nothing cached, one text at a time."""
-    vol, eight_bit = prepare_volume(volume)
-    geometry = slice_geometry(volume_affine_ras(vol), vol.shape[1:], "axial")
-    label = torch.zeros((1, *geometry.spatial_shape), dtype=torch.uint8)
-    ids = tokenizer.encode_prompt(build_prompt(text, "vicuna_v1"))
-    seg_id, eos_id = tokenizer.seg_id, tokenizer.eos_id
-    for index in slices:
-        grey = geometry.take(eight_bit, index)[0].numpy()
-        rgb = np.repeat(grey[:, :, None], 3, axis=2)  # the release reads every image as 3-channel RGB
-        clip = model.clip_features(clip_pixels(rgb)[None].to(model.device, model.dtype))
-        embeds, mask = model.build_inputs_embeds([ids], clip)
-        out = model.llm_forward(embeds, mask, use_cache=True, last_logits_only=not all_logits)
-        states, new_ids = [out.hidden_states[0]], []
-        for step in range(max_new_tokens):
-            token = (seg_id, eos_id)[step] if force_seg else int(out.logits[0, -1].argmax())
-            new_ids.append(token)
-            if token == eos_id or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            fed = model.model.embed_tokens(torch.tensor([[token]], device=model.device))
-            out = model.llm_forward(fed, mask, past_key_values=out.past_key_values, use_cache=True)
-            states.append(out.hidden_states[0])
-        if seg_id not in new_ids:
-            continue  # no <SEG>, no mask (the release still runs the SAM encoder; skipping it favours this side)
-        j = (
-            len(new_ids) - 2 if new_ids.count(seg_id) == 1 else new_ids.index(seg_id)
-        )  # release evaluate() rule
-        seg_hidden = torch.cat(states)[embeds.shape[1] - 1 + j][None]  # the state that predicted token j
-        pixels, resize = sam_pixels(rgb)
-        image_embedding = model.model.visual_model.encode_image(pixels[None].to(model.device, model.dtype))
-        low_res, _ = model.model.visual_model.decode(
-            image_embedding, text_embeds=model.seg_embeddings(seg_hidden)
-        )
-        logits = postprocess_mask_logits(low_res.float(), resize, grey.shape)
-        geometry.put(label, binarize(logits)[0].to(torch.uint8).cpu(), index)
-    return label
-
-
-def network_floor(model, tokenizer, volume: MetaTensor, text: str, slices: list[int]) -> dict[str, float]:
-    """Milliseconds per slice of the four networks any exact grounding of a slice runs, at batch 1: CLIP, the
-    LLM prefill (``lm_head`` on the last row only), the SAM encoder and the SAM decoder. Preprocessing,
-    decoding steps, caches and overheads are left out, so no exact pipeline can be faster than their sum."""
-    vol, eight_bit = prepare_volume(volume)
-    geometry = slice_geometry(volume_affine_ras(vol), vol.shape[1:], "axial")
-    ids = tokenizer.encode_prompt(build_prompt(text, "vicuna_v1"))
-    totals = dict.fromkeys(("clip", "prefill", "sam_encoder", "sam_decoder"), 0.0)
-    for index in slices:
-        rgb = np.repeat(geometry.take(eight_bit, index)[0].numpy()[:, :, None], 3, axis=2)
-        clip_in = clip_pixels(rgb)[None].to(model.device, model.dtype)
-        sam_in = sam_pixels(rgb)[0][None].to(model.device, model.dtype)
-        marks = [time.perf_counter()]
-        clip = model.clip_features(clip_in)
-        marks.append(time.perf_counter())
-        embeds, mask = model.build_inputs_embeds([ids], clip)
-        hidden = model.llm_forward(embeds, mask, last_logits_only=True).hidden_states[:, -1]
-        marks.append(time.perf_counter())
-        image_embedding = model.model.visual_model.encode_image(sam_in)
-        marks.append(time.perf_counter())
-        model.model.visual_model.decode(image_embedding, text_embeds=model.seg_embeddings(hidden))
-        marks.append(time.perf_counter())
-        for name, start, end in zip(totals, marks, marks[1:]):
-            totals[name] += end - start
-    return {name: 1000 * seconds / len(slices) for name, seconds in totals.items()}
-
-
-# ------------------------------------------------------------------------------------------ measurements
-def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def lits_volume(num_slices: int) -> MetaTensor:
-    case = load_lits_case()
-    image = torch.from_numpy(case.image[:, :, :num_slices].copy())[None]
-    return MetaTensor(image, affine=torch.as_tensor(case.affine))
+from monai_medplib.checkpoint import load_medplib
+from monai_medplib.pipeline import MedPLIBPipeline
 
 
 def bench_volume(
-    pipe: BenchPipeline, batch_size: int, counts: list[int], baseline_slices: int, grounding: dict
+    pipe: MedPLIBPipeline, batch_size: int, counts: list[int], baseline_slices: int, grounding: dict
 ) -> dict:
     model, tokenizer = pipe.model, pipe.tokenizer
     volume = lits_volume(max(counts))
@@ -277,7 +141,7 @@ def bench_volume(
     }
 
 
-def bench_cache(pipe: BenchPipeline, grounding: dict, repeats: int = 5) -> dict:
+def bench_cache(pipe: MedPLIBPipeline, grounding: dict, repeats: int = 5) -> dict:
     """First prompt on a slice (encoders and the image-prefix prefill run) vs a second prompt on it (cached).
 
     The cache is emptied before every first prompt; the volume's 8-bit normalisation is memoised for both.
@@ -312,11 +176,9 @@ def bench_cache(pipe: BenchPipeline, grounding: dict, repeats: int = 5) -> dict:
     }
 
 
-def bench_large_volume_prompt(pipe: BenchPipeline, grounding: dict, repeats: int = 3) -> dict:
+def bench_large_volume_prompt(pipe: MedPLIBPipeline, grounding: dict, repeats: int = 3) -> dict:
     """Interactive prompts on one slice of a clinical-size 512 x 512 x 300 CT: what a click in Slicer costs once
     the volume is normalised (first prompt on a slice vs a second one on it)."""
-    from gpu_7b import synthetic_ct
-
     volume = synthetic_ct(300)
     normalise_s = timed(lambda: pipe.ground_volume(volume, TEXT, slices=[0], **grounding))[0]
     first, second = [], []
@@ -405,7 +267,7 @@ def main() -> None:
     path = Path(args.model) if args.model else (DEMO if (DEMO / "config.json").is_file() else TINY)
     torch.set_grad_enabled(False)
     load_seconds, (model, _, tokenizer) = timed(lambda: load_medplib(path))
-    pipe = BenchPipeline(model, tokenizer)
+    pipe = MedPLIBPipeline(model, tokenizer)
     force = args.force_seg == "yes" or (args.force_seg == "auto" and path != DEMO)
     grounding = {"force_seg": True} if force else {"fast": True, "max_new_tokens": 1024}
     counts = [8, 16, 32] if args.quick else [32, 64, 128]

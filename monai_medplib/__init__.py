@@ -6,8 +6,12 @@ __version__ = "0.1.0"
 
 # Heavy names load on first use so that `import monai_medplib` (and `medplib --help`) stays fast.
 _LAZY = {
-    "MedPLIBPipeline": "monai_medplib.inference",
-    "GroundingResult": "monai_medplib.results",
+    "MedPLIBPipeline": "monai_medplib.pipeline.medplib",
+    "AnswerOptions": "monai_medplib.pipeline.options",
+    "GroundingOptions": "monai_medplib.pipeline.options",
+    "GroundingResult": "monai_medplib.pipeline.results",
+    "VolumeGroundingResult": "monai_medplib.pipeline.results",
+    "VolumeRegionAnswer": "monai_medplib.pipeline.results",
     "MedPLIBConfig": "monai_medplib.config",
     "load_medplib": "monai_medplib.checkpoint",
     "save_medplib": "monai_medplib.checkpoint",

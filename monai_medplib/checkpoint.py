@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CLIP_SUBDIR, CONFIG_FILE, MedPLIBConfig
+from .devices import dtype_name, resolve_dtype
+from .io.atomic import atomic_path, atomic_write_text
 from .modeling.medplib import MedPLIBForCausalLM
 
 CLIP_PREFIX = "model.vision_tower.vision_tower."
@@ -39,7 +41,6 @@ TOKENIZER_FILES = (
 # Buffers some writers save but that are recomputed here (transformers 4.31 saved RoPE inv_freq; older CLIP
 # checkpoints carry position_ids; SAM checkpoints may carry pixel_mean/std).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "pixel_mean", "pixel_std")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointMismatchError(ValueError):
@@ -241,16 +242,6 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype {dtype} not supported; use float32, bfloat16 or float16")
-    return dtype
-
-
 def _gather_state(
     path: Path,
     dtype: torch.dtype,
@@ -321,7 +312,7 @@ def load_medplib(
         CheckpointMismatchError: listing every missing, unexpected and mis-shaped key in one message.
     """
     path = Path(path)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     config = MedPLIBConfig.from_pretrained(path)
     model = build_empty_model(config, attn_implementation)
     sam_keys = set(model.model.visual_model.state_dict())
@@ -337,6 +328,28 @@ def load_medplib(
 
         tokenizer = MedPLIBTokenizer.from_pretrained(path)
     return model, config, tokenizer
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """``"demo"`` -> the embedded demo model's directory; anything else must be an existing model directory.
+
+    Raises:
+        FileNotFoundError: the directory does not exist, or the demo model is not part of this installation.
+    """
+    if str(path) == "demo":
+        from .demo_model import DEMO_MODEL_DIR
+
+        path = Path(DEMO_MODEL_DIR)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"the demo model has no weights in this installation ({path} holds no {CONFIG_FILE}); "
+                "pass the path of a MedPLIB model directory instead of 'demo'"
+            )
+        return path
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"MedPLIB model directory not found: {path}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -411,27 +424,28 @@ def save_medplib(
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
+        with atomic_path(out_dir / "model.safetensors") as tmp:
+            save_file(shards[0], str(tmp), metadata=metadata)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / name), metadata=metadata)
+            with atomic_path(out_dir / name) as tmp:
+                save_file(shard, str(tmp), metadata=metadata)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+        atomic_write_text(out_dir / SAFE_INDEX, json.dumps(index, indent=2))
     release = config.to_release_dict()
-    dtype_name = {v: k for k, v in _DTYPES.items()}.get(model.dtype, "float32")
-    release["torch_dtype"] = dtype_name
-    (out_dir / CONFIG_FILE).write_text(json.dumps(release, indent=2, sort_keys=True))
+    release["torch_dtype"] = dtype_name(model.dtype)
+    atomic_write_text(out_dir / CONFIG_FILE, json.dumps(release, indent=2, sort_keys=True))
     clip_dir = out_dir / CLIP_SUBDIR
     clip_dir.mkdir(exist_ok=True)
     clip = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **config.clip}
-    (clip_dir / CONFIG_FILE).write_text(json.dumps(clip, indent=2, sort_keys=True))
+    atomic_write_text(clip_dir / CONFIG_FILE, json.dumps(clip, indent=2, sort_keys=True))
     _copy_tokenizer(tokenizer, out_dir)
     if not (out_dir / "generation_config.json").is_file():
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         generation["pad_token_id"] = config.pad_token_id
-        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        atomic_write_text(out_dir / "generation_config.json", json.dumps(generation, indent=2))
     return out_dir

@@ -8,7 +8,7 @@ the CLIP part a ``CLIPVisionConfig`` only inside ``modeling/``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,71 @@ _REQUIRED = (
 )
 
 
-def _sam_config(values: dict[str, Any] | None = None) -> Any:
-    # Imported lazily: modeling/ imports this module; sam_med2d.py owns the SAM dataclass and its key aliases
-    # (the fixture's ``oracle_sam_config`` uses upstream ``_build_sam`` names such as ``encoder_adapter``).
-    from .modeling.sam_med2d import SamMed2DConfig
+# Keys of the oracle fixture's ``oracle_sam_config`` (upstream ``_build_sam`` argument names) -> our field names.
+_UPSTREAM_KEY_ALIASES = {"encoder_adapter": "adapter"}
 
-    return SamMed2DConfig.from_dict(values or {})
+
+@dataclass
+class SamMed2DConfig:
+    """Dimensions of SAM-Med2D. Defaults = the ViT-B build the MedPLIB release hard-codes (input 256 px)."""
+
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    image_size: int = 256
+    patch_size: int = 16
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    adapter: bool = True
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+
+    def __post_init__(self) -> None:
+        self.encoder_global_attn_indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(
+                f"encoder_global_attn_indexes {bad} out of range for encoder_depth={self.encoder_depth}"
+            )
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError(
+                f"encoder_embed_dim={self.encoder_embed_dim} not divisible by encoder_num_heads={self.encoder_num_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+
+    @property
+    def embedding_grid(self) -> int:
+        """Side of the image-embedding grid (16 for 256 px / patch 16)."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def vit_b(cls) -> SamMed2DConfig:
+        """The release build: ViT-B with adapters at 256 px."""
+        return cls()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamMed2DConfig:
+        """Build from our own ``to_dict`` output or the upstream ``_build_sam`` keys (``encoder_adapter``)."""
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = _UPSTREAM_KEY_ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(
+                    f"unknown SAM config key {key!r}; expected one of {sorted(known | set(_UPSTREAM_KEY_ALIASES))}"
+                )
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuple -> list) that :meth:`from_dict` reads back."""
+        out = asdict(self)
+        out["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return out
 
 
 @dataclass
@@ -89,16 +148,16 @@ class MedPLIBConfig:
     mm_projector_type: str = "mlp2x_gelu"
     mm_vision_select_layer: int = -2
     # SAM-Med2D (a SamMed2DConfig; None means the ViT-B release default)
-    sam: Any = None
+    sam: SamMed2DConfig | None = None
     out_dim: int = 256
     max_sample_point: int = 512
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.sam is None:
-            self.sam = _sam_config()
+            self.sam = SamMed2DConfig()
         elif isinstance(self.sam, dict):
-            self.sam = _sam_config(self.sam)
+            self.sam = SamMed2DConfig.from_dict(self.sam)
         if self.moe_enable and not self.moe_layers_idx:
             self.moe_layers_idx = list(range(self.num_hidden_layers))
         self.validate()

@@ -13,7 +13,7 @@ Protocol (spec 8; release ``model/eval/vqa_infer.py`` + ``cal_metric.py``):
 * region VQA: the region feature is passed, as the demo worker does; ``official_eval_region=True`` drops it, as
   the release evaluation script does (spec 5.3).
 
-Every model step goes through :class:`~monai_medplib.inference.MedPLIBPipeline` (``ground_batch``,
+Every model step goes through :class:`~monai_medplib.pipeline.MedPLIBPipeline` (``ground_batch``,
 ``answer_batch``, ``answer_region_batch``), so the numbers are those of the library's public API. Used by ``medplib eval``, the bundle's ``evaluate.json`` and the
 demo-model training script.
 """
@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 
 from .data.demo_dataset import TEST_FILES as DEMO_TEST_FILES
 from .data.mecovqa import MeCoVQARecord, load_binary_mask, read_mecovqa
-from .inference import DEFAULT_MAX_NEW_TOKENS, MedPLIBPipeline
 from .metrics import GroundingMeter, vqa_metrics
+from .pipeline import MedPLIBPipeline
+from .pipeline.options import MAX_NEW_TOKENS
 
 __all__ = [
     "RELEASE_TEST_FILES",
@@ -109,7 +110,7 @@ def evaluate_mecovqa(
     *,
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int = MAX_NEW_TOKENS["image"],
     force_seg: bool = False,
     official_eval_region: bool = False,
     keep_largest_component: bool = False,

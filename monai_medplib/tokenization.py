@@ -11,7 +11,8 @@ differently, so this module rebuilds the 4.31 behaviour on top of ``sentencepiec
    dropped, chunks joined by ``IMAGE_TOKEN_INDEX``) and insert ``REGION_TOKEN_INDEX`` between every
    adjacent ``<region></region>`` pair.
 
-This module is the one home for the token strings, their order and the prompt templates.
+Token strings and placeholder ids live in :mod:`~monai_medplib.special_tokens`; this module is the home of
+the prompt templates.
 """
 
 from __future__ import annotations
@@ -25,40 +26,25 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-IMAGE_TOKEN_INDEX = -200
-REGION_TOKEN_INDEX = -300
-IGNORE_INDEX = -100
-
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
-UNK_TOKEN = "<unk>"
-IMAGE_PLACEHOLDER = "<image>"  # not a vocabulary token: replaced by IMAGE_TOKEN_INDEX in prompts
-SEG_TOKEN = "<SEG>"
-REGION_START_TOKEN = "<region>"
-REGION_END_TOKEN = "</region>"
-MASK_START_TOKEN = "<mask>"
-MASK_END_TOKEN = "</mask>"
-IM_START_TOKEN = "<im_start>"
-IM_END_TOKEN = "<im_end>"
-REGION_PAIR = REGION_START_TOKEN + REGION_END_TOKEN
-IMAGE_HEADER = IM_START_TOKEN + IMAGE_PLACEHOLDER + IM_END_TOKEN + "\n"
-
-# Release order == id order (ids follow the SentencePiece vocabulary: 32000.. in the release).
-ADDED_TOKENS: tuple[str, ...] = (
-    SEG_TOKEN,
-    "<ref>",
-    "</ref>",
-    REGION_START_TOKEN,
-    REGION_END_TOKEN,
-    "<sr>",
-    "</sr>",
-    MASK_START_TOKEN,
-    MASK_END_TOKEN,
-    *(f"<gen_{i}>" for i in range(1, 257)),
-    IM_START_TOKEN,
+from .special_tokens import (
+    ADDED_TOKENS,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IGNORE_INDEX,
     IM_END_TOKEN,
+    IM_START_TOKEN,
+    IMAGE_HEADER,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
+    MASK_END_TOKEN,
+    MASK_START_TOKEN,
+    REGION_END_TOKEN,
+    REGION_PAIR,
+    REGION_START_TOKEN,
+    REGION_TOKEN_INDEX,
+    SEG_TOKEN,
+    UNK_TOKEN,
 )
-assert len(ADDED_TOKENS) == 267
 
 _SENTENCEPIECE_SPECIALS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # transformers' clean_up_tokenization (only applied when a tokenizer_config asks for it).
@@ -387,6 +373,16 @@ def grounding_prompt(text: str) -> str:
     if text.endswith((".", "?", "!")) or len(text.split()) > 6:
         return text
     return GROUNDING_REQUEST.format(target=text)
+
+
+_MARKUP = re.compile("|".join(re.escape(t) for t in (*ADDED_TOKENS, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)))
+
+
+def plain_answer(text: str) -> str:
+    """An answer as words for people: MedPLIB tokens (``<SEG>``, ``<mask>``...) removed, spaces tidied
+    (``"Sure, it is <SEG> ."`` -> ``"Sure, it is."``; a bare ``"<SEG>"`` -> ``""``)."""
+    words = " ".join(_MARKUP.sub(" ", text).split())
+    return re.sub(r" ([.,;:!?])", r"\1", words)
 
 
 def build_prompt(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")
+from ..devices import DTYPE_NAMES
+from ..pipeline.options import MAX_NEW_TOKENS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="demo", help="MedPLIB model directory, or 'demo' (default)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on CUDA"
+        "--dtype", choices=DTYPE_NAMES, default=None, help="default: float32 on CPU, bfloat16 on CUDA"
     )
     group.add_argument(
         "--template",
@@ -25,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (default: greedy, as the official evaluation)")
-    group.add_argument("--max-new-tokens", type=int, default=1024)
+    group.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS["image"])
     group.add_argument("--temperature", type=float, default=0.0, help="< 1e-4 means greedy")
     group.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
@@ -35,7 +36,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_pipeline(args: argparse.Namespace):
-    from ..inference import MedPLIBPipeline
+    from ..pipeline import MedPLIBPipeline
 
     return MedPLIBPipeline.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, template=args.template

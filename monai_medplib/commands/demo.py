@@ -33,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.lits import LITS_LABELS, load_lits_case
     from ..io import load_volume, save_nifti, write_dicom_series
+    from ..io.outputs import save_overlay_montage, write_json, write_label_volume
     from ..metrics import dice_3d
-    from ..tokenization import grounding_prompt
-    from ..volume_outputs import save_overlay_montage, write_label_volume
 
     out = Path(args.out)
     case = load_lits_case()
@@ -46,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     pipeline = load_pipeline(args)
-    prompt = grounding_prompt(args.text)
-    result = pipeline.ground_volume(volume, prompt, axis=args.axis, fast=args.fast)
+    result = pipeline.ground_volume(volume, args.text, axis=args.axis, fast=args.fast)
     seconds = time.perf_counter() - started
 
     paths = write_label_volume(
@@ -66,12 +64,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = {
         "model": str(args.model),
-        "text": args.text,
-        "prompt": prompt,
-        "axis": args.axis,
-        "slices": len(result.slices),
-        "slices_with_seg": int(sum(result.has_seg[prompt].values())),
-        "grounded_voxels": int((result.label > 0).sum()),
+        **result.summary(),
         "dice_3d": dice,
         "seconds": round(seconds, 2),
         "outputs": {
@@ -82,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "overlay_slices": shown,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report)
     print(json.dumps(report, indent=2))
     if dice is not None:
         print(f"3D Dice ({args.text} vs the LiTS label): {dice:.4f}")

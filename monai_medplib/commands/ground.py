@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.outputs import save_mask_png, save_overlay_png
     from ..processing import load_rgb
-    from ..results import save_mask_png, save_overlay_png
 
     rgb = load_rgb(args.image)
     pipe = load_pipeline(args)

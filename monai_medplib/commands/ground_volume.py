@@ -25,19 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import load_volume
-    from ..tokenization import grounding_prompt
-    from ..volume_outputs import save_overlay_montage, write_label_volume
+    from ..io.outputs import save_overlay_montage, write_json, write_label_volume
 
     source = Path(args.volume)
     if not source.exists():
         raise FileNotFoundError(f"volume not found: {source}")
     volume = load_volume(source)
     pipeline = load_pipeline(args)
-    prompts = [grounding_prompt(t) for t in args.text]
     result = pipeline.ground_volume(
-        volume, prompts, axis=args.axis, slices=args.slices, fast=args.fast, batch_size=args.batch_size
+        volume, args.text, axis=args.axis, slices=args.slices, fast=args.fast, batch_size=args.batch_size
     )
-    names = {text: result.label_names[prompt] for text, prompt in zip(args.text, prompts)}
+    names = result.label_names
     stem = source.name.split(".")[0] or "volume"
     paths = write_label_volume(
         result.label, names, args.out, f"{stem}_medplib", dicom_source=source if source.is_dir() else None
@@ -47,12 +45,10 @@ def run(args: argparse.Namespace) -> int:
     )
     report = {
         "volume": str(source),
-        "label_names": names,
-        "voxels": {text: int((result.label == value).sum()) for text, value in names.items()},
-        "slices_with_seg": {t: sum(result.has_seg[p].values()) for t, p in zip(args.text, prompts)},
+        **result.summary(),
         "outputs": {**{k: str(v) for k, v in paths.items()}, "overlay": str(overlay)},
         "overlay_slices": shown,
     }
-    (Path(args.out) / f"{stem}_medplib.json").write_text(json.dumps(report, indent=2))
+    write_json(Path(args.out) / f"{stem}_medplib.json", report)
     print(json.dumps(report, indent=2))
     return 0

@@ -1,28 +1,34 @@
-"""Volume I/O: NIfTI / NRRD / DICOM series in; NIfTI, DICOM series and DICOM-SEG out, geometry preserved."""
+"""Files in and out: NIfTI / NRRD / DICOM series in; NIfTI, DICOM series, DICOM-SEG, PNG and JSON out, geometry
+preserved and every write atomic.
 
-from monai_medplib.io.dicom_seg import ALGORITHM_NAME, source_frames, write_dicom_seg
-from monai_medplib.io.dicom_series import choose_rescale, write_dicom_series
-from monai_medplib.io.nifti import save_nifti
-from monai_medplib.io.readers import (
-    LoadVolume,
-    LoadVolumeD,
-    LoadVolumed,
-    LoadVolumeDict,
-    find_dicom_series,
-    load_volume,
-)
+Names load on first use: ``monai_medplib.io.atomic`` (used by the checkpoint writer) must not pull in ITK and
+highdicom.
+"""
 
-__all__ = [
-    "ALGORITHM_NAME",
-    "LoadVolume",
-    "LoadVolumeD",
-    "LoadVolumeDict",
-    "LoadVolumed",
-    "choose_rescale",
-    "find_dicom_series",
-    "load_volume",
-    "save_nifti",
-    "source_frames",
-    "write_dicom_seg",
-    "write_dicom_series",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ALGORITHM_NAME": "dicom_seg",
+    "source_frames": "dicom_seg",
+    "write_dicom_seg": "dicom_seg",
+    "choose_rescale": "dicom_series",
+    "write_dicom_series": "dicom_series",
+    "save_nifti": "nifti",
+    "LoadVolume": "readers",
+    "LoadVolumeD": "readers",
+    "LoadVolumeDict": "readers",
+    "LoadVolumed": "readers",
+    "find_dicom_series": "readers",
+    "load_volume": "readers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -17,9 +17,10 @@ import pydicom
 import torch
 from pydicom.sr.codedict import codes
 
-from monai_medplib import __version__
-from monai_medplib.io.readers import _series_files
-from monai_medplib.transforms.slicing import volume_affine_ras
+from .. import __version__
+from ..transforms.slicing import volume_affine_ras
+from .atomic import atomic_path
+from .readers import _series_files
 
 __all__ = ["ALGORITHM_NAME", "write_dicom_seg", "source_frames"]
 
@@ -166,6 +167,6 @@ def write_dicom_seg(
         series_description=series_description,
     )
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path)
+    with atomic_path(out_path) as tmp:
+        seg.save_as(tmp)
     return out_path

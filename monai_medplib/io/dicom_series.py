@@ -23,7 +23,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from monai_medplib import __version__
+from .. import __version__
+from .atomic import atomic_path
 
 __all__ = ["write_dicom_series", "choose_rescale"]
 
@@ -133,7 +134,8 @@ def write_dicom_series(
         ds.Rows, ds.Columns = frame.shape
         ds.PixelData = frame.tobytes()
         path = out_dir / f"slice_{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)
     return paths
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from monai_medplib.transforms.slicing import volume_affine_ras
+from ..transforms.slicing import volume_affine_ras
+from .atomic import atomic_path
 
 __all__ = ["save_nifti"]
 
@@ -44,6 +45,6 @@ def save_nifti(
     image = nib.Nifti1Image(array, ras)
     image.set_sform(ras, code=1)
     image.set_qform(ras, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
     return path

@@ -1,28 +1,19 @@
-"""MedPLIB model code: pure torch + transformers (no files, no MONAI).
-
-Names are imported lazily so that ``monai_medplib.config`` can import ``modeling.sam_med2d`` without a cycle.
-"""
+"""MedPLIB model code: pure torch + transformers (no files, no MONAI). Sizes come from :mod:`monai_medplib.config`."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .generation import GenerationOutput
+from .medplib import LLMOutput, MedPLIBForCausalLM, MedPLIBModel
+from .moe import TopOneMoE
+from .sam_med2d import SamMed2D
+from .vision import CLIPVisionTower
 
-_EXPORTS = {
-    "MedPLIBForCausalLM": "medplib",
-    "MedPLIBModel": "medplib",
-    "GenerationOutput": "generation",
-    "LLMOutput": "medplib",
-    "TopOneMoE": "moe",
-    "CLIPVisionTower": "vision",
-    "SamMed2D": "sam_med2d",
-    "SamMed2DConfig": "sam_med2d",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__all__ = [
+    "CLIPVisionTower",
+    "GenerationOutput",
+    "LLMOutput",
+    "MedPLIBForCausalLM",
+    "MedPLIBModel",
+    "SamMed2D",
+    "TopOneMoE",
+]

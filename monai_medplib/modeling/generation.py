@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .medplib import MedPLIBForCausalLM
 
 # The demo worker samples only above this temperature; below it decoding is greedy.
 GREEDY_BELOW_TEMPERATURE = 1e-4
@@ -60,8 +57,18 @@ def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+class CausalDecoder(Protocol):
+    """What decoding needs of a model (``MedPLIBForCausalLM`` has it); a protocol keeps this module below the model."""
+
+    model: Any  # holds ``embed_tokens``
+
+    def llm_forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> Any: ...
+
+
 def generate(
-    model: MedPLIBForCausalLM,
+    model: CausalDecoder,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,

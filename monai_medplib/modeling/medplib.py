@@ -15,13 +15,11 @@ from transformers import LlamaConfig, LlamaModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..config import MedPLIBConfig
+from ..special_tokens import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
 from .generation import GenerationOutput, generate
 from .moe import TopOneMoE
 from .sam_med2d import SamMed2D
 from .vision import CLIPVisionTower, build_projector, build_text_hidden_fcs, pool_region_features
-
-IMAGE_TOKEN_INDEX = -200
-REGION_TOKEN_INDEX = -300
 
 
 def llama_config(config: MedPLIBConfig, attn_implementation: str = "sdpa") -> LlamaConfig:

@@ -1,84 +1,16 @@
-"""SAM-Med2D ("visual_model" of MedPLIB): configuration and the assembled encoder / prompt encoder / decoder.
+"""SAM-Med2D ("visual_model" of MedPLIB): encoder, prompt encoder and mask decoder (sizes: ``SamMed2DConfig``).
 
 The state-dict keys of :class:`SamMed2D` equal the release keys below ``model.visual_model.`` (spec 6.3).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
-
 import torch
 from torch import nn
 
-from monai_medplib.modeling.sam_image_encoder import SamImageEncoder
-from monai_medplib.modeling.sam_prompt_decoder import SamMaskDecoder, SamPromptEncoder
-
-# Keys of the oracle fixture's ``oracle_sam_config`` (upstream ``_build_sam`` argument names) -> our field names.
-_UPSTREAM_KEY_ALIASES = {"encoder_adapter": "adapter"}
-
-
-@dataclass
-class SamMed2DConfig:
-    """Dimensions of SAM-Med2D. Defaults = the ViT-B build the MedPLIB release hard-codes (input 256 px)."""
-
-    encoder_embed_dim: int = 768
-    encoder_depth: int = 12
-    encoder_num_heads: int = 12
-    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    image_size: int = 256
-    patch_size: int = 16
-    window_size: int = 14
-    mlp_ratio: float = 4.0
-    adapter: bool = True
-    prompt_embed_dim: int = 256
-    mask_in_chans: int = 16
-
-    def __post_init__(self) -> None:
-        self.encoder_global_attn_indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)
-        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
-        if bad:
-            raise ValueError(
-                f"encoder_global_attn_indexes {bad} out of range for encoder_depth={self.encoder_depth}"
-            )
-        if self.encoder_embed_dim % self.encoder_num_heads:
-            raise ValueError(
-                f"encoder_embed_dim={self.encoder_embed_dim} not divisible by encoder_num_heads={self.encoder_num_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
-
-    @property
-    def embedding_grid(self) -> int:
-        """Side of the image-embedding grid (16 for 256 px / patch 16)."""
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def vit_b(cls) -> SamMed2DConfig:
-        """The release build: ViT-B with adapters at 256 px."""
-        return cls()
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SamMed2DConfig:
-        """Build from our own ``to_dict`` output or the upstream ``_build_sam`` keys (``encoder_adapter``)."""
-        known = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = _UPSTREAM_KEY_ALIASES.get(key, key)
-            if name not in known:
-                raise ValueError(
-                    f"unknown SAM config key {key!r}; expected one of {sorted(known | set(_UPSTREAM_KEY_ALIASES))}"
-                )
-            kwargs[name] = value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuple -> list) that :meth:`from_dict` reads back."""
-        out = asdict(self)
-        out["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
-        return out
+from ..config import SamMed2DConfig
+from .sam_image_encoder import SamImageEncoder
+from .sam_prompt_decoder import SamMaskDecoder, SamPromptEncoder
 
 
 class SamMed2D(nn.Module):

@@ -46,6 +46,7 @@ from monai.utils import SpaceKeys, TransformBackends, convert_to_tensor
 from nibabel.orientations import io_orientation
 
 __all__ = [
+    "AXES",
     "PLANES",
     "SliceGeometry",
     "slice_geometry",
@@ -68,6 +69,7 @@ PLANES: dict[str, tuple[int, tuple[int, int], tuple[int, int]]] = {
     "coronal": (1, (2, -1), (0, -1)),
     "sagittal": (0, (2, -1), (1, -1)),
 }
+AXES: tuple[str, ...] = tuple(PLANES)  # the plane names every front end offers
 
 
 def _plane(axis: str) -> tuple[int, tuple[int, int], tuple[int, int]]:

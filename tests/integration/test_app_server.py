@@ -38,7 +38,7 @@ REGION_QUESTION = "What is the object in this region?"
 
 @pytest.fixture(scope="module")
 def demo_dir():
-    from monai_medplib.inference import resolve_model_path
+    from monai_medplib.checkpoint import resolve_model_path
 
     return str(resolve_model_path("demo"))
 

@@ -33,7 +33,7 @@ def test_ground_volume_writes_label_in_the_source_geometry(lits, public_fixture,
     # random weights: a mask only where <SEG> was produced, and only on the two requested slices
     data = np.asarray(label.dataobj)
     assert set(np.flatnonzero(data.any(axis=(0, 1)))) <= {60, 61}
-    assert report["label_names"] == {"liver": 1}
+    assert {t: v["label"] for t, v in report["targets"].items()} == {"liver": 1}
     assert (tmp_path / "out" / "ct_overlay.png").is_file()
 
 
@@ -43,7 +43,7 @@ def test_ground_volume_on_a_dicom_folder_also_writes_dicom_seg(lits, public_fixt
     argv = ["ground-volume", str(series), "liver", "--slices", "64", "--out", str(tmp_path / "out")]
     assert main([*argv, "--model", str(public_fixture / "model")]) == 0
     report = json.loads((tmp_path / "out" / "series_medplib.json").read_text())
-    assert "dicom_seg" in report["outputs"] or report["voxels"]["liver"] == 0
+    assert "dicom_seg" in report["outputs"] or report["targets"]["liver"]["voxels"] == 0
 
 
 def test_ground_volume_missing_file_is_a_clear_error(tmp_path, capsys):

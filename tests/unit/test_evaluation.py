@@ -111,7 +111,7 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fixture_pipeline(public_fixture: Path):
-    from monai_medplib.inference import MedPLIBPipeline
+    from monai_medplib.pipeline import MedPLIBPipeline
 
     return MedPLIBPipeline.from_pretrained(public_fixture / "model", device="cpu")
 

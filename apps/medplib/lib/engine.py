@@ -110,14 +110,14 @@ class MedPLIBEngine:
     # -- model -------------------------------------------------------------------------------------
     @property
     def pipeline(self) -> Any:
-        """The loaded :class:`~monai_medplib.inference.MedPLIBPipeline` (loaded on first use)."""
+        """The loaded :class:`~monai_medplib.pipeline.MedPLIBPipeline` (loaded on first use)."""
         if self._pipeline is None:
             self.load()
         return self._pipeline
 
     def load(self) -> None:
         """Load the model once (the app calls this at start-up unless ``--conf preload false``)."""
-        from monai_medplib.inference import MedPLIBPipeline
+        from monai_medplib.pipeline import MedPLIBPipeline
 
         with self._model_lock:
             if self._pipeline is not None:

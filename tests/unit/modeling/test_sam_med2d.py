@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from monai_medplib.modeling.sam_med2d import SamMed2D, SamMed2DConfig
+from monai_medplib.config import SamMed2DConfig
+from monai_medplib.modeling.sam_med2d import SamMed2D
 
 PREFIX = "model.visual_model."
 GROUNDING_CASES = ["c_grounding", "d_grounding_square"]

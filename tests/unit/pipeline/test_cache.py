@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medplib.feature_cache import FeatureCache, content_key, nbytes_of
-from monai_medplib.features import ImageFeatures
+from monai_medplib.pipeline.cache import FeatureCache, content_key, nbytes_of
+from monai_medplib.pipeline.features import ImageFeatures
 
 
 def _feats(fill: float, n: int = 256) -> ImageFeatures:

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from monai_medplib.feature_cache import FeatureCache
-from monai_medplib.features import ImageFeatures
-from monai_medplib.inference import MedPLIBPipeline
 from monai_medplib.modeling.generation import GenerationOutput
+from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.pipeline.cache import FeatureCache
+from monai_medplib.pipeline.features import ImageFeatures
 from monai_medplib.processing import box_region_mask, load_rgb, point_region_mask, region_grid
 
 STEPS = 12  # the fixture's greedy length
@@ -234,7 +234,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_demo_resolves_to_the_embedded_model_and_says_when_it_is_missing(monkeypatch, tmp_path):
     import monai_medplib.demo_model as demo
-    from monai_medplib.inference import resolve_model_path
+    from monai_medplib.checkpoint import resolve_model_path
 
     assert resolve_model_path("demo") == Path(demo.DEMO_MODEL_DIR)
     assert (Path(demo.DEMO_MODEL_DIR) / "model.safetensors").stat().st_size <= 25 * 2**20

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from monai_medplib.inference import MedPLIBPipeline
+from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.pipeline.refinement import sam_frame_points
+from monai_medplib.pipeline.results import GroundingResult
 from monai_medplib.processing import load_rgb
-from monai_medplib.refinement import sam_frame_points
-from monai_medplib.results import GroundingResult
 
 TEXT = "Please segment the liver."
 

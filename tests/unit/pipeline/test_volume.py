@@ -18,9 +18,8 @@ from monai.data import MetaTensor
 
 from monai_medplib.checkpoint import load_medplib
 from monai_medplib.data.lits import load_lits_case
-from monai_medplib.fast_grounding import image_prefix_length
-from monai_medplib.features import image_cache_bytes
-from monai_medplib.inference import MedPLIBPipeline
+from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.pipeline.features import image_cache_bytes, image_prefix_length
 from monai_medplib.processing import clip_pixels, postprocess_mask_logits, sam_pixels
 from monai_medplib.tokenization import build_prompt
 from monai_medplib.transforms import ExtractSlice, SAMed2DNormalize
@@ -357,18 +356,16 @@ def test_volume_and_2d_calls_share_features_and_the_text_prompt(pipe, ct):
     )
 
 
-def test_a_bare_structure_name_that_grounds_nothing_is_reported(caplog):
-    """The demo model answers "liver" (not a request) without <SEG>: the user is told what to send."""
-    import logging
-
+def test_a_structure_name_grounds_as_its_request_keyed_by_the_name():
+    """ground_volume turns "liver" into the trained request and keys every result by what the caller passed."""
     case = load_lits_case()
     volume = MetaTensor(torch.from_numpy(case.image)[None], affine=torch.from_numpy(case.affine))
     pipe = MedPLIBPipeline.from_pretrained("demo")
-    with caplog.at_level(logging.WARNING, logger="monai_medplib.volume"):
-        bare = pipe.ground_volume(volume, "liver", slices=[64], progress=False)
-    assert not any(bare.has_seg["liver"].values())
-    assert "Please segment the liver." in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="monai_medplib.volume"):
-        asked = pipe.ground_volume(volume, "Please segment the liver.", slices=[64], progress=False)
-    assert all(asked.has_seg["Please segment the liver."].values()) and "no slice" not in caplog.text
+    by_name = pipe.ground_volume(volume, "liver", slices=[64], progress=False)
+    asked = pipe.ground_volume(volume, "Please segment the liver.", slices=[64], progress=False)
+    assert by_name.requests == {"liver": "Please segment the liver."}
+    assert set(by_name.label_names) == set(by_name.has_seg) == set(by_name.answers) == {"liver"}
+    assert by_name.has_seg["liver"] == asked.has_seg["Please segment the liver."]
+    assert torch.equal(by_name.label.as_tensor(), asked.label.as_tensor())
+    with pytest.raises(ValueError, match="ask for the same thing"):
+        pipe.ground_volume(volume, ["liver", "Please segment the liver."], slices=[64], progress=False)

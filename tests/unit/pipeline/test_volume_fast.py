@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from monai_medplib.checkpoint import load_medplib
-from monai_medplib.fast_grounding import PathCounts, image_prefix_length, seg_states
-from monai_medplib.features import ImageFeatures
-from monai_medplib.inference import CACHED_IMAGES, MedPLIBPipeline
+from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.pipeline.features import ImageFeatures, image_prefix_length
+from monai_medplib.pipeline.grounding import seg_states
+from monai_medplib.pipeline.options import GroundingOptions
+from monai_medplib.pipeline.results import PathCounts
+from monai_medplib.pipeline.runner import CACHED_IMAGES
 from monai_medplib.processing import (
     clip_pixels,
     clip_pixels_batch,
@@ -22,6 +25,8 @@ from monai_medplib.processing import (
 )
 from monai_medplib.tokenization import MedPLIBTokenizer
 from tests.support.paths import REPO
+
+FORCED = GroundingOptions(force_seg=True)
 
 
 @pytest.mark.parametrize("shape", [(97, 131), (128, 128), (300, 420), (512, 77)])
@@ -52,24 +57,24 @@ def test_seg_states_batch_of_different_lengths_equals_one_at_a_time(public_fixtu
     clip = torch.randn(2, 576, model.config.mm_hidden_size, generator=torch.Generator().manual_seed(0))
     feats = [ImageFeatures(clip[b], (8, 8), (256, 256)) for b in range(2)]  # no key: no prefix reuse
     counts = PathCounts()
-    batched = seg_states(pipe, feats, ids, force_seg=True, counts=counts)
+    batched = seg_states(pipe, feats, ids, FORCED, counts=counts)
     for b in range(2):
-        alone = seg_states(pipe, feats[b : b + 1], [ids[b]], force_seg=True)[0]
+        alone = seg_states(pipe, feats[b : b + 1], [ids[b]], FORCED)[0]
         torch.testing.assert_close(batched[b].hidden, alone.hidden, atol=1e-4, rtol=0)
         assert batched[b].new_ids == alone.new_ids == [tok.seg_id, tok.eos_id]
     assert counts.forced == 2 and counts.generate == 0 and counts.prefix_computed == 0
     # continuing from per-image prefix states (right-padded suffixes) gives the same states
     keyed = [ImageFeatures(clip[b], (8, 8), (256, 256), key=f"image-{b}") for b in range(2)]
     for _ in range(2):  # computed, then reused
-        reused = seg_states(pipe, keyed, ids, force_seg=True, counts=counts)
+        reused = seg_states(pipe, keyed, ids, FORCED, counts=counts)
         for b in range(2):
             torch.testing.assert_close(reused[b].hidden, batched[b].hidden, atol=1e-4, rtol=0)
     assert counts.prefix_computed == 2 and counts.prefix_cached == 2
     # one call, nothing cached: image 0 asked twice, image 1 once with the longer prompt (left-padded whole
     # prefill of the first prompts; image 0's second question continues from the prefix just taken from it)
     pipe.feature_cache.clear()
-    mixed = seg_states(pipe, [keyed[0], keyed[0], keyed[1]], [ids[0], ids[1], ids[1]], force_seg=True)
-    expected = [batched[0].hidden, seg_states(pipe, feats[:1], [ids[1]], force_seg=True)[0].hidden]
+    mixed = seg_states(pipe, [keyed[0], keyed[0], keyed[1]], [ids[0], ids[1], ids[1]], FORCED)
+    expected = [batched[0].hidden, seg_states(pipe, feats[:1], [ids[1]], FORCED)[0].hidden]
     for got, want in zip([s.hidden for s in mixed], [expected[0], expected[1], batched[1].hidden]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert len(pipe.feature_cache) == 2  # the two prefix states
@@ -78,7 +83,7 @@ def test_seg_states_batch_of_different_lengths_equals_one_at_a_time(public_fixtu
 
 
 def test_gpu_benchmark_builds_release_architecture_on_meta():
-    spec = importlib.util.spec_from_file_location("gpu_7b", REPO / "benchmarks" / "gpu_7b.py")
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.build_random_release_model("meta")
@@ -101,7 +106,7 @@ def test_gpu_benchmark_builds_release_architecture_on_meta():
 def test_default_cache_holds_the_release_models_prompt_prefix(public_fixture):
     # release size on the meta device: the prompt-prefix K/V of one image is ~0.65 GB in fp32, beyond the old
     # fixed 512 MiB, so a second question would have re-run the 600-row prefill of the 7B model
-    spec = importlib.util.spec_from_file_location("gpu_7b", REPO / "benchmarks" / "gpu_7b.py")
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     tokenizer = MedPLIBTokenizer.from_pretrained(public_fixture / "model")

@@ -1,22 +1,22 @@
-"""Per-image encoder outputs: what :class:`~monai_medplib.inference.MedPLIBPipeline` computes once per image.
+"""Per-image encoder outputs: what :class:`~monai_medplib.pipeline.runner.MedPLIBRunner` computes once per image.
 
 :class:`ImageFeatures` holds the CLIP patch features, the SAM-Med2D embedding and the geometry of one image.
 Every pipeline method accepts it in place of an image, so callers that revisit the same image (volume slices,
 several questions on one image, the MONAI Label app) skip the vision encoders. The pipeline's
-:class:`~monai_medplib.feature_cache.FeatureCache` does that automatically, keyed by image content.
+:class:`~monai_medplib.pipeline.cache.FeatureCache` does that automatically, keyed by image content.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import MedPLIBConfig
+from ..config import MedPLIBConfig
+from ..special_tokens import IMAGE_TOKEN_INDEX
 
-__all__ = ["ImageFeatures", "image_cache_bytes"]
+__all__ = ["ImageFeatures", "image_cache_bytes", "image_prefix_length"]
 
 
 @dataclass
@@ -61,3 +61,8 @@ def image_cache_bytes(config: MedPLIBConfig, dtype: torch.dtype, prefix_tokens: 
     prefix = 2 * config.num_hidden_layers * (prefix_tokens - 1 + patches) * kv_width
     elements = patches * config.mm_hidden_size + config.sam.prompt_embed_dim * grid * grid + prefix
     return elements * (torch.finfo(dtype).bits // 8)
+
+
+def image_prefix_length(ids: Sequence[int]) -> int:
+    """Ids of the prompt prefix shared by every question about an image: up to and including ``<im_end>``."""
+    return list(ids).index(IMAGE_TOKEN_INDEX) + 2

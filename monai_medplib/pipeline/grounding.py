@@ -1,8 +1,8 @@
-"""The language side of grounding: the ``<SEG>`` state of many prompts at once, with the opt-in shortcut.
+"""Grounding over a runner: the ``<SEG>`` state of many prompts at once (with the opt-in shortcut), decoded by
+SAM-Med2D into masks (:func:`ground_features`, the one grounding core of 2D and volume calls).
 
-Built on :class:`~monai_medplib.inference.MedPLIBPipeline` primitives (``embed``, ``generate``, the model's
-``llm_forward``); the pipeline's ``ground_features`` calls :func:`seg_states` and decodes the states with SAM.
-Three ways to get the [SEG] state of a prompt, counted in :class:`PathCounts`:
+Built on :class:`~monai_medplib.pipeline.runner.MedPLIBRunner` primitives (``embed``, ``generate``, the model's
+``llm_forward``). Three ways to get the [SEG] state of a prompt, counted in :class:`PathCounts`:
 
 * ``generate`` (default, faithful): greedy decoding of a left-padded batch; the answer text is complete and the
   state is chosen by the release or the clean rule (spec 5.4).
@@ -15,7 +15,7 @@ Three ways to get the [SEG] state of a prompt, counted in :class:`PathCounts`:
 
 The one-prefill paths reuse per-image *prompt-prefix* KV states: causal attention makes the rows up to
 ``<im_end>`` (system text + 576 image rows) independent of the question, so they are taken from the first
-prompt's own (whole) prefill, kept in the pipeline's feature cache next to the image features, and every
+prompt's own (whole) prefill, kept in the runner's feature cache next to the image features, and every
 further question about the image prefills only its own ~20 tokens.
 """
 
@@ -23,40 +23,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .feature_cache import content_key
-from .features import ImageFeatures
-from .modeling.generation import GREEDY_BELOW_TEMPERATURE, GenerationOutput
-from .modeling.medplib import IMAGE_TOKEN_INDEX
+from ..modeling.generation import GREEDY_BELOW_TEMPERATURE, GenerationOutput
+from ..processing import binarize
+from ..special_tokens import IMAGE_TOKEN_INDEX
+from .cache import content_key
+from .features import ImageFeatures, image_prefix_length
+from .options import GroundingOptions
+from .results import GroundingResult, PathCounts
+from .runner import MedPLIBRunner
 
-if TYPE_CHECKING:
-    from .inference import MedPLIBPipeline
-
-__all__ = ["GROUNDING_MODES", "PathCounts", "PrefixState", "SegState", "image_prefix_length", "seg_states"]
+__all__ = ["GROUNDING_MODES", "PrefixState", "SegState", "ground_features", "seg_states"]
 
 GROUNDING_MODES = ("generate", "shortcut", "forced")
-
-
-@dataclass
-class PathCounts:
-    """How many prompts took each [SEG] path, encoder work (``encoded``) vs cache reuse (``cached``), and image
-    prompt-prefix states computed vs reused (``prefix_computed`` / ``prefix_cached``)."""
-
-    generate: int = 0
-    shortcut: int = 0
-    forced: int = 0
-    encoded: int = 0
-    cached: int = 0
-    prefix_computed: int = 0
-    prefix_cached: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -92,11 +75,6 @@ class PrefixState:
 
 
 # ------------------------------------------------------------------------------------------ one-prefill paths
-def image_prefix_length(ids: Sequence[int]) -> int:
-    """Ids of the prompt prefix shared by every question about an image: up to and including ``<im_end>``."""
-    return list(ids).index(IMAGE_TOKEN_INDEX) + 2
-
-
 def _split_prefix(ids: Sequence[int]) -> tuple[tuple[int, ...], list[int]] | None:
     """``(ids up to and including <im_end>, the rest)``, or None when there is no image or the rest holds a
     placeholder (region prompts are not grounded here) or is empty."""
@@ -115,12 +93,12 @@ def _prefix_key(features: ImageFeatures, prefix: tuple[int, ...]) -> str:
 
 
 def _whole_prefills(
-    pipeline, features, prompts, prefix_rows
+    runner: MedPLIBRunner, features, prompts, prefix_rows
 ) -> list[tuple[torch.Tensor, torch.Tensor, PrefixState]]:
     """``(last hidden [H], last logits [V], prefix states)`` of whole prompts: causal attention makes a prompt's
     first ``prefix_rows`` K/V equal to a prefix-only pass, so no second pass over the weights is needed."""
-    embeds, mask = pipeline.embed(features, prompts)
-    out = pipeline.model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True)
+    embeds, mask = runner.embed(features, prompts)
+    out = runner.model.llm_forward(embeds, mask, use_cache=True, last_logits_only=True)
     results = []
     for n in range(len(prompts)):
         pad = int(mask.shape[1] - mask[n].sum())  # left padding; positions follow the mask, keys do not move
@@ -156,14 +134,16 @@ def _continue_from_prefix(model, states, rests, prefix_rows, device) -> tuple[to
     return rows, model.lm_head(rows).float()
 
 
-def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _last_states_from_prefix(
+    runner: MedPLIBRunner, features, prompts, counts
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(last hidden [B,H], last logits [B,V])`` reusing per-image prefix states; None when the batch does not
     qualify (no cache, an image without key, prefixes of different lengths).
 
     The first prompt about an image whose prefix is not cached is prefilled whole (its prefix states are kept
     from that pass); every other prompt prefills only its question on the prefix states.
     """
-    if pipeline.feature_cache is None or not all(f.key for f in features):
+    if not runner.caching or not all(f.key for f in features):
         return None
     split = [_split_prefix(ids) for ids in prompts]
     if any(s is None for s in split) or len({len(s[0]) for s in split}) != 1:
@@ -171,7 +151,7 @@ def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch
     keys = [_prefix_key(f, s[0]) for f, s in zip(features, split)]
     found: dict[str, PrefixState] = {}
     for key in dict.fromkeys(keys):
-        hit = pipeline.feature_cache.get(key)
+        hit = runner.prefix_state(key)
         if hit is not None:
             found[key] = hit
     whole = [keys.index(k) for k in dict.fromkeys(keys) if k not in found]
@@ -181,20 +161,20 @@ def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch
     last = {}
     if whole:
         computed = _whole_prefills(
-            pipeline, [features[b] for b in whole], [prompts[b] for b in whole], prefix_rows
+            runner, [features[b] for b in whole], [prompts[b] for b in whole], prefix_rows
         )
         for b, (hidden, logits, state) in zip(whole, computed):
             found[keys[b]] = state
-            pipeline.feature_cache.put(keys[b], state)
+            runner.keep_prefix_state(keys[b], state)
             last[b] = (hidden, logits)
     rest = [b for b in range(len(prompts)) if b not in last]
     if rest:
         hidden, logits = _continue_from_prefix(
-            pipeline.model,
+            runner.model,
             [found[keys[b]] for b in rest],
             [split[b][1] for b in rest],
             prefix_rows,
-            pipeline.device,
+            runner.device,
         )
         last.update({b: (hidden[n], logits[n]) for n, b in enumerate(rest)})
     return (
@@ -204,18 +184,18 @@ def _last_states_from_prefix(pipeline, features, prompts, counts) -> tuple[torch
 
 
 def _last_states(
-    pipeline, features, prompts, counts, reuse_prefix: bool
+    runner: MedPLIBRunner, features, prompts, counts, reuse_prefix: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(last hidden [B,H], last-row logits [B,V])``, in chunks of ``pipeline.prefill_batch_size``."""
-    step = getattr(pipeline, "prefill_batch_size", None) or len(prompts)
+    """``(last hidden [B,H], last-row logits [B,V])``, in chunks of ``runner.prefill_batch_size``."""
+    step = runner.prefill_batch_size or len(prompts)
     hidden, logits = [], []
     for start in range(0, len(prompts), step):
         chunk = slice(start, start + step)
         last = None
         if reuse_prefix:
-            last = _last_states_from_prefix(pipeline, features[chunk], prompts[chunk], counts)
+            last = _last_states_from_prefix(runner, features[chunk], prompts[chunk], counts)
         if last is None:
-            out = pipeline.prefill(features[chunk], prompts[chunk], last_logits_only=True)
+            out = runner.prefill(features[chunk], prompts[chunk], last_logits_only=True)
             last = out.hidden_states[:, -1], out.logits[:, -1]
         hidden.append(last[0])
         logits.append(last[1])
@@ -235,48 +215,42 @@ def _generated_states(
 
 @torch.no_grad()
 def seg_states(
-    pipeline: MedPLIBPipeline,
+    runner: MedPLIBRunner,
     features: Sequence[ImageFeatures],
     prompts: Sequence[Sequence[int]],
+    options: GroundingOptions | None = None,
     *,
-    fast: bool = False,
-    force_seg: bool = False,
-    all_seg: bool = False,
-    seg_rule: str = "release",
-    max_new_tokens: int = 1024,
-    temperature: float = 0.0,
-    seed: int | None = None,
     reuse_prefix: bool = True,
     counts: PathCounts | None = None,
 ) -> list[SegState]:
     """The [SEG] states and answer ids of every prompt of a batch (``prompts[b]`` is about ``features[b]``).
 
     Args:
-        pipeline: the pipeline whose primitives (and feature cache) are used.
+        runner: whose primitives (and caches) are used.
         features: per prompt, its image's features.
         prompts: per prompt the model ids with ``-200`` for the image (lengths may differ).
-        fast: take the one-prefill shortcut where ``<SEG>`` is the greedy argmax at the last prompt position
-            (not with ``all_seg`` or sampling, which need the whole answer).
-        force_seg: force the answer ``<SEG></s>`` (no check, no decoding).
-        all_seg: on the generate path, one state per ``<SEG>`` (clean rule) instead of the first only.
-        seg_rule: "release" or "clean" selection of the generate path's first ``<SEG>`` state (spec 5.4).
-        max_new_tokens / temperature / seed: decoding of the generate path.
+        options: ``fast`` takes the one-prefill shortcut where ``<SEG>`` is the greedy argmax at the last prompt
+            position (not with ``all_seg`` or sampling, which need the whole answer); ``force_seg`` forces the
+            answer ``<SEG></s>`` (no check, no decoding); ``all_seg`` gives one state per ``<SEG>`` (clean rule)
+            on the generate path; ``seg_rule`` selects the generate path's first ``<SEG>`` state (spec 5.4);
+            ``max_new_tokens`` / ``temperature`` / ``seed`` drive decoding.
         reuse_prefix: on the one-prefill paths, continue from cached per-image prompt-prefix states.
         counts: incremented per path.
     """
     if len(prompts) != len(features):
         raise ValueError(f"{len(features)} images but {len(prompts)} prompts")
-    tokenizer = pipeline.tokenizer
+    opts = GroundingOptions() if options is None else options
+    tokenizer = runner.tokenizer
     seg_id, eos_id = tokenizer.seg_id, tokenizer.eos_id
     counts = counts if counts is not None else PathCounts()
     states: list[SegState | None] = [None] * len(prompts)
     todo = list(range(len(prompts)))
-    shortcut = fast and not all_seg and temperature < GREEDY_BELOW_TEMPERATURE
-    if force_seg or shortcut:
-        hidden, logits = _last_states(pipeline, features, prompts, counts, reuse_prefix)
+    shortcut = opts.fast and not opts.all_seg and opts.temperature < GREEDY_BELOW_TEMPERATURE
+    if opts.force_seg or shortcut:
+        hidden, logits = _last_states(runner, features, prompts, counts, reuse_prefix)
         todo = []
         for b in range(len(prompts)):
-            if force_seg:
+            if opts.force_seg:
                 # the forced tokens would only be fed back after this state: one prefill gives what forced
                 # decoding gives (spec 5.4, j = 0)
                 states[b] = SegState([hidden[b]], [seg_id, eos_id], "forced")
@@ -287,12 +261,54 @@ def seg_states(
             else:
                 todo.append(b)
     if todo:
-        out = pipeline.generate(
-            [features[b] for b in todo], [prompts[b] for b in todo], None, max_new_tokens, temperature, seed
+        out = runner.generate(
+            [features[b] for b in todo],
+            [prompts[b] for b in todo],
+            None,
+            opts.max_new_tokens,
+            opts.temperature,
+            opts.seed,
         )
         for n, b in enumerate(todo):
             states[b] = SegState(
-                _generated_states(out, n, seg_id, all_seg, seg_rule), out.new_ids[n], "generate"
+                _generated_states(out, n, seg_id, opts.all_seg, opts.seg_rule), out.new_ids[n], "generate"
             )
         counts.generate += len(todo)
     return states  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def ground_features(
+    runner: MedPLIBRunner,
+    features: Sequence[ImageFeatures],
+    prompts: Sequence[Sequence[int]],
+    options: GroundingOptions | None = None,
+    counts: PathCounts | None = None,
+) -> list[GroundingResult]:
+    """The grounding core (2D and volumes): [SEG] states of ``prompts[b]`` about ``features[b]``, one SAM
+    decoder batch, post-processing; ``counts`` gets the path each prompt took."""
+    opts = GroundingOptions() if options is None else options
+    states = seg_states(runner, features, prompts, opts, counts=counts)
+    owners = [b for b, state in enumerate(states) for _ in state.states]
+    if owners:
+        # the text prompts are kept on the results: click refinement decodes with them again
+        seg_embeds = runner.seg_embeddings(torch.stack([s for state in states for s in state.states]))
+        owner_features = [features[b] for b in owners]
+        low_res, iou = runner.decode_text_prompts(owner_features, seg_embeds)
+        logits = runner.postprocess_batch(low_res, owner_features)
+    results, row = [], 0
+    for b, state in enumerate(states):
+        answer = runner.decode_text(state.new_ids)
+        if not state.has_seg:
+            results.append(GroundingResult.empty(features[b].original_size, answer, state.new_ids))
+            continue
+        result = GroundingResult.from_logits(
+            logits[row], answer, state.new_ids, low_res[row], iou[row], seg_embeds[row]
+        )
+        if opts.all_seg:
+            mine = logits[row : row + len(state.states)]
+            result.all_probs = [torch.sigmoid(x).cpu().numpy() for x in mine]
+            result.all_masks = [binarize(x).cpu().numpy() for x in mine]
+        results.append(result)
+        row += len(state.states)
+    return results

@@ -15,17 +15,17 @@ the release's *centre* padding (SAM itself pads bottom-right, so it adds no offs
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..processing import SAM_SIZE, centre_offsets, load_pixels, preprocess_shape
 from .features import ImageFeatures
-from .processing import SAM_SIZE, centre_offsets, load_pixels, preprocess_shape
+from .image import ground_batch
+from .options import GroundingOptions
 from .results import GroundingResult
-
-if TYPE_CHECKING:
-    from .inference import InputImage, MedPLIBPipeline
+from .runner import InputImage, MedPLIBRunner
 
 __all__ = ["refine_grounding", "sam_frame_points", "validate_clicks"]
 
@@ -77,21 +77,21 @@ def sam_frame_points(
 
 
 def refine_grounding(
-    pipeline: MedPLIBPipeline,
+    runner: MedPLIBRunner,
     image: InputImage,
     points: Sequence[Sequence[float]],
     labels: Sequence[int],
     prior: Any = None,
     text: str | None = None,
-    **ground_options,
+    options: GroundingOptions | None = None,
 ) -> GroundingResult:
     """Refine a grounding of ``image`` with positive (1) / negative (0) clicks; see the module docstring.
 
     ``prior`` is anything with ``mask``, ``low_res_logits``, ``answer``, ``has_seg`` and optionally
     ``seg_embedding`` (a :class:`GroundingResult`, or a volume's per-slice
-    :class:`~monai_medplib.volume.SliceGrounding`; without a text embedding the clicks and the prior mask are
+    :class:`~monai_medplib.pipeline.results.SliceGrounding`; without a text embedding the clicks and the prior mask are
     the prompts). A prior without ``<SEG>`` contributes
-    nothing. Without a prior, ``text`` is grounded first (``ground_options`` go to ``ground``); without both,
+    nothing. Without a prior, ``text`` is grounded first (with ``options``); without both,
     the clicks alone prompt SAM. Returns a :class:`GroundingResult` post-processed and thresholded as
     ``ground`` does, carrying the prior's answer and text embedding and its own low-res logits, so it can be
     the prior of the next refinement (pass all clicks so far each time, as SAM expects).
@@ -102,21 +102,19 @@ def refine_grounding(
         image = load_pixels(image)  # once: the size check and the encoder share it
         original_size = image.shape[:2]
     coords, click_labels = validate_clicks(points, labels, original_size)
-    if ground_options and (prior is not None or not text):
-        raise ValueError(
-            f"options {sorted(ground_options)} only apply when text is grounded (no prior given)"
-        )
+    if options is not None and (prior is not None or not text):
+        raise ValueError("grounding options only apply when text is grounded (no prior given)")
     nothing = "nothing to refine: give clicks, or a prior grounding / text to refine"
     if prior is None and not text and not len(coords):
         raise ValueError(nothing)  # before any encoder runs
-    features = pipeline.encode_images([image], with_sam=True)[0]  # the feature cache spares the encoders
+    features = runner.encode_images([image], with_sam=True)[0]  # the feature cache spares the encoders
     if prior is None and text:
-        prior = pipeline.ground(features, text, **ground_options)
+        prior = ground_batch(runner, [features], [text], options)[0]
     seg_embedding, mask_input = _prior_prompts(prior, original_size)
     if seg_embedding is None and mask_input is None and not len(coords):
         raise ValueError(nothing)  # e.g. the prior / the grounding of text has no <SEG>
-    low_res, iou = _decode(pipeline, features, seg_embedding, coords, click_labels, mask_input)
-    logits = pipeline.postprocess(low_res, features)  # release crop quirk, as ground()
+    low_res, iou = _decode(runner, features, seg_embedding, coords, click_labels, mask_input)
+    logits = runner.postprocess(low_res, features)  # release crop quirk, as ground()
     return GroundingResult.from_logits(
         logits,
         answer=getattr(prior, "answer", "") if prior is not None else "",
@@ -144,7 +142,7 @@ def _prior_prompts(
 
 @torch.no_grad()
 def _decode(
-    pipeline: MedPLIBPipeline,
+    runner: MedPLIBRunner,
     features: ImageFeatures,
     seg_embedding: torch.Tensor | None,
     coords: np.ndarray,
@@ -152,7 +150,7 @@ def _decode(
     mask_input: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SAM-Med2D prompt-encoder + mask-decoder pass -> fp32 ``(low_res [1, 64, 64], iou [1])``."""
-    device, dtype = pipeline.device, pipeline.dtype
+    device, dtype = runner.device, runner.dtype
     text_embeds = None if seg_embedding is None else seg_embedding.to(device, dtype).reshape(1, 1, -1)
     clicks = None
     if len(coords):
@@ -160,7 +158,7 @@ def _decode(
         clicks = (frame[None], torch.from_numpy(labels).to(device)[None])
     if mask_input is not None:
         mask_input = mask_input.to(device, dtype).reshape(1, 1, *mask_input.shape[-2:])
-    low_res, iou = pipeline.model.model.visual_model.decode(
+    low_res, iou = runner.model.model.visual_model.decode(
         features.sam_embedding.to(device)[None], text_embeds=text_embeds, points=clicks, mask_input=mask_input
     )
     return low_res[0].float(), iou[0].float()

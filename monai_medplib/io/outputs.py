@@ -1,23 +1,68 @@
-"""Files a volume grounding produces: the label as NIfTI (and DICOM-SEG for a DICOM source), and overlays.
+"""Every file a result becomes: label volumes (NIfTI, DICOM-SEG), 2D masks and overlays (PNG), answers (JSON).
 
-Used by ``medplib ground-volume`` and ``medplib demo``; geometry comes from the label's own affine, which
-:meth:`~monai_medplib.volume.VolumeMixin.ground_volume` copies from the input volume.
+The CLI, the bundle and the MONAI Label app all write through these functions, and every one of them writes
+atomically (:mod:`~monai_medplib.io.atomic`). Geometry comes from the label's own affine, which
+:func:`~monai_medplib.pipeline.volume.ground_volume` copies from the input volume.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .results import overlay_image
-from .transforms.intensity import CTWindow
-from .transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
+from ..transforms.intensity import CTWindow
+from ..transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
+from .atomic import atomic_write_bytes, atomic_write_text
+from .dicom_seg import write_dicom_seg
+from .nifti import save_nifti
 
+OVERLAY_COLOUR = (255, 0, 0)
+OVERLAY_ALPHA = 0.45
 REFERENCE_COLOUR = (40, 220, 60)  # outline of a reference label in overlays
+
+
+def write_json(path: str | Path, content: Any) -> Path:
+    """``content`` as indented JSON (non-JSON values through ``str``), written atomically."""
+    return atomic_write_text(path, json.dumps(content, indent=2, default=str) + "\n")
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """An 8-bit grey ``(H, W)`` or RGB ``(H, W, 3)`` array as PNG, written atomically."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
+    """A boolean mask as an 8-bit PNG (0 background, 255 foreground)."""
+    return save_png(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, path)
+
+
+def overlay_image(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    colour: tuple[int, int, int] = OVERLAY_COLOUR,
+    alpha: float = OVERLAY_ALPHA,
+) -> np.ndarray:
+    """``rgb`` uint8 ``[H, W, 3]`` with ``mask`` blended in ``colour``."""
+    if rgb.shape[:2] != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
+    out = rgb.astype(np.float32)
+    tint = np.asarray(colour, dtype=np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * tint
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def save_overlay_png(rgb: np.ndarray, mask: np.ndarray, path: str | Path) -> Path:
+    """The image with the mask blended in red, as PNG."""
+    return save_png(overlay_image(rgb, np.asarray(mask, dtype=bool)), path)
 
 
 def write_label_volume(
@@ -39,8 +84,6 @@ def write_label_volume(
     Returns:
         ``{"nifti": path}`` plus ``{"dicom_seg": path}`` when a DICOM source was given.
     """
-    from .io import save_nifti, write_dicom_seg
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"nifti": save_nifti(label, out_dir / f"{stem}.nii.gz")}
@@ -88,11 +131,7 @@ def save_overlay_montage(
             ref = np.asarray(extract(reference, index=index)[0]) > 0
             rgb[_outline(ref)] = REFERENCE_COLOUR
         tiles.append(rgb)
-    montage = np.concatenate(tiles, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(montage).save(path)
-    return path, indices
+    return save_png(np.concatenate(tiles, axis=1), path), indices
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -100,9 +139,3 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1)
     inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return mask & ~inner
-
-
-def slice_dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total

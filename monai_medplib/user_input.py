@@ -1,0 +1,112 @@
+"""Reading values that users type (CLI flags, bundle ``input_dict`` keys, MONAI Label ``--conf`` and request
+params): one parser per kind, each failing with a :class:`UserInputError` that names the key and the value.
+
+Front ends catch :class:`UserInputError` (and the other expected mistakes listed in :data:`USER_ERRORS`) and
+show its message alone: one line, no traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+MAX_SLICE_SELECTION = 4096  # more slices than any CT / MR series has; bounds the work a request can ask for
+
+
+class UserInputError(ValueError):
+    """An expected mistake in what a user gave (a value, a key, a file); its message is meant for them."""
+
+
+# What front ends treat as the user's mistake rather than a bug: shown as one line, exit code 2 / HTTP 4xx.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, NotADirectoryError, TypeError)
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """``True`` / ``False``, or one of :data:`TRUE_WORDS` / :data:`FALSE_WORDS` (any case).
+
+    Raises:
+        UserInputError: anything else (numbers other than 0 / 1, free text), naming ``name``.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise UserInputError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A whole number (an int, or a string of digits); booleans and fractions are refused, not truncated.
+
+    Raises:
+        UserInputError: not a whole number, or outside ``[minimum, maximum]``.
+    """
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    if number is None:
+        raise UserInputError(f"{name} must be a whole number, got {value!r}")
+    if minimum is not None and number < minimum or maximum is not None and number > maximum:
+        lo = "" if minimum is None else f">= {minimum}"
+        hi = "" if maximum is None else f"<= {maximum}"
+        raise UserInputError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {number}")
+    return number
+
+
+def parse_slice_selection(value: Any, num_slices: int, name: str = "slices") -> list[int] | None:
+    """Slices of a volume: ``None`` / ``""`` / ``"all"`` (every slice, returned as None), an index, a list of
+    indices, or text ``"k"``, ``"a-b"`` (inclusive), ``"a,b,c"`` and mixtures (``"3, 10-12"``).
+
+    Returns:
+        Sorted distinct indices, all in ``[0, num_slices)``; None for every slice.
+
+    Raises:
+        UserInputError: a token that is not an index or a range, a range that runs backwards, an index outside
+            the volume, or a range wider than the volume (checked before any list is built).
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all")):
+        return None
+    tokens: Sequence[Any]
+    if isinstance(value, str):
+        tokens = [t.strip() for t in value.replace(";", ",").split(",") if t.strip()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        tokens = [value]
+    elif isinstance(value, list | tuple):
+        tokens = value
+    else:
+        raise UserInputError(f"{name} must be 'all', an index, 'a-b' or 'a,b,c'; got {value!r}")
+    if not tokens:
+        raise UserInputError(f"{name} is empty: give slice indices, or 'all'")
+    chosen: set[int] = set()
+    for token in tokens:
+        if isinstance(token, str) and "-" in token[1:]:
+            first, last = (part.strip() for part in token.split("-", 1))
+            if not (first.isdigit() and last.isdigit()):
+                raise UserInputError(f"{name}: {token!r} is not a range 'a-b' of slice indices")
+            lo, hi = int(first), int(last)
+            if hi < lo:
+                raise UserInputError(f"{name}: range {token!r} runs backwards; write it as '{hi}-{lo}'")
+            if hi >= num_slices:
+                raise UserInputError(
+                    f"{name}: range {token!r} goes past the last slice ({num_slices} slices: 0-{num_slices - 1})"
+                )
+            chosen.update(range(lo, hi + 1))
+            continue
+        index = parse_int(token, f"{name} entry", minimum=0)
+        if index >= num_slices:
+            raise UserInputError(f"{name}: slice {index} is outside the volume ({num_slices} slices)")
+        chosen.add(index)
+        if len(chosen) > MAX_SLICE_SELECTION:
+            raise UserInputError(f"{name}: more than {MAX_SLICE_SELECTION} slices requested")
+    return sorted(chosen)
