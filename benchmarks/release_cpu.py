@@ -21,27 +21,23 @@ import argparse
 import json
 import os
 import platform
-import sys
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from common import (
+    TEXT,
+    TEXT2,
+    TINY,
+    PeakRSS,
+    build_random_release_model,
+    lits_volume,
+    network_floor,
+    original_way,
+    timed,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from gpu_7b import TEXT, TEXT2, TINY, build_random_release_model  # noqa: E402
-from run import BenchPipeline, PeakRSS, lits_volume, network_floor, original_way  # noqa: E402
-
-from monai_medplib.tokenization import MedPLIBTokenizer  # noqa: E402
-
-
-def _time(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.tokenization import MedPLIBTokenizer
 
 
 def main() -> None:
@@ -53,10 +49,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     with PeakRSS() as build_mem:
-        build_s, model = _time(
+        build_s, model = timed(
             lambda: build_random_release_model("cpu", torch.float32, share_llm_layers=True)
         )
-    pipe = BenchPipeline(model, MedPLIBTokenizer.from_pretrained(TINY))
+    pipe = MedPLIBPipeline(model, MedPLIBTokenizer.from_pretrained(TINY))
     volume = lits_volume(128)
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     results = {
@@ -72,14 +68,14 @@ def main() -> None:
     print(json.dumps(results), flush=True)
     pipe.ground_volume(volume, TEXT, slices=[0], force_seg=True)  # memoises the volume normalisation
     with PeakRSS() as mem:
-        first_s, _ = _time(lambda: pipe.ground_volume(volume, TEXT, slices=[60], force_seg=True))
+        first_s, _ = timed(lambda: pipe.ground_volume(volume, TEXT, slices=[60], force_seg=True))
         print(f"pipeline, first prompt on slice 60: {first_s:.1f} s", flush=True)
-        second_s, _ = _time(lambda: pipe.ground_volume(volume, TEXT2, slices=[60], force_seg=True))
+        second_s, _ = timed(lambda: pipe.ground_volume(volume, TEXT2, slices=[60], force_seg=True))
         print(f"pipeline, second prompt on slice 60 (cached): {second_s:.2f} s", flush=True)
-    original_s, _ = _time(lambda: original_way(model, pipe.tokenizer, volume, TEXT, [70]))
+    original_s, _ = timed(lambda: original_way(model, pipe.tokenizer, volume, TEXT, [70]))
     print(f"original's way, slice 70: {original_s:.1f} s", flush=True)
     pipe.feature_cache.clear()
-    pipeline_s, _ = _time(lambda: pipe.ground_volume(volume, TEXT, slices=[70], force_seg=True))
+    pipeline_s, _ = timed(lambda: pipe.ground_volume(volume, TEXT, slices=[70], force_seg=True))
     print(f"pipeline, slice 70: {pipeline_s:.1f} s", flush=True)
     floor = network_floor(model, pipe.tokenizer, volume, TEXT, [80])
     print("networks, slice 80 (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in floor.items()), flush=True)
