@@ -89,14 +89,14 @@ def check_training_losses(
             Row(case, "tf_losses", math.inf, "[SEG] mask", False, "the training forward decoded no mask")
         )
         return rows
-    logits = seen["logits"][-1].float()
+    logits = seen["logits"][0].float()
     _, labels = expand_targets(
         batch["input_ids"][0],
         batch["labels"][0],
         model.config.num_image_tokens,
         bool(batch["region_grids"][0]),
     )
-    low_res, pred_iou = seen["masks"][-1]
+    low_res, pred_iou = seen["masks"][0]  # one sample: its text-prompted decode comes first
     pred = postprocess_mask_logits(low_res.float(), batch["resizes"][0], batch["original_sizes"][0])[:, 0]
     release = medplib_loss(  # one list item per mask: the release averages the terms over masks
         logits,
