@@ -1,7 +1,9 @@
 """``medplib eval``: score a model on MeCoVQA-layout test files, write a JSON report and print a table.
 
-Without ``--data-root`` the demo dataset's held-out slabs are built from the LiTS CT shipped on PyPI (about 10 s,
-kept for later runs), so the command works on a fresh machine.
+Without ``--data-root`` the demo dataset's held-out slabs are built from the LiTS CT and the MNI152 MR shipped on
+PyPI (about 20 s, kept for later runs), so the command works on a fresh machine; the demo model's acceptance
+figures (``monai_medplib.evaluation.acceptance``: per-target mDice, the text controls, absent structures,
+region / closed VQA by wording set, the docs' example questions, click refinement) are added to the report.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where the demo split is built when --data-root is omitted (default: demo_data/ beside --out)",
     )
+    acceptance = parser.add_argument_group("demo acceptance figures (default: on with the demo split)")
+    acceptance.add_argument(
+        "--acceptance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also report the demo acceptance figures on the held-out slices of the demo volumes "
+        "(default: only when --data-root is omitted)",
+    )
+    acceptance.add_argument(
+        "--acceptance-every", type=int, default=1, help="every N-th held-out slice of each plane (default 1)"
+    )
+    acceptance.add_argument(
+        "--clicks", type=int, default=3, help="simulated refinement clicks per grounding (default 3; 0 skips)"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report JSON (default: {DEFAULT_OUT})")
     out.add_argument(
@@ -86,12 +102,14 @@ def _parse_files(items: list[str] | None) -> dict[str, str] | None:
 
 
 def demo_data_root(folder: Path) -> Path:
-    """The demo dataset under ``folder`` (built from the LiTS CT when it is not there yet)."""
-    if not (folder / "split.json").is_file():
+    """The demo held-out split under ``folder`` (built from the demo volumes when it is not there yet, or when
+    the folder holds a split of an older, CT-only builder)."""
+    split = folder / "split.json"
+    if not split.is_file() or "volumes" not in json.loads(split.read_text()):
         from ..data.demo_dataset import build_demo_dataset
 
-        print(f"building the demo held-out split from the LiTS CT into {folder} ...", file=sys.stderr)
-        build_demo_dataset(folder)
+        print(f"building the demo held-out split (LiTS CT, MNI152 MR) into {folder} ...", file=sys.stderr)
+        build_demo_dataset(folder, splits=("test",))
     return folder
 
 
@@ -101,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     files = _parse_files(args.file)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    if args.acceptance_every < 1 or args.clicks < 0:
+        raise ValueError(
+            f"--acceptance-every must be >= 1 and --clicks >= 0, got {args.acceptance_every}, {args.clicks}"
+        )
+    acceptance = args.acceptance if args.acceptance is not None else args.data_root is None
     if args.data_root is not None:
         data_root = args.data_root
     else:
@@ -121,10 +144,22 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     report = {"model": str(args.model), "data_root": str(data_root), **report}
+    acceptance_table = ""
+    if acceptance:
+        from ..evaluation.acceptance import evaluate_acceptance, format_acceptance, held_out_slices
+
+        report["acceptance"] = evaluate_acceptance(
+            pipe,
+            held_out_slices(every=args.acceptance_every),
+            clicks=args.clicks,
+            batch_size=args.batch_size,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        acceptance_table = "\n\n" + format_acceptance(report["acceptance"])
     predictions = args.predictions or args.out.with_name(f"{args.out.stem}_predictions.json")
     for path, content in ((args.out, report), (predictions, {"predictions": rows})):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=1) + "\n")
-    print(table)
+    print(table + acceptance_table)
     print(f"report: {args.out}\npredictions: {predictions}")
     return 0

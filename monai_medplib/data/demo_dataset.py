@@ -1,210 +1,69 @@
-"""Build the demo dataset: the LiTS CT of ``liver-ct-segmentation-package`` as MeCoVQA-style 2D data.
+"""Build the demo dataset: the demo CT and MR volumes (:mod:`.demo_slices`) as MeCoVQA-style 2D data.
 
-The 128^3 volume (label 0 background, 1 liver, 2 tumour) is normalised to 8 bit the SA-Med2D way and cut along
-all three planes with the project transforms. Every slice becomes ``images/<stem>.png`` with the SA-Med2D name
-``ct_00--LiTS--case_117--<x|y|z>_<index:04d>`` (x = sagittal, y = coronal, z = axial), class masks
-``masks_merged/<stem>--<class:04d>_merged.png`` (0001 liver incl. tumour, 0002 tumour) and region prompts
-``masks/<stem>--region_<k>.png``, and three kinds of conversations in the release JSON layout:
+Every slice of both volumes becomes ``images/<stem>.png`` (8 bit, three equal channels, SA-Med2D names
+``<case prefix>--<x|y|z>_<index:04d>``), each structure it shows ``masks_merged/<stem>--<class:04d>_merged.png``
+and region prompts ``masks/<stem>--region_<k>.png``. Conversations, in the release JSON layout and with the
+wordings of :mod:`.demo_prompts`:
 
-* grounding: "Please segment the liver." (several phrasings; tumour too) -> ``<SEG><mask>PATH</mask>``;
-* closed VQA: is a tumour / the liver visible (yes / no), which plane is this (axial / coronal / sagittal);
-* region VQA: "What is inside <region>PATH</region>?" -> liver / tumour / background, regions being discs that
-  lie (almost) entirely inside one label.
+* grounding (``MeCoVQA-Grounding.json``): requests for the structures the slice shows
+  (``<SEG><mask>PATH</mask>``) and for structures it cannot show, answered without ``<SEG>`` by a sentence
+  (CT asked for white matter, MR asked for the liver, a tumour request on a slice without tumour);
+* closed VQA (``MeCoVQA-Complex.json``): modality (CT / MRI), plane (axial / coronal / sagittal) and
+  "is X visible" with "no" as often as "yes" (one question about a structure shown, one about one not shown);
+* region VQA (``MeCoVQA-Region.json``): "what is in <region>?" -> liver / tumour / grey matter / white matter /
+  background, the region a disc whose pixels are mostly one class (intersected with that class), and "is
+  <region> normal?" (no only for tumour).
 
-Held-out split (whole slabs, not neighbouring slices): per plane, the contiguous block of
-``round(0.2 * n)`` slices centred in the volume is the test set; ``gap`` slices on either side are used
-nowhere; the rest is training. Both sets come from the one LiTS case, so this measures generalisation to
-unseen slabs of the same patient, not to new patients.
+Training conversations hold 1 to ``max_turns`` rounds about one image (several targets of one image in one
+sequence, so the ``<SEG>`` state must follow the request); ``copies`` conversations per slice and task, with
+fresh random wordings, targets and regions. Test files hold one round per entry (what the release evaluation
+reads), each with the fields the acceptance report groups by: ``modality``, ``target``, ``question_kind``,
+``wording`` ("train" or "held_out").
+
+Targets and absent requests only name structures of the volumes in the build (a CT-only build never asks for
+white matter).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-# SA-Med2D axis letter per plane (x: sagittal slices, y: coronal, z: axial).
-PLANE_LETTER = {"sagittal": "x", "coronal": "y", "axial": "z"}
-CASE_PREFIX = "ct_00--LiTS--case_117"
-LIVER_CLASS, TUMOUR_CLASS = 1, 2
-MIN_LIVER_PIXELS = 64  # grounding / "visible" needs at least this many pixels (0.4 % of a 128^2 slice)
-MIN_TUMOUR_PIXELS = 32
-REGION_RADIUS = 6
-
-GROUNDING_PHRASES = (
-    "Please segment the {target}.",
-    "Segment the {target} in this image.",
-    "Can you segment the {target}?",
-    "Where is the {target}? Please output the mask.",
-    "Please provide a segmentation of the {target}.",
-    "Show me the {target} in this CT slice.",
-    "Outline the {target}.",
-    "Could you mark the {target} in this scan?",
+from .demo_prompts import (
+    CLOSED_QUESTIONS,
+    GROUNDING_PHRASES,
+    NORMAL_QUESTIONS,
+    REGION_QUESTIONS,
+    TARGETS,
+    absent_answer,
+    modality_answer,
 )
-TARGET_NAMES = {LIVER_CLASS: ("liver",), TUMOUR_CLASS: ("liver tumour", "tumour", "liver lesion")}
-TUMOUR_QUESTIONS = (
-    "Is a tumour visible in this image?",
-    "Does this slice show a liver tumour?",
-    "Is there a lesion in the liver?",
-    "Can you see a tumour in this CT slice?",
+from .demo_slices import (
+    DEFAULT_GAP,
+    DEFAULT_TEST_FRACTION,
+    DemoSlice,
+    DemoVolume,
+    SlabSplit,
+    ct_volume_from_planes,
+    demo_volumes,
+    iter_slices,
+    slab_split,
 )
-LIVER_QUESTIONS = (
-    "Is the liver visible in this image?",
-    "Does this slice show the liver?",
-    "Can you see the liver in this CT slice?",
-)
-PLANE_QUESTIONS = (
-    "Which plane is this image: axial, coronal or sagittal?",
-    "In which plane was this slice taken?",
-    "Is this an axial, coronal or sagittal slice?",
-)
-REGION_QUESTIONS = (
-    "What is inside <region>{path}</region>?",
-    "What does the region <region>{path}</region> show?",
-    "Which tissue is in <region>{path}</region>?",
-)
-REGION_ANSWERS = {0: "background", LIVER_CLASS: "liver", TUMOUR_CLASS: "tumour"}
 
-
-@dataclass(frozen=True)
-class SlabSplit:
-    """Slice indices of one plane: ``test`` (held-out block), ``gap`` (unused) and ``train``."""
-
-    train: tuple[int, ...]
-    gap: tuple[int, ...]
-    test: tuple[int, ...]
-
-
-def slab_split(num_slices: int, test_fraction: float = 0.2, gap: int = 3) -> SlabSplit:
-    """Central held-out block of ``round(test_fraction * num_slices)`` slices with ``gap`` unused on each side."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    size = max(1, round(test_fraction * num_slices))
-    start = (num_slices - size) // 2
-    test = range(start, start + size)
-    gap_ids = [*range(max(0, start - gap), start), *range(start + size, min(num_slices, start + size + gap))]
-    train = [i for i in range(num_slices) if i not in test and i not in gap_ids]
-    return SlabSplit(tuple(train), tuple(gap_ids), tuple(test))
-
-
-def load_lits_planes() -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]]]:
-    """Yield ``(plane, images uint8 [H,W] per slice, labels uint8 [H,W] per slice)`` for the three planes."""
-    from monai.data import MetaTensor
-
-    from ..transforms.intensity import SAMed2DNormalize
-    from ..transforms.slicing import ExtractSlices
-    from .lits import load_lits_case
-
-    case = load_lits_case()
-    image = MetaTensor(case.image[None].astype(np.float32), affine=case.affine)
-    label = MetaTensor(case.label[None].astype(np.float32), affine=case.affine)
-    image8 = SAMed2DNormalize()(image)
-    for plane in PLANE_LETTER:
-        images = [np.asarray(s[0]).astype(np.uint8) for s in ExtractSlices(plane)(image8)]
-        labels = [np.asarray(s[0]).round().astype(np.uint8) for s in ExtractSlices(plane)(label)]
-        yield plane, images, labels
-
-
-def _save_png(array: np.ndarray, path: Path, rgb: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if rgb:  # SA-Med2D CT PNGs: 8-bit, three identical channels
-        array = np.repeat(array[..., None], 3, axis=-1)
-    Image.fromarray(array).save(path)
-
-
-def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
-    rows, cols = np.ogrid[: shape[0], : shape[1]]
-    return ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) <= radius**2
-
-
-def region_masks(label: np.ndarray, rng: random.Random) -> list[tuple[int, np.ndarray]]:
-    """One disc per class present: its centre lies at least ``0.7 * REGION_RADIUS`` px inside that class."""
-    out = []
-    for cls in (0, LIVER_CLASS, TUMOUR_CLASS):
-        inside = label == cls
-        depth = ndimage.distance_transform_edt(inside)
-        candidates = np.argwhere(depth >= 0.7 * REGION_RADIUS)
-        if cls == 0:  # background discs: keep them near the liver, not in the empty corners only
-            near = ndimage.binary_dilation(label > 0, iterations=12)
-            candidates = (
-                np.array([c for c in candidates if near[c[0], c[1]]]) if len(candidates) else candidates
-            )
-        if len(candidates) == 0:
-            continue
-        centre = tuple(int(v) for v in candidates[rng.randrange(len(candidates))])
-        out.append((cls, _disc(label.shape, centre, REGION_RADIUS) & (depth > 0)))
-    return out
-
-
-def _conversation(question: str, answer: str) -> list[dict[str, str]]:
-    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
-
-
-def slice_entries(
-    plane: str, index: int, image: np.ndarray, label: np.ndarray, root: Path, rng: random.Random
-) -> dict[str, list[dict]]:
-    """Write the PNGs of one slice and return its entries per task (grounding, closed, region)."""
-    stem = f"{CASE_PREFIX}--{PLANE_LETTER[plane]}_{index:04d}"
-    image_rel = f"images/{stem}.png"
-    _save_png(image, root / image_rel, rgb=True)
-    entries: dict[str, list[dict]] = {"grounding": [], "closed": [], "region": []}
-    base = {"image": image_rel, "plane": plane, "slice_index": index}
-    liver_px = int((label >= LIVER_CLASS).sum())
-    tumour_px = int((label == TUMOUR_CLASS).sum())
-    for cls, pixels, minimum in (
-        (LIVER_CLASS, liver_px, MIN_LIVER_PIXELS),
-        (TUMOUR_CLASS, tumour_px, MIN_TUMOUR_PIXELS),
-    ):
-        if pixels < minimum:
-            continue
-        mask_rel = f"masks_merged/{stem}--{cls:04d}_merged.png"
-        _save_png(((label >= cls) * 255).astype(np.uint8), root / mask_rel)
-        question = rng.choice(GROUNDING_PHRASES).format(target=rng.choice(TARGET_NAMES[cls]))
-        entries["grounding"].append(
-            {
-                "id": f"{stem}--{cls:04d}",
-                **base,
-                "target": REGION_ANSWERS[cls],
-                "conversations": _conversation(question, f"<SEG><mask>{mask_rel}</mask>"),
-            }
-        )
-    closed = [("plane", rng.choice(PLANE_QUESTIONS), plane)]
-    for name, pixels, minimum, questions in (
-        ("tumour_visible", tumour_px, MIN_TUMOUR_PIXELS, TUMOUR_QUESTIONS),
-        ("liver_visible", liver_px, MIN_LIVER_PIXELS, LIVER_QUESTIONS),
-    ):
-        if pixels == 0 or pixels >= minimum:  # slices with a few pixels only are ambiguous: not asked
-            closed.append((name, rng.choice(questions), "yes" if pixels else "no"))
-    for name, question, answer in closed:
-        entries["closed"].append(
-            {
-                "id": f"{stem}--{name}",
-                **base,
-                "question_kind": name,
-                "answer_type": "closed",
-                "conversations": _conversation(question, answer),
-            }
-        )
-    for k, (cls, mask) in enumerate(region_masks(label, rng)):
-        region_rel = f"masks/{stem}--region_{k}.png"
-        _save_png((mask * 255).astype(np.uint8), root / region_rel)
-        question = rng.choice(REGION_QUESTIONS).format(path=region_rel)
-        entries["region"].append(
-            {
-                "id": f"{stem}--region_{k}",
-                **base,
-                "answer_type": "open",
-                "conversations": _conversation(question, REGION_ANSWERS[cls]),
-            }
-        )
-    return entries
-
+__all__ = [
+    "TEST_FILES",
+    "TRAIN_FILES",
+    "SlabSplit",
+    "build_demo_dataset",
+    "region_masks",
+    "slab_split",
+]
 
 # Release file names (spec 4.4): train/MeCoVQA-{Complex,Region,Grounding}.json, test/MeCoVQA_*_test.json.
 TRAIN_FILES = {
@@ -217,10 +76,231 @@ TEST_FILES = {
     "region": "MeCoVQA_Region_VQA_test.json",
     "grounding": "MeCoVQA_Grounding_test.json",
 }
+REGION_RADIUS_FRACTION = 0.05  # disc radius as a share of the slice side (6 px on 128, 10 px on 192)
+REGION_PURITY = 0.75  # share of the disc's bounding square that must be of the region's class
+REGIONS_PER_CLASS = 2  # region prompts kept per class and slice
+NORMAL_QUESTION_SHARE = 0.15  # share of region rounds that ask "is <region> normal?"
+
+
+def _save_png(array: np.ndarray, path: Path, rgb: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rgb:  # SA-Med2D PNGs: 8-bit, three identical channels
+        array = np.repeat(array[..., None], 3, axis=-1)
+    Image.fromarray(array).save(path)
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) <= radius**2
+
+
+def _grid_ok(mask: np.ndarray) -> bool:
+    """The region survives the 24x24 CLIP-patch sampling (the model would see nothing otherwise)."""
+    from ..processing import region_grid
+
+    try:
+        region_grid(mask)
+    except ValueError:
+        return False
+    return True
+
+
+def region_masks(
+    demo_slice: DemoSlice, rng: random.Random, per_class: int = REGIONS_PER_CLASS
+) -> list[tuple[str, np.ndarray]]:
+    """Up to ``per_class`` region prompts per class of the slice: discs whose bounding square is at least
+    :data:`REGION_PURITY` of that class, intersected with it; background discs stay near the structures."""
+    label = demo_slice.label
+    radius = max(3, round(REGION_RADIUS_FRACTION * max(label.shape)))
+    near = ndimage.binary_dilation(label > 0, iterations=2 * radius)
+    out = []
+    for cls, pixels in demo_slice.region_class_map().items():
+        if not pixels.any():
+            continue
+        purity = ndimage.uniform_filter(pixels.astype(np.float32), size=2 * radius + 1, mode="constant")
+        ok = pixels & (purity >= REGION_PURITY)
+        if cls == "background":
+            ok &= near
+        candidates = np.argwhere(ok)
+        kept = 0
+        for pick in rng.sample(range(len(candidates)), min(len(candidates), 8 * per_class)):
+            centre = candidates[pick]
+            region = _disc(label.shape, (int(centre[0]), int(centre[1])), radius) & pixels
+            if _grid_ok(region):
+                out.append((cls, region))
+                kept += 1
+                if kept == per_class:
+                    break
+    return out
+
+
+def _conversation(rounds: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    turns = []
+    for k, (question, answer) in enumerate(rounds):
+        turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def _region_question(template: str, path: str) -> str:
+    return template.format(region=f"<region>{path}</region>")
+
+
+class _SliceWriter:
+    """Writes one slice's files and makes its conversations."""
+
+    def __init__(self, demo_slice: DemoSlice, root: Path, modalities: set[str], rng: random.Random) -> None:
+        self.s, self.root, self.rng = demo_slice, root, rng
+        stem = demo_slice.stem
+        self.image_rel = f"images/{stem}.png"
+        _save_png(demo_slice.image, root / self.image_rel, rgb=True)
+        presence = demo_slice.presence
+        askable = [t for t in TARGETS if TARGETS[t].modality in modalities]
+        self.present = [t for t in askable if presence[t] is True]
+        self.absent = [t for t in askable if presence[t] is False]
+        self.mask_rel = {}
+        for code, target in enumerate(demo_slice.volume.target_labels, start=1):
+            if target in self.present:
+                rel = f"masks_merged/{stem}--{code:04d}_merged.png"
+                _save_png((demo_slice.target_mask(target) * 255).astype(np.uint8), root / rel)
+                self.mask_rel[target] = rel
+        self.regions = []
+        for k, (cls, mask) in enumerate(region_masks(demo_slice, rng)):
+            rel = f"masks/{stem}--region_{k}.png"
+            _save_png((mask * 255).astype(np.uint8), root / rel)
+            self.regions.append((cls, rel))
+
+    def base(self, entry_id: str, **fields) -> dict:
+        s = self.s
+        return {
+            "id": entry_id,
+            "image": self.image_rel,
+            "modality": s.modality,
+            "plane": s.plane,
+            "slice_index": s.index,
+            **fields,
+        }
+
+    # ---------------------------------------------------------------------------------------- rounds
+    def grounding_round(self, target: str, phrase: str | None = None) -> tuple[str, str]:
+        name = self.rng.choice(TARGETS[target].names)
+        question = (phrase or self.rng.choice(GROUNDING_PHRASES)).format(target=name)
+        if target in self.present:
+            return question, f"<SEG><mask>{self.mask_rel[target]}</mask>"
+        return question, absent_answer(target)
+
+    def closed_round(self, kind: str, wording: str = "train", target: str | None = None) -> tuple[str, str]:
+        question = self.rng.choice(CLOSED_QUESTIONS[kind][wording])
+        if kind == "modality":
+            return question, modality_answer(self.s.modality)
+        if kind == "plane":
+            return question, self.s.plane
+        phrase = self.rng.choice(TARGETS[target].noun_phrases)
+        return question.format(target=phrase), "yes" if target in self.present else "no"
+
+    def region_round(self, cls: str, rel: str, normal: bool) -> tuple[str, str]:
+        if normal:
+            return _region_question(
+                self.rng.choice(NORMAL_QUESTIONS), rel
+            ), "no" if cls == "tumour" else "yes"
+        return _region_question(self.rng.choice(REGION_QUESTIONS), rel), cls
+
+    def closed_items(self) -> list[tuple[str, str | None]]:
+        """Closed question slots of the slice: modality, plane, one shown and one not-shown structure."""
+        items: list[tuple[str, str | None]] = [("modality", None), ("plane", None)]
+        if self.present:
+            items.append(("visible", self.rng.choice(self.present)))
+        if self.absent:
+            items.append(("visible", self.rng.choice(self.absent)))
+        return items
+
+    def region_items(self) -> list[tuple[str, str]]:
+        """Region prompts with class balance: background (found on every slice of both volumes) half as often."""
+        return [(c, r) for c, r in self.regions if c != "background" or self.rng.random() < 0.5]
+
+    # ---------------------------------------------------------------------------------------- entries
+    def train_entries(self, copy: int, max_turns: int) -> dict[str, list[dict]]:
+        rng, stem = self.rng, self.s.stem
+        out: dict[str, list[dict]] = {"grounding": [], "closed": [], "region": []}
+        targets = self.present + self.absent
+        if targets:
+            # a shown structure is drawn twice as often as one not shown (masks are the costlier lesson)
+            weights = {t: (2.0 if t in self.present else 1.0) * rng.random() for t in targets}
+            ranked = sorted(targets, key=lambda t: -weights[t])
+            chosen = ranked[: rng.randint(1, max_turns)]
+            rounds = [self.grounding_round(t) for t in chosen]
+            out["grounding"].append(
+                self.base(f"{stem}--grounding_{copy}", conversations=_conversation(rounds))
+            )
+        items = self.closed_items()
+        chosen_items = rng.sample(items, min(len(items), rng.randint(1, max_turns)))
+        rounds = [self.closed_round(kind, "train", target) for kind, target in chosen_items]
+        out["closed"].append(
+            self.base(f"{stem}--closed_{copy}", answer_type="closed", conversations=_conversation(rounds))
+        )
+        regions = self.region_items()
+        if regions:
+            chosen_regions = rng.sample(regions, min(len(regions), rng.randint(1, max_turns)))
+            rounds = [
+                self.region_round(c, r, rng.random() < NORMAL_QUESTION_SHARE) for c, r in chosen_regions
+            ]
+            out["region"].append(
+                self.base(f"{stem}--region_{copy}", answer_type="open", conversations=_conversation(rounds))
+            )
+        return out
+
+    def test_entries(self) -> dict[str, list[dict]]:
+        stem = self.s.stem
+        out: dict[str, list[dict]] = {"grounding": [], "closed": [], "region": []}
+        for target in self.present:
+            rounds = [self.grounding_round(target)]
+            key = target.replace(" ", "_")
+            out["grounding"].append(
+                self.base(f"{stem}--{key}", target=target, conversations=_conversation(rounds))
+            )
+        for kind, target in self.closed_items():
+            for wording in ("train", "held_out"):
+                rounds = [self.closed_round(kind, wording, target)]
+                suffix = kind if target is None else f"{kind}_{target.replace(' ', '_')}"
+                out["closed"].append(
+                    self.base(
+                        f"{stem}--{suffix}--{wording}",
+                        question_kind=kind,
+                        wording=wording,
+                        answer_type="closed",
+                        conversations=_conversation(rounds),
+                        **({"target": target} if target else {}),
+                    )
+                )
+        seen: set[str] = set()
+        for k, (cls, rel) in enumerate(self.regions):
+            if cls in seen:
+                continue
+            seen.add(cls)
+            rounds = [self.region_round(cls, rel, normal=False)]
+            out["region"].append(
+                self.base(
+                    f"{stem}--region_{k}",
+                    target=cls,
+                    question_kind="region",
+                    answer_type="open",
+                    conversations=_conversation(rounds),
+                )
+            )
+        return out
 
 
 def build_demo_dataset(
-    out_dir: str | Path, test_fraction: float = 0.2, gap: int = 3, seed: int = 0, planes=None
+    out_dir: str | Path,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    gap: int = DEFAULT_GAP,
+    seed: int = 0,
+    planes: Iterable | None = None,
+    *,
+    volumes: Sequence[DemoVolume] | None = None,
+    copies: int = 1,
+    max_turns: int = 1,
+    splits: Sequence[str] = ("train", "test"),
 ) -> dict[str, object]:
     """Write the demo dataset under ``out_dir`` and return a summary (counts per split and task, the split).
 
@@ -228,34 +308,58 @@ def build_demo_dataset(
         out_dir: dataset root (gets ``images/``, ``masks/``, ``masks_merged/``, ``train/``, ``test/``).
         test_fraction: share of each plane's slices held out as one central slab.
         gap: slices excluded on each side of the held-out slab.
-        seed: seed of the phrasing and region choices.
-        planes: iterable of ``(plane, images, labels)``; default :func:`load_lits_planes` (the LiTS volume).
+        seed: seed of the wording, target and region choices.
+        planes: ``(plane, images, labels)`` triples of one CT with liver / tumour labels, instead of the
+            demo volumes (tests).
+        volumes: the volumes (default: :func:`~.demo_slices.demo_volumes`, the LiTS CT and the MNI MR).
+        copies: training conversations per slice and task.
+        max_turns: rounds per training conversation are drawn from 1..``max_turns`` (test entries have one).
+        splits: which splits to write (``("test",)``: the held-out files only, for evaluation).
     """
+    if copies < 1 or max_turns < 1:
+        raise ValueError(f"copies and max_turns must be >= 1, got {copies} and {max_turns}")
     root = Path(out_dir)
     rng = random.Random(seed)
+    if volumes is None:
+        volumes = [ct_volume_from_planes(planes)] if planes is not None else demo_volumes()
+    modalities = {v.modality for v in volumes}
     tasks = ("grounding", "closed", "region")
     data = {split: {task: [] for task in tasks} for split in ("train", "test")}
-    splits: dict[str, SlabSplit] = {}
-    for plane, images, labels in planes if planes is not None else load_lits_planes():
-        split = splits[plane] = slab_split(len(images), test_fraction, gap)
-        for index, (image, label) in enumerate(zip(images, labels)):
-            which = "test" if index in split.test else "train" if index in split.train else None
-            if which is None:
-                continue
-            for task, items in slice_entries(plane, index, image, label, root, rng).items():
-                data[which][task].extend(items)
+    unknown = sorted(set(splits) - {"train", "test"})
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; use 'train' and / or 'test'")
+    for demo_slice in iter_slices(volumes, tuple(splits), test_fraction, gap):
+        writer = _SliceWriter(demo_slice, root, modalities, rng)
+        if demo_slice.split == "test":
+            parts = [writer.test_entries()]
+        else:
+            parts = [writer.train_entries(copy, max_turns) for copy in range(copies)]
+        for part in parts:
+            for task, items in part.items():
+                data[demo_slice.split][task].extend(items)
     for split_name, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
         (root / split_name).mkdir(parents=True, exist_ok=True)
         for task, name in files.items():
             (root / split_name / name).write_text(json.dumps(data[split_name][task], indent=1) + "\n")
     mixed = [e for task in tasks for e in data["train"][task]]
     (root / "train" / "MeCoVQA_train.json").write_text(json.dumps(mixed, indent=1) + "\n")
+    splits = {
+        v.name: {
+            p: {"test": [s.test[0], s.test[-1]], "gap": list(s.gap)}
+            for p in v.plane_names()
+            for s in [v.split(p, test_fraction, gap)]
+        }
+        for v in volumes
+    }
     summary = {
         "counts": {s: {t: len(v) for t, v in data[s].items()} for s in data},
-        "split": {p: {"test": [s.test[0], s.test[-1]], "gap": list(s.gap)} for p, s in splits.items()},
+        "split": splits,
+        "volumes": {v.name: v.modality for v in volumes},
         "test_fraction": test_fraction,
         "gap": gap,
         "seed": seed,
+        "copies": copies,
+        "max_turns": max_turns,
     }
     (root / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -61,6 +61,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --time-budget counts: wall seconds, or CPU seconds of rank 0 (a shared machine does not "
+        "shorten the stage)",
+    )
+    p.add_argument(
+        "--click-prompts",
+        action="store_true",
+        help="demo-only: also train SAM-Med2D point / box prompt chains on every mask (not in the release)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import torch  # heavy imports here: ``medplib --help`` stays fast
 
     from ..config import MedPLIBConfig
+    from .click_prompts import ClickTraining
     from .distributed import cleanup, init_distributed
     from .loop import TrainConfig
     from .run import StageRun, parse_repeat, run_stage
@@ -96,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         bf16=not args.no_bf16,
         time_budget_s=args.time_budget,
+        clicks=ClickTraining() if args.click_prompts else None,
+        budget_clock=args.budget_clock,
     )
     ctx = init_distributed(args.device)
     try:

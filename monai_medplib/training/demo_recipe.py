@@ -9,12 +9,14 @@ The stage schedule (time budgets, batch, oversampling) lives in ``scripts/train_
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..config import RELEASE_CLIP, MedPLIBConfig
 from ..tokenization import TEMPLATES
 from .sp_tokenizer import train_sentencepiece
 
+_PATHS = re.compile(r"(<mask>|<region>).*?(</mask>|</region>)", re.S)
 DEMO_BASE_VOCAB = 1000  # SentencePiece target; the trainer stops earlier on the small corpus
 
 
@@ -45,11 +47,12 @@ def demo_config(vocab_size: int, moe: bool = False) -> MedPLIBConfig:
 
 
 def tokenizer_corpus(data_root: str | Path) -> list[str]:
-    """Every text of the demo training files plus the two system prompts and role names."""
+    """Every text of the demo training files (file paths in ``<mask>`` / ``<region>`` left out: the model never
+    sees them) plus the two system prompts and role names."""
     texts = [t.system for t in TEMPLATES.values()] + ["USER: ASSISTANT:"]
     for path in sorted((Path(data_root) / "train").glob("MeCoVQA-*.json")):
         for entry in json.loads(path.read_text()):
-            texts += [str(turn["value"]) for turn in entry["conversations"]]
+            texts += [_PATHS.sub(r"\1\2", str(turn["value"])) for turn in entry["conversations"]]
     return texts
 
 

@@ -20,6 +20,7 @@ import torch
 from ..modeling.medplib import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBForCausalLM
 from ..processing import postprocess_mask_logits
 from ..tokenization import IGNORE_INDEX
+from .click_prompts import ClickTraining, click_chain_losses
 from .losses import LossWeights, focal_loss, mask_bce_loss, mask_dice_loss, token_ce_loss
 
 
@@ -56,14 +57,19 @@ def compute_losses(
     batch: Mapping[str, object],
     seg_token_id: int,
     weights: LossWeights,
+    clicks: ClickTraining | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Losses of one batch: ``{"loss", "ce", "bce", "dice", "focal", "num_masks"}``.
+    """Losses of one batch: ``{"loss", "ce", "bce", "dice", "focal", "num_masks"}`` (+ ``"click"``).
 
     CE is the mean over every supervised token of the batch (release: shifted CE of the HF causal LM).
     The [SEG] state is the final-norm hidden state at the position *before* each ``<SEG>`` target token (release
     ``seg_token_mask = input_ids[:, 1:] == SEG`` shifted by the image rows), fed through ``text_hidden_fcs`` and the
     SAM decoder with only the text prompt; logits are brought to the original size with the release crop quirk,
     then BCE (mean over pixels) and soft Dice are averaged over masks.
+
+    ``clicks`` (demo-only, None in the release recipe) adds SAM-Med2D-style point / box prompt chains per mask
+    (:mod:`.click_prompts`); their BCE / Dice, weighted like the text masks', enter the total as
+    ``clicks.weight * click``.
     """
     ids: list[list[int]] = batch["input_ids"]  # type: ignore[assignment]
     grids: list[list[torch.Tensor]] = batch.get("region_grids") or [[] for _ in ids]  # type: ignore[assignment]
@@ -81,28 +87,34 @@ def compute_losses(
     ce = token_ce_loss(out.logits, exp_labels)
     zero = ce.new_zeros(())
     losses = {"ce": ce, "bce": zero, "dice": zero, "focal": zero, "num_masks": zero}
+    if clicks is not None:
+        losses["click"] = zero
     # position p predicts token p+1: the [SEG] state sits just before each <SEG> target
     seg_positions = (exp_ids[:, 1:] == seg_token_id) & (exp_labels[:, 1:] == seg_token_id)
     masks: list[torch.Tensor] = batch.get("masks") or []  # type: ignore[assignment]
     if seg_positions.any():
-        losses.update(_mask_losses(model, batch, out.hidden_states[:, :-1], seg_positions, masks))
+        losses.update(
+            _mask_losses(model, batch, out.hidden_states[:, :-1], seg_positions, masks, weights, clicks)
+        )
     total = (
         weights.ce * losses["ce"]
         + weights.bce * losses["bce"]
         + weights.dice * losses["dice"]
         + weights.focal * losses["focal"]
     )
+    if clicks is not None:
+        total = total + clicks.weight * losses["click"]
     losses["loss"] = total
     return losses
 
 
-def _mask_losses(model, batch, hidden, seg_positions, masks) -> dict[str, torch.Tensor]:
+def _mask_losses(model, batch, hidden, seg_positions, masks, weights, clicks) -> dict[str, torch.Tensor]:
     device = model.device
     rows = [b for b in range(seg_positions.shape[0]) if seg_positions[b].any()]
     images_sam = batch["images_sam"][rows].to(device, model.dtype)
     image_embeddings = model.model.visual_model.encode_image(images_sam)
-    bce = dice = focal = hidden.new_zeros((), dtype=torch.float32)
-    count = 0
+    bce = dice = focal = click_bce = click_dice = hidden.new_zeros((), dtype=torch.float32)
+    count = click_steps = 0
     for k, b in enumerate(rows):
         seg_hidden = hidden[b][seg_positions[b]]
         gt = masks[b].to(device, torch.float32)
@@ -118,11 +130,30 @@ def _mask_losses(model, batch, hidden, seg_positions, masks) -> dict[str, torch.
         dice = dice + mask_dice_loss(pred, gt[:n]) * n
         focal = focal + focal_loss(pred, gt[:n]) * n
         count += n
+        if clicks is not None:
+            chain_bce, chain_dice, steps = click_chain_losses(
+                model.model.visual_model,
+                image_embeddings[k : k + 1],
+                prompts,
+                low_res,
+                gt[:n],
+                batch["resizes"][b],
+                batch["original_sizes"][b],
+                clicks,
+            )
+            click_bce, click_dice, click_steps = (
+                click_bce + chain_bce,
+                click_dice + chain_dice,
+                click_steps + steps,
+            )
     if count == 0:
         return {}
-    return {
+    out = {
         "bce": bce / count,
         "dice": dice / count,
         "focal": focal / count,
         "num_masks": bce.new_tensor(float(count)),
     }
+    if click_steps:
+        out["click"] = (weights.bce * click_bce + weights.dice * click_dice) / click_steps
+    return out

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .click_prompts import ClickTraining
 from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
 from .forward import compute_losses
 from .losses import LossWeights
 
 CHECKPOINT_FILE = "train_state.pt"
+CLOCKS = {"wall": time.time, "cpu": time.process_time}  # what a stage's time budget counts
 
 
 @dataclass
@@ -45,6 +47,11 @@ class TrainConfig:
             slower machine trains fewer steps with a complete warm-up / decay instead of overrunning.
         stop_at_step: leave the loop (after saving) at this step without finishing the schedule, as a preempted
             job would; a later call with ``resume`` continues.
+        clicks: demo-only SAM-Med2D point / box prompt chains on every mask (None: the release's text prompt
+            only); see :mod:`.click_prompts`.
+        budget_clock: what ``time_budget_s`` measures: ``"wall"`` seconds (default) or ``"cpu"`` seconds of rank
+            0's process (``time.process_time``), which a machine shared with other jobs does not shorten: with one
+            torch thread per process it equals the wall time the stage takes on a machine of its own.
     """
 
     max_steps: int = 100
@@ -59,6 +66,8 @@ class TrainConfig:
     bf16: bool = True
     time_budget_s: float | None = None
     stop_at_step: int | None = None
+    clicks: ClickTraining | None = None
+    budget_clock: str = "wall"
 
 
 def warmup_decay(progress: float, warmup_ratio: float) -> float:
@@ -149,11 +158,14 @@ def train(
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         log(f"resumed from {ckpt_path} at step {step}")
-    ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights), ctx)
+    ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights, cfg.clicks), ctx)
     order = BatchOrder(len(dataset), cfg.batch_size, ctx, cfg.seed)
     use_autocast = cfg.bf16 and ctx.device.type == "cuda"
     model.train()
-    start, window = time.time() - elapsed, []
+    if cfg.budget_clock not in CLOCKS:
+        raise ValueError(f"budget_clock must be one of {sorted(CLOCKS)}, got {cfg.budget_clock!r}")
+    clock = CLOCKS[cfg.budget_clock]
+    start, window = clock() - elapsed, []
     progress = _progress(step, elapsed, cfg)
     while progress < 1.0:
         lr = cfg.lr * warmup_decay(progress, cfg.warmup_ratio)
@@ -172,7 +184,7 @@ def train(
         optimizer.step()
         step += 1
         # every rank must stop at the same step: rank 0's clock decides
-        elapsed = float(_broadcast(torch.tensor(time.time() - start, dtype=torch.float64), ctx))
+        elapsed = float(_broadcast(torch.tensor(clock() - start, dtype=torch.float64), ctx))
         progress = _progress(step, elapsed, cfg)
         if step % cfg.log_every == 0 or progress >= 1.0:
             row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -226,11 +238,14 @@ class LossModule(nn.Module):
     """``forward(batch) -> losses`` around a MedPLIB model, so that DDP sees the whole loss computation as one
     forward call (DDP only hooks ``forward``; the loss uses several model methods)."""
 
-    def __init__(self, model: nn.Module, seg_token_id: int, weights: LossWeights) -> None:
+    def __init__(
+        self, model: nn.Module, seg_token_id: int, weights: LossWeights, clicks: ClickTraining | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.seg_token_id = seg_token_id
         self.weights = weights
+        self.clicks = clicks
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return compute_losses(self.model, batch, self.seg_token_id, self.weights)
+        return compute_losses(self.model, batch, self.seg_token_id, self.weights, self.clicks)

@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..data.demo_prompts import ABSENT_ANSWER, CLOSED_QUESTIONS, GROUNDING_PHRASES, REGION_CLASSES
+from ..data.mni import MNI_CUBE, MNI_NOTICE, TISSUE_THRESHOLD
+
 _KEEP_SUFFIXES = (".json", ".safetensors", ".model")
 
 
@@ -14,9 +17,12 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def eval_table(report: dict[str, Any]) -> str:
-    """Markdown table of the held-out scores (values in %) from a :func:`~monai_medplib.evaluation.evaluate_mecovqa`
-    report."""
+    """Markdown table of the release-protocol held-out scores (values in %) of an ``evaluate_mecovqa`` report."""
     lines = ["| task | metric | held-out score (%) | n |", "|---|---|---|---|"]
     grounding = report.get("grounding")
     if grounding:
@@ -41,68 +47,183 @@ def eval_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def acceptance_table(acceptance: dict[str, Any]) -> str:
+    """Markdown table of the acceptance figures with their thresholds (``evaluation.acceptance`` report)."""
+    from ..evaluation.acceptance import ACCEPTANCE
+
+    lines = ["| figure | held-out value | target | met |", "|---|---|---|---|"]
+    for name, (op, threshold) in ACCEPTANCE.items():
+        value = acceptance["figures"].get(name)
+        met = "yes" if acceptance["checks"].get(name) else "**no**"
+        lines.append(f"| {name} | {_num(value)} | {op} {threshold:g} | {met} |")
+    return "\n".join(lines)
+
+
+def _details(acceptance: dict[str, Any]) -> str:
+    g = acceptance["grounding"]
+    rows = ["| target | n | mDice | mDice, zero `<SEG>` prompt | `<SEG>` rate |", "|---|---|---|---|---|"]
+    for target, part in g["per_target"].items():
+        rows.append(
+            f"| {target} | {part['n']} | {_num(part['mdice'])} | {_num(part['zero_prompt_mdice'])} |"
+            f" {_num(part['seg_rate'])} |"
+        )
+    rows.append(
+        f"| mean over targets | | {_num(g['mean_over_targets'])} | {_num(g['zero_prompt_mean_over_targets'])} | |"
+    )
+    lt = g["liver_vs_tumour"]
+    absent = g["absent"]
+    text = "\n".join(rows)
+    text += (
+        f"\n\nLiver vs tumour masks on the {lt['n']} held-out CT slices showing both: mean Dice "
+        f"{_num(lt['mean_dice'])} (max {_num(lt['max_dice'])}). Absent-structure requests: {absent['n']}, "
+        f"answered without `<SEG>` and with an empty mask: {_num(absent['no_seg_rate'])} "
+        f"(per target: {', '.join(f'{k} {_num(v)}' for k, v in absent['per_target'].items())}). "
+        f"Requests for a shown structure: {g['present']['n']}, with `<SEG>`: {_num(g['present']['seg_rate'])}."
+    )
+    clicks = g["clicks"]
+    if clicks.get("all", {}).get("n"):
+        text += (
+            "\n\n| clicks on | n | mean Dice after 0, 1, 2, 3 clicks | gain after 1 | improved after 1 |\n"
+        )
+        text += "|---|---|---|---|---|\n"
+        for key in (
+            "all",
+            "positive_first",
+            "negative_first",
+            *[f"target:{t}" for t in clicks["per_target"]],
+        ):
+            part = clicks["per_target"][key[7:]] if key.startswith("target:") else clicks[key]
+            if not part.get("n"):
+                continue
+            curve = " / ".join(_num(v) for v in part["dice"])
+            text += (
+                f"| {key.replace('_', ' ')} | {part['n']} | {curve} | {_num(part['gain_after_1'])} |"
+                f" {_num(part['improved_after_1'])} |\n"
+            )
+    region = acceptance["region"]
+    text += "\n\nRegion VQA per class (accuracy): " + ", ".join(
+        f"{c} {_num(region['per_class'].get(c))}" for c in region["classes"]
+    )
+    text += f' (n {region["n"]}); "is <region> normal?": balanced accuracy {_num(region["normal"]["balanced_accuracy"])}'
+    text += f" (n {region['normal']['n']}).\n\n| closed VQA | wordings | n | balanced accuracy | accuracy |\n|---|---|---|---|---|\n"
+    for kind, part in acceptance["closed"].items():
+        if kind == "examples":
+            continue
+        for wording, scores in part.items():
+            text += (
+                f"| {kind} | {wording.replace('_', '-')} | {scores['n']} | {_num(scores['balanced_accuracy'])} |"
+                f" {_num(scores['accuracy'])} |\n"
+            )
+    docs = acceptance["doc_questions"]
+    text += f"\nExample questions of the docs: {docs['correct']} of {docs['n']} answered correctly."
+    if docs["failures"]:
+        text += " Wrong: " + "; ".join(
+            f'"{f["question"]}" on {f["slice"]} -> "{f["pred"]}" (expected "{f["answer"]}")'
+            for f in docs["failures"][:6]
+        )
+    return text
+
+
+def _wordings(kind: str, which: str) -> str:
+    return "; ".join(f'"{q}"' for q in CLOSED_QUESTIONS[kind][which])
+
+
 def model_card(result: dict[str, Any], weight_bytes: int, config: dict[str, Any]) -> str:
-    """MODEL_CARD.md text from the training result (timings, stage summaries, eval report)."""
+    """MODEL_CARD.md text from the training result (timings, stage summaries, eval and acceptance reports)."""
     stages = result["stages"]
     stage_rows = "\n".join(
-        f"| {name} | {s['steps_done'] if 'steps_done' in s else s['steps']} | {s['train_seconds']:.0f} | {s['wall_seconds']:.0f} |"
+        f"| {name} | {s['steps']} | {s.get('cpu_seconds', 0):.0f} | {s['wall_seconds']:.0f} |"
         f" {s['trainable_parameters']:,} | {s['first_loss']:.3f} -> {s['last_loss']:.3f} |"
         for name, s in stages.items()
     )
-    total = sum(s["wall_seconds"] for s in stages.values())
-    plan = result.get("plan")
-    plan = (
-        " ("
-        + "; ".join(f"{k}: lr {v[3]:g}, {' '.join(v[4]) or 'no oversampling'}" for k, v in plan.items())
-        + ")"
-        if plan
-        else ""
+    wall = sum(s["wall_seconds"] for s in stages.values())
+    cpu = sum(s.get("cpu_seconds", 0) for s in stages.values())
+    plan = result.get("plan", {})
+    plan_text = "; ".join(
+        f"{k}: {100 * v['share']:.0f} % of the budget, at most {v['max_steps']} steps, lr {v['lr']:g}"
+        + (f", oversampling {' '.join(v['repeat'])}" if v["repeat"] else "")
+        + (", click prompts" if "--click-prompts" in v["flags"] else "")
+        for k, v in plan.items()
     )
+    budget = result.get("budget", {})
+    data = result.get("data", {})
     sam = config.get("sam_config", {})
     clip = config.get("clip_config", {})
+    acceptance = result["acceptance"]
     return f"""# MedPLIB demo model
 
-A small MedPLIB (same architecture as `MedPLIB-7b-2e`, shrunk) trained from scratch by this project's own training
-code (`scripts/train_demo.py`) on one real CT volume. It exists so that the library, the MONAI Bundle and the MONAI Label
-app run on a fresh machine with no download. It is **not** a medical model: it has seen one patient.
+A small MedPLIB (same architecture as `MedPLIB-7b-2e`, shrunk) trained from scratch by this project's own 4-stage
+training code (`scripts/train_demo.py`) on two real volumes: one abdominal CT and one brain MR template. It exists so
+that the library, the MONAI Bundle and the MONAI Label app run on a fresh machine with no download, and so that each
+capability can be seen working: text grounding that follows the request, "not found" for absent structures, region
+and closed VQA, and click refinement. It is **not** a medical model: it has seen one CT patient and one MR template.
 
 ## Architecture
 - LLaMA decoder: {config["num_hidden_layers"]} layers, hidden {config["hidden_size"]}, MLP {config["intermediate_size"]},
   {config["num_attention_heads"]} heads; every MLP a top-1 MoE of 2 experts (release key names); vocabulary {config["vocab_size"]}
-  (SentencePiece BPE trained on the demo corpus with LLaMA's options, byte fallback, + the 267 MedPLIB tokens).
+  (SentencePiece BPE trained on the training conversations with LLaMA's options, byte fallback, + the 267 MedPLIB tokens).
 - CLIP ViT: 336 px, patch 14 (576 image tokens), {clip.get("num_hidden_layers")} layers, width {clip.get("hidden_size")}.
 - SAM-Med2D: 256 px, patch 16, encoder {sam.get("encoder_depth")} blocks x {sam.get("encoder_embed_dim")} with adapters,
-  global attention in blocks {sam.get("encoder_global_attn_indexes")}; release 256-d prompt encoder and mask decoder.
+  global attention in blocks {sam.get("encoder_global_attn_indexes")}; release 256-d prompt encoder and mask decoder (64 x 64 masks).
 - Weights: `model.safetensors`, bfloat16, {weight_bytes / 1e6:.1f} MB.
 
-## Data
-LiTS case 117 as shipped in `liver-ct-segmentation-package` (128^3 crop, labels background / liver / tumour; LiTS data
-terms: non-commercial), normalised the SA-Med2D way (0.5 / 99.5 percentile window -> uint8) and cut along the axial,
-coronal and sagittal planes (`monai_medplib.data.demo_dataset`). Tasks: grounding ("Please segment the liver." and 7
-other phrasings, liver and tumour -> `<SEG>`), closed VQA (tumour visible? liver visible? which plane?), region VQA
-(what is inside this disc region? -> liver / tumour / background).
-Held-out split: per plane, the central block of 26 slices (20 %) is the test set and 3 slices on each side of it are
-used nowhere. Train and test come from the same patient. Nearly every slice of this liver-centred crop shows liver and
-tumour, so "liver visible" and "tumour visible" are almost always "yes" (majority baselines in the table's n).
+## Data (offline, real images only; `monai_medplib.data.demo_slices` / `demo_dataset`)
+- CT: LiTS case 117 as shipped in the `liver-ct-segmentation-package` wheel (128^3 crop, 1.5 mm assumed, labels
+  background / liver / tumour). Licence: the LiTS data terms, **non-commercial** use only.
+- MR: the MNI ICBM152 2009a symmetric T1 template (skull-stripped) with its grey- and white-matter probability maps,
+  read directly from the `nilearn` wheel's files (`nilearn/datasets/data/mni_icbm152_{{t1,gm,wm}}_tal_nlin_sym_09a_converted.nii.gz`;
+  nilearn is not imported). Tissue = probability >= {TISSUE_THRESHOLD} (the maps store 255 p); brain = grey or white
+  matter; the volume is cut / zero-padded to a {MNI_CUBE}^3 cube around the brain so that every slice is square (the
+  release's mask post-processing stretches masks of non-square images). Licence: nilearn's dataset description
+  lists it as "unknown"; the template archive's own notice, which must accompany every copy, reads: "{MNI_NOTICE}"
+- Both volumes are normalised the SA-Med2D way (0.5 / 99.5 percentile window -> uint8, the project's
+  `SAMed2DNormalize`) and cut along the axial, coronal and sagittal planes (`ExtractSlice`).
+- Held-out protocol: per volume and plane, the central 20 % slab (LiTS: 26 of 128 slices, MNI: 38 of 192) is the
+  test set and 3 slices on each side of it are used nowhere; nothing of the test slabs is used in training (the
+  tokenizer is trained on the training conversations only). Train and test come from the same body: the figures
+  measure generalisation to unseen slabs, not to new patients or scanners.
+- Training conversations ({data.get("copies", "?")} per slice and task, 1-{data.get("max_turns", "?")} rounds about one image):
+  grounding of the structures the slice shows (liver, tumour; grey matter, white matter, brain) with the
+  MeCoVQA-G phrasings ({"; ".join(f'"{p}"' for p in GROUNDING_PHRASES[:3])} and {len(GROUNDING_PHRASES) - 3} more) -> `<SEG>`,
+  and of structures it cannot show (CT asked for white matter, MR for the liver, a structure with no pixel on the slice)
+  -> "{ABSENT_ANSWER}" without `<SEG>`; region questions whose region (a disc mostly of one class) covers
+  {", ".join(REGION_CLASSES)}; closed VQA on modality (CT / MRI), plane and "is X visible" with "no" as often as "yes".
+- Closed-question wordings used in training: modality {_wordings("modality", "train")}; plane {_wordings("plane", "train")};
+  visible {_wordings("visible", "train")}. Held out from training (evaluation only): {_wordings("modality", "held_out")};
+  {_wordings("plane", "held_out")}; {_wordings("visible", "held_out")}.
 
-## Training (2 CPU cores, shared machine; DDP over gloo, 2 processes x 1 thread)
+## Training (2 CPU cores: DDP over gloo, {budget.get("nproc", 2)} processes x {budget.get("threads", 1)} thread)
 Stage 0 (demo only: no pretrained CLIP / LLaMA / SAM-Med2D offline) trains the whole dense model from scratch on all
 tasks; stage II = vision-language expert (LoRA r16 on q,k,v,o,gate,up,down + full FT of lm_head, embeddings, norms,
-projector; VQA + region VQA); stage III = grounding expert (LoRA r8 on gate,up,down + full FT of mask decoder and
+projector; closed + region VQA); stage III = grounding expert (LoRA r8 on gate,up,down + full FT of mask decoder and
 [SEG] head; CE 1, Dice 5, BCE 1, focal 1); stage IV = MoE (expert 0 = stage-III MLPs, expert 1 = stage-II MLPs, fresh
-router; LoRA r8 on gate,up,down,q,v of each expert copy + full FT of router, lm_head, embeddings, mask decoder,
-[SEG] head, region adapter; CE 1, Dice 0.5, BCE 2), then LoRA merged and saved in the release layout.
-Per-stage learning rate, batch and task oversampling: `STAGE_PLAN` in `scripts/train_demo.py`{plan}. AdamW (0.9, 0.95),
-linear warm-up 3 % then linear decay, 2 processes x batch 4, grad clip 1. Stage lengths are wall-clock budgets
-(the LR schedule follows elapsed time), so step counts depend on the machine's load.
+router; LoRA r8 on gate,up,down,q,v + full FT of router, lm_head, embeddings, mask decoder, [SEG] head, region adapter;
+CE 1, Dice 0.5, BCE 2), then LoRA merged and saved in the release layout. AdamW (0.9, 0.95), linear warm-up 3 % then
+linear decay, batch 4 per process, grad clip 1.
 
-| stage | optimizer steps | train s | wall s (incl. start-up) | trainable params | loss first -> last |
+Demo-only deviations (flags; the release recipe stays the default): stage 0; multi-round conversations about one image
+and task oversampling; stage budgets counted on rank 0's CPU clock (`--budget-clock cpu`, {budget.get("minutes", "?")} min
+for the four stages: {plan_text}); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
+after the text decode, error-region clicks with the previous logits as mask prompt, or a jittered box / a point from
+the mask first) in the stages that train the mask decoder.
+
+| stage | optimizer steps | CPU s (both processes) | wall s (shared machine) | trainable params | loss first -> last |
 |---|---|---|---|---|---|
 {stage_rows}
 
-Total training wall time: {total / 60:.1f} min (dataset + tokenizer: {result["timings"].get("data_and_tokenizer_s", 0):.0f} s).
+Total: {cpu / 60:.1f} CPU minutes over the 2 processes, i.e. about {cpu / 120:.0f} min of wall time on 2 cores of
+its own; {wall / 60:.1f} min of wall time on the shared machine it was trained on (dataset + tokenizer:
+{result["timings"].get("data_and_tokenizer_s", 0):.0f} s).
 
-## Held-out evaluation (`medplib eval`; release protocol: vicuna_v1 prompt, greedy, sigmoid > 0.1, per-sample mDice)
+## Acceptance figures (held-out slices, `medplib eval`; `monai_medplib.evaluation.acceptance`)
+{acceptance["slices"]} held-out slices; greedy decoding, `sigmoid > 0.1` masks, a request answered without `<SEG>`
+scores Dice 0; grounding requests rotate through the trained phrasings.
+
+{acceptance_table(acceptance)}
+
+{_details(acceptance)}
+
+## Release protocol (`medplib eval --tasks ...` on the held-out test files; vicuna_v1 prompt, greedy)
 {eval_table(result["eval"])}
 """
 

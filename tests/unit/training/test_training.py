@@ -143,7 +143,7 @@ def test_demo_tokenizer_and_dataset_layout(tiny_data):
     ids, labels = build_training_example(grounding[0]["conversations"], tok)
     assert [t for t in labels if t != IGNORE_INDEX] == [tok.seg_id, tok.eos_id]  # target "<SEG></s>"
     split = json.loads((data / "split.json").read_text())
-    assert split["split"]["axial"]["test"] == [4, 5]  # 10 slices: 2 held out, 1 gap slice each side
+    assert split["split"]["ct"]["axial"]["test"] == [4, 5]  # 10 slices: 2 held out, 1 gap slice each side
 
 
 def test_seg_loss_uses_the_state_before_seg(tiny_data):

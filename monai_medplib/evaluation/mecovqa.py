@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .data.demo_dataset import TEST_FILES as DEMO_TEST_FILES
-from .data.mecovqa import MeCoVQARecord, load_binary_mask, read_mecovqa
-from .metrics import GroundingMeter, vqa_metrics
-from .pipeline import MedPLIBPipeline
-from .pipeline.options import MAX_NEW_TOKENS
+from ..data.demo_dataset import TEST_FILES as DEMO_TEST_FILES
+from ..data.mecovqa import MeCoVQARecord, load_binary_mask, read_mecovqa
+from ..metrics import GroundingMeter, vqa_metrics
+from ..pipeline import MedPLIBPipeline
+from ..pipeline.options import MAX_NEW_TOKENS
 
 __all__ = [
     "RELEASE_TEST_FILES",
