@@ -38,6 +38,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import monai_medplib
 from monai_medplib.adapters.monailabel.server import harden_running_server
+from monai_medplib.user_input import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class MedPLIBApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         harden_running_server()  # thread-pool /infer + 4xx errors, also under a plain `monailabel start_server`
         self.engine = MedPLIBEngine.from_conf(conf)
-        if conf.get("preload", "true").lower() in ("true", "1", "yes"):
+        if parse_bool(conf.get("preload", "true"), "--conf preload"):
             self.engine.load()
 
         selected = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]

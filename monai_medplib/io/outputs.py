@@ -22,6 +22,7 @@ from ..transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
 from .atomic import atomic_write_bytes, atomic_write_text
 from .dicom_seg import write_dicom_seg
 from .nifti import save_nifti
+from .readers import NIFTI_SUFFIXES
 
 OVERLAY_COLOUR = (255, 0, 0)
 OVERLAY_ALPHA = 0.45
@@ -71,8 +72,10 @@ def write_label_volume(
     out_dir: str | Path,
     stem: str,
     dicom_source: str | Path | None = None,
+    ext: str = ".nii.gz",
+    seg_stem: str | None = None,
 ) -> dict[str, Path]:
-    """Save a grounded label volume as ``<stem>.nii.gz`` and, given its source series, ``<stem>_seg.dcm``.
+    """Save a grounded label volume as ``<stem><ext>`` and, given its source series, a DICOM-SEG.
 
     Args:
         label: ``(1, X, Y, Z)`` MetaTensor on the source volume's voxel grid (its affine is written).
@@ -80,16 +83,26 @@ def write_label_volume(
         out_dir: folder to write into (created).
         stem: file name stem.
         dicom_source: the DICOM series folder the volume was read from, if any.
+        ext: ``.nii.gz`` or ``.nii``.
+        seg_stem: DICOM-SEG file stem (default ``<stem>_seg``).
 
     Returns:
-        ``{"nifti": path}`` plus ``{"dicom_seg": path}`` when a DICOM source was given.
+        ``{"nifti": path}`` plus ``{"dicom_seg": path}`` when a DICOM source was given and something was grounded
+        (a DICOM-SEG holds at least one segmented frame), else ``{"dicom_seg_skipped": reason}``.
     """
+    if ext not in NIFTI_SUFFIXES:
+        raise ValueError(f"label volumes are written as {NIFTI_SUFFIXES}, got {ext!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"nifti": save_nifti(label, out_dir / f"{stem}.nii.gz")}
+    paths: dict[str, Any] = {"nifti": save_nifti(label, out_dir / f"{stem}{ext}")}
     if dicom_source is not None:
-        segments = {value: text for text, value in label_names.items()}
-        paths["dicom_seg"] = write_dicom_seg(label, dicom_source, out_dir / f"{stem}_seg.dcm", segments)
+        if not Path(dicom_source).is_dir():
+            paths["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
+        elif not bool((label > 0).any()):
+            paths["dicom_seg_skipped"] = "empty segmentation: nothing was grounded"
+        else:
+            segments = {value: text for text, value in label_names.items()}
+            out = out_dir / f"{seg_stem or stem + '_seg'}.dcm"
+            paths["dicom_seg"] = write_dicom_seg(label, dicom_source, out, segments)
     return paths
 
 

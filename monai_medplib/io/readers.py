@@ -21,9 +21,22 @@ from monai.data import ITKReader, MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform, Transform
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["find_dicom_series", "load_volume", "LoadVolume", "LoadVolumed", "LoadVolumeD", "LoadVolumeDict"]
+__all__ = [
+    "IMAGE_2D_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "find_dicom_series",
+    "load_volume",
+    "LoadVolume",
+    "LoadVolumed",
+    "LoadVolumeD",
+    "LoadVolumeDict",
+]
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# File kinds by name, the one home of these lists (lower case; DICOM series also come as folders).
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd", ".dcm")
 
 
 def find_dicom_series(folder: str | Path) -> dict[str, list[Path]]:
@@ -60,7 +73,7 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
 
 
 def _loader(reader: str | None, path: Path) -> LoadImage:
-    name = reader or ("NibabelReader" if path.name.lower().endswith(_NIFTI_SUFFIXES) else "ITKReader")
+    name = reader or ("NibabelReader" if path.name.lower().endswith(NIFTI_SUFFIXES) else "ITKReader")
     readers = {"ITKReader": ITKReader, "NibabelReader": NibabelReader, "PydicomReader": PydicomReader}
     if name not in readers:
         raise ValueError(f"unknown reader {name!r}; expected one of {sorted(readers)}")

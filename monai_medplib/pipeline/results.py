@@ -236,9 +236,9 @@ class VolumeGroundingResult:
             }
         return {
             "axis": self.axis,
-            "slices": len(self.slices),
+            "slices": list(self.slices),
             "targets": targets,
-            "grounding": dict(self.paths),
+            "paths": dict(self.paths),  # which [SEG] path each prompt took, encoder and cache use, LLM passes
         }
 
 

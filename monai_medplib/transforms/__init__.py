@@ -1,10 +1,19 @@
-"""MONAI transforms: CT / MR volumes -> MedPLIB's 8-bit 2D slices, prompts onto slices, and back."""
+"""MONAI transforms: CT / MR volumes -> MedPLIB's 8-bit 2D slices, prompts onto slices, and back.
 
-from monai_medplib.transforms.intensity import *  # noqa: F403
-from monai_medplib.transforms.intensity import __all__ as _intensity_all
-from monai_medplib.transforms.prompts import *  # noqa: F403
-from monai_medplib.transforms.prompts import __all__ as _prompts_all
-from monai_medplib.transforms.slicing import *  # noqa: F403
-from monai_medplib.transforms.slicing import __all__ as _slicing_all
+Names load on first use (``transforms.planes`` is imported by the command line before MONAI is).
+"""
 
-__all__ = [*_intensity_all, *_slicing_all, *_prompts_all]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_SUBMODULES = ("planes", "intensity", "slicing", "prompts")
+
+
+def __getattr__(name: str) -> Any:
+    for sub in _SUBMODULES:
+        module = importlib.import_module(f".{sub}", __name__)
+        if name in getattr(module, "__all__", ()):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,6 +45,8 @@ from monai.transforms.traits import MultiSampleTrait
 from monai.utils import SpaceKeys, TransformBackends, convert_to_tensor
 from nibabel.orientations import io_orientation
 
+from .planes import AXES, PLANES
+
 __all__ = [
     "AXES",
     "PLANES",
@@ -60,16 +62,6 @@ __all__ = [
     "ExtractSlices",
     "slices_to_volume",
 ]
-
-# plane -> (world axis normal to it, (world axis, direction) of rows, (world axis, direction) of columns);
-# world axes are RAS (0 = x towards Right, 1 = y towards Anterior, 2 = z towards Superior), direction -1
-# means the row/column index grows towards the negative end (towards Posterior, Left or Inferior).
-PLANES: dict[str, tuple[int, tuple[int, int], tuple[int, int]]] = {
-    "axial": (2, (1, -1), (0, -1)),
-    "coronal": (1, (2, -1), (0, -1)),
-    "sagittal": (0, (2, -1), (1, -1)),
-}
-AXES: tuple[str, ...] = tuple(PLANES)  # the plane names every front end offers
 
 
 def _plane(axis: str) -> tuple[int, tuple[int, int], tuple[int, int]]:

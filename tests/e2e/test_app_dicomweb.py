@@ -109,7 +109,7 @@ def test_final_label_is_saved_back_to_orthanc_as_dicom_seg(pacs):
         timeout=120,
     )
     assert reply.status_code == 200, reply.text[:2000]
-    voxels = reply.json()["medplib"]["voxels"]["liver"]
+    voxels = reply.json()["medplib"]["targets"]["liver"]["voxels"]
     new = [s for s in _seg_series(orthanc) if s["MainDicomTags"]["SeriesInstanceUID"] not in before]
     assert len(new) == 1, new
     raw = orthanc.get_bytes(f"/instances/{new[0]['Instances'][0]}/file")

@@ -543,7 +543,7 @@ def test_ohif_shows_monailabel_grounding(chromium_path: str, tmp_path: Path) -> 
         dice = 2 * (grounded & reference).sum() / (grounded.sum() + reference.sum())
         print(f"grounded liver vs LiTS liver on frames {first}-{last}: Dice {dice:.3f}")
         assert dice >= 0.8, f"Dice {dice:.3f} of the grounded liver on frames {first}-{last}"
-        assert int(seg.mask.sum()) == result["medplib"]["voxels"]["liver"]
+        assert int(seg.mask.sum()) == result["medplib"]["targets"]["liver"]["voxels"]
         report = check_ohif_shows_seg(chromium_path, orthanc, ct, seg, tmp_path, "ohif_grounding", timings)
     report["grounding"] = {"slices": [first, last], "dice_vs_lits_liver": round(float(dice), 4)}
     for folder in (tmp_path, OUTPUT_DIR):

@@ -74,7 +74,7 @@ def test_demo_model_grounds_the_liver(plain_server, lits, tmp_path):
     assert min(per_slice.values()) >= 0.75, per_slice
     assert dice(label[:, :, GROUNDED_SLICES] == 1, liver[:, :, GROUNDED_SLICES]) >= 0.85, per_slice
     assert result["label_names"] == {"liver": 1}
-    assert all(a == "<SEG>" for a in result["medplib"]["answers"]["liver"].values())
+    assert result["medplib"]["targets"]["liver"]["slices_with_seg"] == result["medplib"]["slices"]
 
 
 def test_force_seg_conf_makes_a_random_weight_model_decode_masks(public_fixture):
@@ -87,14 +87,14 @@ def test_force_seg_conf_makes_a_random_weight_model_decode_masks(public_fixture)
         {"model": str(public_fixture / "model"), "device": "cpu", "force_seg": "true"}
     )
     volume = MetaTensor(np.random.default_rng(0).normal(0, 100, (1, 40, 32, 6)).astype(np.float32))
-    label, names, answers = engine.ground(volume, ["liver", "spleen"], [1, 4], "axial")
+    label, names, summary = engine.ground(volume, ["liver", "spleen"], [1, 4], "axial")
     assert names == {"liver": 1, "spleen": 2} and label.shape == (40, 32, 6)
     assert set(np.flatnonzero(label.any(axis=(0, 1)))) <= {1, 4}
-    assert {text: sorted(by_slice) for text, by_slice in answers.items()} == {
-        "liver": ["1", "4"],
-        "spleen": ["1", "4"],
+    assert summary["slices"] == [1, 4]
+    assert {text: target["slices_with_seg"] for text, target in summary["targets"].items()} == {
+        "liver": [1, 4],
+        "spleen": [1, 4],
     }
-    assert all(a.startswith("<SEG>") for by_slice in answers.values() for a in by_slice.values())
 
 
 def test_fast_grounding_conf_takes_the_checked_shortcut_with_the_same_labels(lits):

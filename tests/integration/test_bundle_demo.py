@@ -40,8 +40,9 @@ def test_default_bundle_grounds_the_liver_by_name_on_nifti_and_dicom(tmp_path: P
         )
         assert run.returncode == 0, run.stderr[-3000:]
         report = json.loads((out / "study" / "study_answer.json").read_text())
-        assert report["grounding"]["label_names"] == {"liver": 1}  # the user's name, not the model request
-        assert all(report["grounding"]["has_seg"]["liver"].values())
+        targets = report["grounding"]["targets"]
+        assert {t: v["label"] for t, v in targets.items()} == {"liver": 1}  # the user's name, not the request
+        assert targets["liver"]["slices_with_seg"] == report["grounding"]["slices"]
         label = nib.load(report["outputs"]["label"])
         np.testing.assert_allclose(label.affine, case.affine, atol=1e-4)
         grounded = np.asarray(label.dataobj) > 0

@@ -138,10 +138,14 @@ def test_volume_grounding_keeps_the_input_geometry(tmp_path: Path, pipeline, dat
     assert not values[:, :, [0, 1, 4, 5]].any()
     assert set(np.unique(values)) <= {0, 1, 2}
     saved = json.loads((tmp_path / "out" / "ct_a" / "ct_a_answer.json").read_text())
-    assert saved["grounding"]["label_names"] == {"Please segment the liver.": 1, "Segment the tumour.": 2}
+    targets = saved["grounding"]["targets"]
+    assert {t: v["label"] for t, v in targets.items()} == {
+        "Please segment the liver.": 1,
+        "Segment the tumour.": 2,
+    }
     assert saved["grounding"]["slices"] == [2, 3]
-    assert saved["grounding"]["has_seg"]["Segment the tumour."] == {"2": True, "3": True}  # forced <SEG>
-    assert sum(saved["grounding"]["foreground_voxels"].values()) == int((values > 0).sum())
+    assert targets["Segment the tumour."]["slices_with_seg"] == [2, 3]  # forced <SEG>
+    assert sum(v["voxels"] for v in targets.values()) == int((values > 0).sum())
 
 
 def test_dicom_series_gets_a_dicom_seg(tmp_path: Path, pipeline, data) -> None:

@@ -17,30 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.data import MetaTensor
 
-from monai_medplib.tokenization import grounding_prompt
+from monai_medplib.devices import resolve_device, resolve_dtype
+from monai_medplib.io.readers import IMAGE_2D_SUFFIXES
 from monai_medplib.transforms.slicing import plane_along_voxel_axis
+from monai_medplib.user_input import parse_bool
 
 from .prompts import Point, bad_request
 
 logger = logging.getLogger(__name__)
-
-IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-TRUE_WORDS = ("true", "1", "yes")
-
-
-def resolve_device(device: str | None) -> tuple[str, torch.dtype]:
-    """``auto`` -> CUDA in bf16 when a GPU is present, else CPU in fp32; ``cpu`` / ``cuda`` force it."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--conf device must be auto, cpu or cuda; got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--conf device cuda was given but no CUDA device is available")
-    return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
 class _LRU(OrderedDict):
@@ -87,7 +73,11 @@ class MedPLIBEngine:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
         self.model = model
-        self.device, self.dtype = resolve_device(device)
+        try:
+            self.device = resolve_device(device)
+        except ValueError as err:
+            raise ValueError(f"--conf device: {err}") from err
+        self.dtype = resolve_dtype(None, self.device)
         self.force_seg = force_seg
         self.fast_grounding = fast_grounding
         self._pipeline: Any = None
@@ -103,8 +93,8 @@ class MedPLIBEngine:
         return cls(
             model=conf.get("model", "demo"),
             device=conf.get("device", "auto"),
-            force_seg=conf.get("force_seg", "false").lower() in TRUE_WORDS,
-            fast_grounding=conf.get("fast_grounding", "false").lower() in TRUE_WORDS,
+            force_seg=parse_bool(conf.get("force_seg", "false"), "--conf force_seg"),
+            fast_grounding=parse_bool(conf.get("fast_grounding", "false"), "--conf fast_grounding"),
         )
 
     # -- model -------------------------------------------------------------------------------------
@@ -128,7 +118,11 @@ class MedPLIBEngine:
             logger.info(f"MedPLIB model {self.model!r} loaded on {self.device} in {self.load_seconds:.1f} s")
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model, "device": self.device, "dtype": str(self.dtype).replace("torch.", "")}
+        return {
+            "model": self.model,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
     # -- images ------------------------------------------------------------------------------------
     def volume(self, path: str) -> MetaTensor:
@@ -157,33 +151,20 @@ class MedPLIBEngine:
     # -- model calls (serialised); volumes come back as (X, Y, Z) arrays ----------------------------
     def ground(
         self, volume: MetaTensor, texts: list[str], slices: list[int] | None, axis: str
-    ) -> tuple[np.ndarray, dict[str, int], dict[str, dict[str, str]]]:
-        """Ground every text ("liver") on the given slices (None = all).
+    ) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
+        """Ground every text ("liver" or a request) on the given slices (None = all).
 
-        Returns the label volume, ``{text: label value}`` and ``{text: {slice: answer}}``.
+        Returns the label volume, ``{text: label value}`` and the result's JSON summary.
         """
-        prompts = [grounding_prompt(t) for t in texts]
         with self._model_lock, pipeline_errors():
             result = self.pipeline.ground_volume(
-                volume,
-                prompts,
-                axis=axis,
-                slices=slices,
-                force_seg=self.force_seg,
-                fast=self.fast_grounding,
+                volume, texts, axis=axis, slices=slices, force_seg=self.force_seg, fast=self.fast_grounding
             )
         key = self.image_key(volume)
         with self._cache_lock:
-            for text, prompt in zip(texts, prompts):
-                for index in result.slices:
-                    self._groundings.put((key, axis, index, text), result.slice_results[(prompt, index)])
-        label = result.label.as_tensor()[0].numpy()
-        names = {text: result.label_names[prompt] for text, prompt in zip(texts, prompts)}
-        answers = {
-            text: {str(k): a for k, a in result.answers[prompt].items()}
-            for text, prompt in zip(texts, prompts)
-        }
-        return label, names, answers
+            for (text, index), prior in result.slice_results.items():
+                self._groundings.put((key, axis, index, text), prior)
+        return result.label.as_tensor()[0].numpy(), result.label_names, result.summary()
 
     def answer(self, volume: MetaTensor, question: str, index: int, axis: str) -> str:
         """VQA about slice ``index``."""

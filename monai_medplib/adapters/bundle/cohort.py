@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...io.outputs import write_json
 from .prompts import IMAGE_2D_SUFFIXES, PROMPT_KEYS, VOLUME_SUFFIXES, study_id_of
-from .runner import BundlePromptRunner, study_done, write_json
+from .runner import BundlePromptRunner, study_done
 
 __all__ = ["CohortReport", "CohortRunner", "collect_studies"]
 

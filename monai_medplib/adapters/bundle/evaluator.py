@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ...evaluation import TASKS, evaluate_mecovqa
+from ...io.outputs import write_json
 from ...pipeline import MedPLIBPipeline
-from .runner import write_json
 
 __all__ = ["MeCoVQAEvaluator"]
 

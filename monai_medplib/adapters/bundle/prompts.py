@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...io.readers import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
+from ...transforms.planes import AXES
+
 __all__ = [
     "AXES",
     "IMAGE_2D_SUFFIXES",
@@ -36,9 +39,6 @@ PROMPT_KEYS = (
     "axis",
     "slices",
 )
-AXES = ("axial", "coronal", "sagittal")
-IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...checkpoint import resolve_model_path
+from ...io.outputs import save_png, write_json
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
 from ...tokenization import grounding_prompt
@@ -122,18 +123,6 @@ def study_done(output_dir: str | os.PathLike, study: str) -> bool:
     return answer_path(output_dir, study).is_file()
 
 
-def write_json(path: Path, content: Mapping[str, Any]) -> None:
-    """Write through a temporary file so an interrupted run never leaves a half-written answer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _json_keys(mapping: Mapping[Any, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in mapping.items()}
-
-
 class BundlePromptRunner:
     """Run bundle prompts through a :class:`MedPLIBPipeline` and write each study's outputs.
 
@@ -207,8 +196,6 @@ class BundlePromptRunner:
 
     # -- 2D images
     def _image(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
-        from PIL import Image
-
         gen = {"max_new_tokens": self.max_new_tokens}
         if prompt.question is not None:
             if prompt.has_region:
@@ -234,7 +221,7 @@ class BundlePromptRunner:
             grounded = [
                 self.pipeline.ground(
                     str(prompt.image),
-                    grounding_prompt(t),
+                    grounding_prompt(t),  # "liver" -> "Please segment the liver."
                     force_seg=self.force_seg,
                     fast=self.fast_grounding,
                     **gen,
@@ -242,9 +229,7 @@ class BundlePromptRunner:
                 for t in prompt.texts
             ]
             label = label_from_probs(torch.stack([torch.as_tensor(g.probs) for g in grounded])).numpy()
-            path = self.output_dir / prompt.id / f"{prompt.id}_{self.output_postfix}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(label).save(path)
+            path = save_png(label, self.output_dir / prompt.id / f"{prompt.id}_{self.output_postfix}.png")
             result["outputs"]["label"] = str(path)
             result["grounding"] = {
                 "label_names": {t: n + 1 for n, t in enumerate(prompt.texts)},
@@ -255,7 +240,8 @@ class BundlePromptRunner:
 
     # -- volumes
     def _volume(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
-        from ...io import load_volume, save_nifti
+        from ...io import load_volume
+        from ...io.outputs import write_label_volume
 
         gen = {"max_new_tokens": self.max_new_tokens, "intensity": self.intensity}
         volume = load_volume(prompt.image)  # once: the pipeline's memo reuses it for every call below
@@ -290,12 +276,9 @@ class BundlePromptRunner:
                 },
             }
         if prompt.texts:
-            requests = {
-                grounding_prompt(t): t for t in prompt.texts
-            }  # "liver" -> "Please segment the liver."
             grounded = self.pipeline.ground_volume(
                 volume,
-                list(requests),
+                list(prompt.texts),
                 axis=prompt.axis,
                 slices=None if prompt.slices is None else list(prompt.slices),
                 batch_size=self.batch_size,
@@ -305,46 +288,21 @@ class BundlePromptRunner:
                 keep_slice_results=False,
                 **gen,
             )
-            folder = self.output_dir / prompt.id
-            label_path = save_nifti(
-                grounded.label, folder / f"{prompt.id}_{self.output_postfix}{self.output_ext}"
+            files = write_label_volume(
+                grounded.label,
+                grounded.label_names,
+                self.output_dir / prompt.id,
+                f"{prompt.id}_{self.output_postfix}",
+                dicom_source=prompt.image if prompt.is_dicom_series else None,
+                ext=self.output_ext,
+                seg_stem=f"{prompt.id}_{self.output_postfix}",
             )
-            result["outputs"]["label"] = str(label_path)
-            names = {requests[p]: v for p, v in grounded.label_names.items()}
-            result["grounding"] = {
-                "label_names": names,
-                "slices": grounded.slices,
-                "answers": {requests[p]: _json_keys(a) for p, a in grounded.answers.items()},
-                "has_seg": {requests[p]: _json_keys(s) for p, s in grounded.has_seg.items()},
-                "foreground_voxels": {t: int((grounded.label == v).sum()) for t, v in names.items()},
-                "paths": grounded.paths,  # how many prompts took each [SEG] path, encoder / cache use
-            }
-            if prompt.is_dicom_series:
-                result["outputs"]["dicom_seg"] = self._dicom_seg(
-                    prompt, grounded.label, names, folder, result
-                )
-
-    def _dicom_seg(
-        self,
-        prompt: BundlePrompt,
-        label: Any,
-        label_names: Mapping[str, int],
-        folder: Path,
-        result: dict[str, Any],
-    ) -> str | None:
-        from ...io import write_dicom_seg
-
-        if not prompt.image.is_dir():
-            result["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
-            return None
-        if not bool((label > 0).any()):
-            result["dicom_seg_skipped"] = "empty segmentation: nothing was grounded"
-            return None
-        segments = {v: t for t, v in label_names.items()}
-        path = write_dicom_seg(
-            label, prompt.image, folder / f"{prompt.id}_{self.output_postfix}.dcm", segments
-        )
-        return str(path)
+            result["outputs"]["label"] = str(files["nifti"])
+            if "dicom_seg" in files:
+                result["outputs"]["dicom_seg"] = str(files["dicom_seg"])
+            if "dicom_seg_skipped" in files:
+                result["dicom_seg_skipped"] = files["dicom_seg_skipped"]
+            result["grounding"] = grounded.summary()
 
 
 def _middle_slice(volume: Any, axis: str) -> int:

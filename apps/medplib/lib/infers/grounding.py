@@ -35,16 +35,5 @@ class MedPLIBGrounding(MedPLIBInferTask):
         current = slice_index(request, shape)
         slices = [current] if current is not None else slice_selection(request.get("slices"), shape[2])
         axis = self.engine.slice_axis(volume)
-        label, names, answers = self.engine.ground(volume, texts, slices, axis)
-        voxels = {name: int((label == value).sum()) for name, value in names.items()}
-        return label, {
-            "label_names": names,
-            "medplib": {
-                "task": "grounding",
-                "texts": texts,
-                "axis": axis,
-                "slices": slices if slices is not None else "all",
-                "voxels": voxels,
-                "answers": answers,
-            },
-        }
+        label, names, summary = self.engine.ground(volume, texts, slices, axis)
+        return label, {"label_names": names, "medplib": {"task": "grounding", "texts": texts, **summary}}
