@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from ..transforms.planes import AXES
 from ._common import add_model_arguments, load_pipeline
 
 NAME = "demo"
@@ -22,7 +23,7 @@ HELP = "ground the liver in the LiTS CT with the demo model: NIfTI + DICOM-SEG +
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--text", default="liver", help="what to ground (default: liver)")
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--axis", default="axial", choices=AXES)
     parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
     add_model_arguments(parser)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..transforms.planes import AXES
 from ._common import add_model_arguments, load_pipeline
 
 NAME = "ground-volume"
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", help="NIfTI / NRRD file or DICOM series folder")
     parser.add_argument("text", nargs="+", help='structures or requests, e.g. "liver" "liver tumour"')
     parser.add_argument("--out", default="outputs/ground_volume", help="output folder")
-    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--axis", default="axial", choices=AXES)
     parser.add_argument("--slices", type=int, nargs="*", default=None, help="slice indices (default: all)")
     parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
     parser.add_argument("--batch-size", type=int, default=8)
