@@ -7,7 +7,9 @@ wordings of :mod:`.demo_prompts`:
 
 * grounding (``MeCoVQA-Grounding.json``): requests for the structures the slice shows
   (``<SEG><mask>PATH</mask>``) and for structures it cannot show, answered without ``<SEG>`` by a sentence
-  (CT asked for white matter, MR asked for the liver, a tumour request on a slice without tumour);
+  (CT asked for white matter, MR asked for the liver, a tumour request on a slice without tumour); in half of the
+  training conversations also one demo-only naming round (``NAMING_QUESTIONS``: "<request> Which structure does
+  this request name?" -> the target's name);
 * closed VQA (``MeCoVQA-Complex.json``): modality (CT / MRI), plane (axial / coronal / sagittal) and
   "is X visible" with "no" as often as "yes" (one question about a structure shown, one about one not shown);
 * region VQA (``MeCoVQA-Region.json``): "what is in <region>?" -> liver / tumour / grey matter / white matter /
@@ -38,6 +40,7 @@ from scipy import ndimage
 from .demo_prompts import (
     CLOSED_QUESTIONS,
     GROUNDING_PHRASES,
+    NAMING_QUESTIONS,
     NORMAL_QUESTIONS,
     REGION_QUESTIONS,
     TARGETS,
@@ -80,6 +83,7 @@ REGION_RADIUS_FRACTION = 0.05  # disc radius as a share of the slice side (6 px 
 REGION_PURITY = 0.75  # share of the disc's bounding square that must be of the region's class
 REGIONS_PER_CLASS = 2  # region prompts kept per class and slice
 NORMAL_QUESTION_SHARE = 0.15  # share of region rounds that ask "is <region> normal?"
+NAMING_SHARE = 0.5  # share of training grounding conversations with one naming round (see demo_prompts)
 
 
 def _save_png(array: np.ndarray, path: Path, rgb: bool = False) -> None:
@@ -189,6 +193,10 @@ class _SliceWriter:
             return question, f"<SEG><mask>{self.mask_rel[target]}</mask>"
         return question, absent_answer(target)
 
+    def naming_round(self, target: str) -> tuple[str, str]:
+        request = self.rng.choice(GROUNDING_PHRASES).format(target=self.rng.choice(TARGETS[target].names))
+        return f"{request} {self.rng.choice(NAMING_QUESTIONS)}", TARGETS[target].name
+
     def closed_round(self, kind: str, wording: str = "train", target: str | None = None) -> tuple[str, str]:
         question = self.rng.choice(CLOSED_QUESTIONS[kind][wording])
         if kind == "modality":
@@ -229,6 +237,8 @@ class _SliceWriter:
             ranked = sorted(targets, key=lambda t: -weights[t])
             chosen = ranked[: rng.randint(1, max_turns)]
             rounds = [self.grounding_round(t) for t in chosen]
+            if rng.random() < NAMING_SHARE:
+                rounds.insert(rng.randint(0, len(rounds)), self.naming_round(rng.choice(targets)))
             out["grounding"].append(
                 self.base(f"{stem}--grounding_{copy}", conversations=_conversation(rounds))
             )

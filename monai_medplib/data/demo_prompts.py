@@ -18,6 +18,7 @@ __all__ = [
     "DOC_QUESTIONS",
     "GROUNDING_PHRASES",
     "MODALITY_ANSWERS",
+    "NAMING_QUESTIONS",
     "NORMAL_QUESTIONS",
     "PLANES",
     "REGION_CLASSES",
@@ -82,6 +83,11 @@ GROUNDING_PHRASES = (
     "Could you mark the {target} in this scan?",
 )
 ABSENT_ANSWER = "No {target} is visible in this image."
+# Demo-only auxiliary rounds: a grounding request followed by a question about what it asks for, answered with the
+# canonical target name. The answer must be read off the request at the last prompt position, the position whose
+# state MedPLIB turns into the <SEG> prompt; an LLM trained from scratch learns to read the target there far sooner
+# with this direct signal than from the mask loss alone (the stand-in for the pretrained LLaMA's reading skills).
+NAMING_QUESTIONS = ("Which structure does this request name?", "What is this request about?")
 
 # question kind -> {"train": wordings, "held_out": wordings}; visible questions take a noun phrase.
 CLOSED_QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
