@@ -20,19 +20,13 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..transforms.slicing import volume_affine_ras
 from .atomic import atomic_path
+from .coded_concepts import Code, coded_concept
 from .readers import _series_files
 
 __all__ = ["ALGORITHM_NAME", "write_dicom_seg", "source_frames"]
 
 ALGORITHM_NAME = "MedPLIB"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# segment label (lower case) -> (category, type); anything else is "Tissue / Tissue"
-_KNOWN_TYPES = {
-    "liver": (codes.SCT.AnatomicalStructure, codes.SCT.Liver),
-    "tumour": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm),
-    "tumor": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm),
-    "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion),
-}
 
 
 def _source_voxel_grid(
@@ -85,6 +79,10 @@ SEGMENT_COLOURS = (
 )
 
 
+def _hd_code(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
 def write_dicom_seg(
     label: np.ndarray | torch.Tensor,
     source: str | Path | Sequence[pydicom.Dataset],
@@ -101,7 +99,8 @@ def write_dicom_seg(
         label: integer labels ``(X, Y, Z)`` or ``(1, X, Y, Z)`` on the source series' voxel grid.
         source: the source series folder (one series) or its datasets.
         out_path: the ``.dcm`` file to write.
-        segments: label value -> segment label (e.g. the prompt text, ``{1: "liver", 2: "tumour"}``).
+        segments: label value -> segment label (e.g. the prompt text, ``{1: "liver", 2: "tumour"}``); each is
+            coded by :func:`~monai_medplib.io.coded_concepts.coded_concept` (SNOMED CT category and type).
         affine: the label's voxel -> RAS affine; default ``label.affine`` (a MetaTensor from ``load_volume``).
         series_description, series_number, series_uid: identity of the new SEG series.
 
@@ -136,21 +135,25 @@ def write_dicom_seg(
     descriptions = []
     for number, value in enumerate(values, start=1):
         text = str(segments[value])
-        category, kind = _KNOWN_TYPES.get(text.strip().lower(), (codes.SCT.Tissue, codes.SCT.Tissue))
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=text[:64],
-                segmented_property_category=category,
-                segmented_property_type=kind,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                # Viewers (OHIF) warn and pick their own colour when a segment has none.
-                display_color=hd.color.CIELabColor.from_rgb(
-                    *SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]
-                ),
-            )
+        concept = coded_concept(text)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=text[:64],
+            segmented_property_category=_hd_code(concept.category),
+            segmented_property_type=_hd_code(concept.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=None if concept.region is None else [_hd_code(concept.region)],
+            # Viewers (OHIF) warn and pick their own colour when a segment has none.
+            display_color=hd.color.CIELabColor.from_rgb(
+                *SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]
+            ),
         )
+        if concept.modifier is not None:
+            # the standard nests the laterality inside the type item (highdicom has no argument for it)
+            type_item = description.SegmentedPropertyTypeCodeSequence[0]
+            type_item.SegmentedPropertyTypeModifierCodeSequence = [_hd_code(concept.modifier)]
+        descriptions.append(description)
     seg = hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=numbered,

@@ -10,6 +10,7 @@ when possible, is a power of two small enough to store every value exactly (e.g.
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ __all__ = ["write_dicom_series", "choose_rescale"]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
+# ImageType value 3 (a defined term per IOD): a CT cross-section is "AXIAL" whatever its plane (the other CT
+# term is LOCALIZER); MR has no term for a resampled slice other than "OTHER".
+_IMAGE_TYPE_3 = {"CT": "AXIAL", "MR": "OTHER"}
 _INT16 = np.iinfo(np.int16)
 
 
@@ -83,6 +87,8 @@ def write_dicom_series(
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
     series_number: int = 1,
+    body_part: str | None = None,
+    patient_position: str = "",
 ) -> list[Path]:
     """Write ``volume`` ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) as one DICOM file per slice ``k``.
 
@@ -94,6 +100,10 @@ def write_dicom_series(
         rescale: (RescaleSlope, RescaleIntercept); default :func:`choose_rescale`.
         series_description, patient_id, patient_name, study_instance_uid, series_instance_uid,
             series_number: identifying attributes (UIDs are generated when None).
+        body_part: BodyPartExamined (a DICOM defined term such as "ABDOMEN", "HEAD"); None writes no body part
+            and marks the images as of an unpaired region (ImageLaterality "U"), so no Laterality is needed.
+        patient_position: PatientPosition ("HFS", "FFS", ...); empty (the default) means unknown, as for a
+            volume read from NIfTI.
 
     Returns:
         The written file paths, in slice order ``k``.
@@ -105,6 +115,10 @@ def write_dicom_series(
         raise ValueError(f"write_dicom_series needs a 3D volume (X, Y, Z), got shape {array.shape}")
     if modality not in _SOP_CLASSES:
         raise ValueError(f"modality must be one of {sorted(_SOP_CLASSES)}, got {modality!r}")
+    if body_part is not None and not re.fullmatch(r"[A-Z0-9_ ]{1,16}", body_part):
+        raise ValueError(
+            f"body_part must be an upper-case DICOM term of at most 16 characters, got {body_part!r}"
+        )
     orientation, pixel_spacing, thickness, lps = _geometry(affine)
     slope, intercept = rescale if rescale is not None else choose_rescale(array)
     stored = np.round((array.astype(np.float64) - intercept) / slope)
@@ -122,6 +136,11 @@ def write_dicom_series(
     for k in range(array.shape[2]):
         position = lps @ np.array([0.0, 0.0, k, 1.0])
         ds = _slice_dataset(modality, study_uid, series_uid, frame_uid, now)
+        ds.PatientPosition = patient_position
+        if body_part is None:
+            ds.ImageLaterality = "U"
+        else:
+            ds.BodyPartExamined = body_part
         ds.PatientName, ds.PatientID = patient_name, patient_id
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = series_description, series_number, k + 1
         ds.ImageOrientationPatient = orientation
@@ -160,7 +179,8 @@ def _slice_dataset(
     ds.PatientBirthDate, ds.PatientSex = "", "O"
     ds.Manufacturer, ds.SoftwareVersions = "monai-medplib", __version__
     ds.PositionReferenceIndicator = ""
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ImageType = ["DERIVED", "SECONDARY", _IMAGE_TYPE_3[modality]]
+    ds.AcquisitionNumber = None  # Type 2: present, empty (a derived volume has no acquisition of its own)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     if modality == "CT":
