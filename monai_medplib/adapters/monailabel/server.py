@@ -82,28 +82,107 @@ def install_dcmqi_stub(bin_dir: str | Path | None = None) -> Path:
 def nifti_to_dicom_seg_pydicom(
     series_dir: str, label: str, label_info: Any, file_ext: str = "*", **_: Any
 ) -> str:
-    """MONAI Label's NIfTI -> DICOM-SEG converter on its pydicom path (no dcmqi), with segments named right.
+    """MONAI Label's NIfTI -> DICOM-SEG converter on its pydicom path (no dcmqi), with segments named and coded.
 
-    MONAI Label pairs ``label_info[i]`` with the i-th label value present in the mask; entries that carry an
-    ``id`` are re-ordered here so a missing label value does not shift every name.
+    MONAI Label pairs ``label_info[i]`` with the i-th label value present in the mask and codes every segment as
+    Spleen; here each segment gets its SNOMED CT codes from :mod:`monai_medplib.io.coded_concepts` (see
+    :func:`coded_label_info`).
     """
     from monailabel.datastore.utils import convert
 
-    return convert.nifti_to_dicom_seg(
-        series_dir, label, align_label_info(label, label_info), file_ext=file_ext, use_itk=False
-    )
+    info = coded_label_info(label, label_info)
+    numbered = _numbered_segments(label)  # DICOM numbers segments 1..N without gaps
+    try:
+        for number, entry in enumerate(info, start=1):
+            entry["segmentAttribute"] = {**entry["segmentAttribute"], "labelID": number}
+        return convert.nifti_to_dicom_seg(
+            series_dir, numbered or label, info, file_ext=file_ext, use_itk=False
+        )
+    finally:
+        if numbered:
+            os.unlink(numbered)
+
+
+def _numbered_segments(label_path: str) -> str | None:
+    """A copy of the label with its values renumbered 1..N (same geometry), or None when they already are.
+
+    The pydicom-seg writer turns each label value into the segment number of the same value, and the standard
+    wants segment numbers to run 1, 2, ... without gaps; a grounding text that found nothing leaves a gap.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    values = _label_values(label_path)
+    if values == list(range(1, len(values) + 1)):
+        return None
+    image = sitk.ReadImage(label_path)
+    array = sitk.GetArrayFromImage(image)
+    renumbered = np.zeros(array.shape, dtype=np.uint16)
+    for number, value in enumerate(values, start=1):
+        renumbered[array == value] = number
+    out = sitk.GetImageFromArray(renumbered)
+    out.CopyInformation(image)
+    handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix="medplib-seg-")
+    os.close(handle)
+    sitk.WriteImage(out, path)
+    return path
 
 
 def align_label_info(label_path: str, label_info: Any) -> Any:
     """``label_info`` ordered like the label values present in ``label_path`` (entries matched on ``id``)."""
     if not label_info or not all(isinstance(i, dict) and "id" in i for i in label_info):
         return label_info
+    by_id = {int(i["id"]): i for i in label_info}
+    return [by_id.get(v, {"name": f"label {v}"}) for v in _label_values(label_path)]
+
+
+def _label_values(label_path: str) -> list[int]:
     import numpy as np
     import SimpleITK as sitk
 
-    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))) if v != 0]
-    by_id = {int(i["id"]): i for i in label_info}
-    return [by_id.get(v, {"name": f"label {v}"}) for v in values]
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))) if v != 0]
+
+
+def coded_label_info(label_path: str, label_info: Any) -> list[dict[str, Any]]:
+    """One ``label_info`` entry per label value present in ``label_path``, each with a dcmqi ``segmentAttribute``.
+
+    Entries are matched to values on ``id`` (or by position, as MONAI Label does); an entry that already has a
+    ``segmentAttribute`` keeps it. The segment's category, type and anatomic region come from
+    :func:`~monai_medplib.io.coded_concepts.coded_concept` of its name. A laterality modifier is left out: the
+    pydicom-seg writer would put it beside the type instead of inside it, which the standard does not allow;
+    the side stays in the segment label.
+    """
+    from ...io.coded_concepts import coded_concept
+    from ...io.dicom_seg import ALGORITHM_NAME, SEGMENT_COLOURS
+
+    def code(c: Any) -> dict[str, str]:
+        return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme, "CodeMeaning": c.meaning}
+
+    values = _label_values(label_path)
+    aligned = align_label_info(label_path, label_info) or []
+    entries = []
+    for n, value in enumerate(values):
+        entry = dict(aligned[n]) if n < len(aligned) and isinstance(aligned[n], dict) else {}
+        name = str(entry.get("name") or f"label {value}")
+        entry.setdefault("name", name)
+        if "segmentAttribute" not in entry:
+            concept = coded_concept(name)
+            colour = entry.get("color") or SEGMENT_COLOURS[(value - 1) % len(SEGMENT_COLOURS)]
+            attribute = {
+                "labelID": value,
+                "SegmentLabel": name[:64],
+                "SegmentDescription": str(entry.get("description", name))[:64],
+                "SegmentAlgorithmType": "AUTOMATIC",
+                "SegmentAlgorithmName": ALGORITHM_NAME,
+                "SegmentedPropertyCategoryCodeSequence": code(concept.category),
+                "SegmentedPropertyTypeCodeSequence": code(concept.type),
+                "recommendedDisplayRGBValue": [int(x) for x in list(colour)[:3]],
+            }
+            if concept.region is not None:
+                attribute["AnatomicRegionSequence"] = code(concept.region)
+            entry["segmentAttribute"] = attribute
+        entries.append(entry)
+    return entries
 
 
 def label_info_from_result(info: dict[str, Any]) -> list[dict[str, Any]] | None:
