@@ -1,6 +1,7 @@
 """The inference wing: a runner (model, tokenizer, caches, batched primitives), the calls built on it, and
 :class:`MedPLIBPipeline`, their one-line public face. Modules import only downward:
-options / cache / features / results -> runner -> grounding -> image -> refinement -> volume -> medplib.
+options / cache / features / results -> runner -> grounding -> keyframes -> image -> refinement -> volume
+-> medplib.
 
 Names load on first use, so that light modules (``options``) can be imported without torch and the model code.
 """

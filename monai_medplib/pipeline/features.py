@@ -25,7 +25,7 @@ class ImageFeatures:
 
     Attributes:
         clip_feats: raw CLIP patch features ``[576, mm_hidden]`` (before the projector; the region adapter
-            reads them too), in the model dtype and device.
+            reads them too), in the model dtype and device; None when only SAM was asked for.
         original_size: ``(H, W)`` of the image as given; masks are returned at this size.
         resize: ``(h, w)`` of the SAM ResizeLongestSide(256) image (mask post-processing needs it).
         sam_embedding: SAM-Med2D image embedding ``[256, 16, 16]``, or None when only text was asked for.
@@ -33,7 +33,7 @@ class ImageFeatures:
             derived later (the prompt-prefix KV states of the grounding shortcut) are tied to it.
     """
 
-    clip_feats: torch.Tensor
+    clip_feats: torch.Tensor | None
     original_size: tuple[int, int]
     resize: tuple[int, int]
     sam_embedding: torch.Tensor | None = None
@@ -43,10 +43,15 @@ class ImageFeatures:
     def has_sam(self) -> bool:
         return self.sam_embedding is not None
 
+    @property
+    def has_clip(self) -> bool:
+        return self.clip_feats is not None
+
     def to(self, device: torch.device | str) -> ImageFeatures:
         """A copy on ``device`` (e.g. to keep a cache on the CPU while the model runs on a GPU)."""
         sam = None if self.sam_embedding is None else self.sam_embedding.to(device)
-        return replace(self, clip_feats=self.clip_feats.to(device), sam_embedding=sam)
+        clip = None if self.clip_feats is None else self.clip_feats.to(device)
+        return replace(self, clip_feats=clip, sam_embedding=sam)
 
 
 def image_cache_bytes(config: MedPLIBConfig, dtype: torch.dtype, prefix_tokens: int) -> int:

@@ -185,11 +185,14 @@ class MedPLIBPipeline(MedPLIBRunner):
         intensity: volume_calls.Intensity = "samed2d",
         progress: bool | None = None,
         keep_slice_results: bool = True,
+        keyframes: int | None = None,
+        keyframe_check: float = 0.9,
+        keyframe_interpolation: str = "nearest",
         options: GroundingOptions | None = None,
         **overrides: Any,
     ) -> VolumeGroundingResult:
-        """Ground structure names or requests on every (or the listed) slice; see
-        :func:`~monai_medplib.pipeline.volume.ground_volume`."""
+        """Ground structure names or requests on every (or the listed) slice; ``keyframes=k`` (opt-in) runs the
+        LLM on key slices only; see :func:`~monai_medplib.pipeline.volume.ground_volume`."""
         return volume_calls.ground_volume(
             self,
             volume,
@@ -201,6 +204,9 @@ class MedPLIBPipeline(MedPLIBRunner):
             progress=progress,
             keep_slice_results=keep_slice_results,
             options=_options(GroundingOptions, GroundingOptions.for_volume(), options, overrides),
+            keyframes=keyframes,
+            keyframe_check=keyframe_check,
+            keyframe_interpolation=keyframe_interpolation,
         )
 
     def answer_volume_region(

@@ -172,6 +172,7 @@ class VolumeGroundingResult:
         axis: the anatomical plane.
         paths: how many prompts took each [SEG] path and how many slices were encoded / found in the cache.
         slice_results: ``{(text, slice index): SliceGrounding}``.
+        slice_paths: with keyframe grounding, ``{text: {slice index: "key" | "bisected" | "propagated"}}``.
     """
 
     label: MetaTensor = field(repr=False)
@@ -185,6 +186,7 @@ class VolumeGroundingResult:
     slice_results: dict[tuple[str, int], SliceGrounding] = field(default_factory=dict, repr=False)
     slice_probs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     geometry: SliceGeometry | None = field(default=None, repr=False)
+    slice_paths: dict[str, dict[int, str]] = field(default_factory=dict, repr=False)
 
     @cached_property
     def probs(self) -> MetaTensor:
@@ -234,6 +236,8 @@ class VolumeGroundingResult:
                 "slices_with_seg": sorted(i for i, ok in self.has_seg.get(text, {}).items() if ok),
                 "answers": dict(words.most_common()),
             }
+            if text in self.slice_paths:  # keyframe grounding: how each slice was produced
+                targets[text]["slice_paths"] = dict(Counter(self.slice_paths[text].values()))
         return {
             "axis": self.axis,
             "slices": list(self.slices),

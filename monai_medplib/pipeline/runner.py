@@ -120,11 +120,18 @@ class MedPLIBRunner:
 
     @torch.no_grad()
     def encode_images(
-        self, images: Sequence[InputImage], with_sam: bool = True, *, counts: PathCounts | None = None
+        self,
+        images: Sequence[InputImage],
+        with_sam: bool = True,
+        *,
+        with_clip: bool = True,
+        counts: PathCounts | None = None,
     ) -> list[ImageFeatures]:
         """Run the vision encoders once per image, batched; cached features are reused and new ones stored.
 
-        ``with_sam=False`` skips the SAM encoder (enough for VQA). Given :class:`ImageFeatures` pass through.
+        ``with_sam=False`` skips the SAM encoder (enough for VQA); ``with_clip=False`` skips CLIP (enough to decode
+        a prompt embedding with SAM, as keyframe grounding does between key slices). Given
+        :class:`ImageFeatures` pass through.
         Grey images (2D, or RGB with three equal channels) are prepared on one band (bit-identical) and share
         their key with their RGB copy; identical images within the call are encoded once. ``counts`` gets the
         number of images encoded / found in the cache.
@@ -138,6 +145,10 @@ class MedPLIBRunner:
             if isinstance(image, ImageFeatures):
                 if with_sam and not image.has_sam:
                     raise ValueError(f"ImageFeatures #{i} has no sam_embedding; encode it with with_sam=True")
+                if with_clip and not image.has_clip:
+                    raise ValueError(
+                        f"ImageFeatures #{i} has no CLIP features; encode it with with_clip=True"
+                    )
                 out[i] = image
                 continue
             array = load_pixels(image)
@@ -149,11 +160,14 @@ class MedPLIBRunner:
                 first_of[key] = i
                 out[i] = self.feature_cache.get(key)
             pixels[i] = array
-        need_clip = [i for i in pixels if out[i] is None]
+        for i in pixels:
+            if out[i] is None:
+                height, width = pixels[i].shape[:2]
+                resize = preprocess_shape(height, width, SAM_SIZE)
+                out[i] = ImageFeatures(None, (height, width), resize, key=keys.get(i, ""))
+        need_clip = [i for i in pixels if with_clip and not out[i].has_clip]
         for i, feats in zip(need_clip, self._encode(need_clip, pixels, self._clip_batch)):
-            height, width = pixels[i].shape[:2]
-            resize = preprocess_shape(height, width, SAM_SIZE)
-            out[i] = ImageFeatures(feats, (height, width), resize, key=keys.get(i, ""))
+            out[i] = replace(out[i], clip_feats=feats)
         need_sam = [i for i in pixels if with_sam and not out[i].has_sam]
         for i, embedding in zip(need_sam, self._encode(need_sam, pixels, self._sam_batch)):
             out[i] = replace(out[i], sam_embedding=embedding)
@@ -220,6 +234,11 @@ class MedPLIBRunner:
             raise ValueError(f"{len(features)} images but {len(prompts)} prompts")
         if region_grids is not None and len(region_grids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(region_grids)} region grid lists")
+        missing = [i for i, f in enumerate(features) if not f.has_clip]
+        if missing:
+            raise ValueError(
+                f"ImageFeatures {missing} have no CLIP features; encode them with with_clip=True"
+            )
         clip = torch.stack([f.clip_feats.to(self.device) for f in features])
         grids = None
         if region_grids is not None:

@@ -12,7 +12,7 @@ feature cache, so a slice seen by one call is a cache hit for the others.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,17 @@ from ..transforms.prompts import MapPromptsToSliced
 from ..transforms.slicing import SliceGeometry, check_volume, slice_geometry, volume_affine_ras
 from .grounding import ground_features
 from .image import answer_batch, answer_region
+from .keyframes import ground_keyframes
 from .options import AnswerOptions, GroundingOptions
 from .refinement import refine_grounding
-from .results import PathCounts, SliceGrounding, VolumeGroundingResult, VolumeRegionAnswer, label_from_probs
+from .results import (
+    GroundingResult,
+    PathCounts,
+    SliceGrounding,
+    VolumeGroundingResult,
+    VolumeRegionAnswer,
+    label_from_probs,
+)
 from .runner import MedPLIBRunner
 
 __all__ = ["answer_volume", "answer_volume_region", "ground_volume", "prepare_volume", "refine_volume"]
@@ -141,6 +149,29 @@ def _open(
 
 
 # ------------------------------------------------------------------------------------------ calls
+def _exact(
+    runner: MedPLIBRunner,
+    pixels: Callable[[int], np.ndarray],
+    count: int,
+    prompts: list[list[int]],
+    options: GroundingOptions,
+    counts: PathCounts,
+    batch_size: int,
+    bar: tqdm,
+) -> Iterator[tuple[int, int, GroundingResult]]:
+    """The release's way: every slice through CLIP, the LLM and SAM; yields ``(text, position, result)``."""
+    for start in range(0, count, batch_size):
+        batch = range(start, min(start + batch_size, count))
+        features = runner.encode_images([pixels(p) for p in batch], counts=counts)
+        pairs = [(s, t) for s in range(len(batch)) for t in range(len(prompts))]
+        grounded = ground_features(
+            runner, [features[s] for s, _ in pairs], [prompts[t] for _, t in pairs], options, counts
+        )
+        for (s, t), result in zip(pairs, grounded):
+            yield t, batch[s], result
+        bar.update(len(batch))
+
+
 @torch.no_grad()
 def ground_volume(
     runner: MedPLIBRunner,
@@ -154,6 +185,9 @@ def ground_volume(
     progress: bool | None = None,
     keep_slice_results: bool = True,
     options: GroundingOptions | None = None,
+    keyframes: int | None = None,
+    keyframe_check: float = 0.9,
+    keyframe_interpolation: str = "nearest",
 ) -> VolumeGroundingResult:
     """Ground one or several texts on every (or the listed) slice of a volume.
 
@@ -171,6 +205,11 @@ def ground_volume(
         keep_slice_results: keep per-slice 2D masks, SAM logits and text prompts (refinement priors).
         options: decoding (default :meth:`GroundingOptions.for_volume`): ``fast`` (the checked one-prefill
             shortcut), ``force_seg`` (random-weight models, benchmarks), ``seg_rule``, ``max_new_tokens``.
+        keyframes: opt-in (beyond the release): run the LLM on every k-th slice (plus the ends and the slices
+            the adaptive check adds) and decode the others with their neighbouring keys' prompt embedding
+            (:mod:`~monai_medplib.pipeline.keyframes`); None = exact, every slice (the release's way).
+        keyframe_check: Dice two neighbouring keys' prompts must reach on their interval's middle slice.
+        keyframe_interpolation: "nearest" key's prompt or "linear" between the two keys.
 
     Returns:
         :class:`~monai_medplib.pipeline.results.VolumeGroundingResult` in the input's geometry.
@@ -184,44 +223,60 @@ def ground_volume(
     chosen = _check_slices(geometry, slices)
     prompts = [runner.prompt_ids(requests[t]) for t in texts]
     counts = PathCounts()
+
+    def pixels(position: int) -> np.ndarray:
+        return _grey(geometry.take(eight_bit, chosen[position]))
+
+    slice_paths: dict[str, dict[int, str]] = {}
+    if keyframes is None:
+        show = len(chosen) >= PROGRESS_FROM_SLICES if progress is None else progress
+        bar = tqdm(total=len(chosen), desc=f"grounding {axis} slices", unit="slice", disable=not show)
+        with bar:
+            grounded = list(_exact(runner, pixels, len(chosen), prompts, opts, counts, batch_size, bar))
+    else:
+        kf = ground_keyframes(
+            runner,
+            pixels,
+            len(chosen),
+            prompts,
+            keyframes,
+            opts,
+            check_dice=keyframe_check,
+            interpolation=keyframe_interpolation,
+            batch_size=batch_size,
+            counts=counts,
+        )
+        grounded = [
+            (t, p, result) for (t, p), result in sorted(kf.results.items(), key=lambda kv: kv[0][::-1])
+        ]
+        for (t, p), path in kf.paths.items():
+            slice_paths.setdefault(texts[t], {})[chosen[p]] = path
     slice_probs: dict[tuple[int, int], torch.Tensor] = {}  # (text, slice) -> (H, W), display orientation
     answers: dict[str, dict[int, str]] = {t: {} for t in texts}
     has_seg: dict[str, dict[int, bool]] = {t: {} for t in texts}
     results: dict[tuple[str, int], SliceGrounding] = {}
-    show = len(chosen) >= PROGRESS_FROM_SLICES if progress is None else progress
-    bar = tqdm(total=len(chosen), desc=f"grounding {axis} slices", unit="slice", disable=not show)
-    try:
-        for start in range(0, len(chosen), batch_size):
-            batch = chosen[start : start + batch_size]
-            features = runner.encode_images(
-                [_grey(geometry.take(eight_bit, i)) for i in batch], counts=counts
+    for t, position, result in grounded:
+        index, name = chosen[position], texts[t]
+        answers[name][index] = result.answer
+        has_seg[name][index] = result.has_seg
+        if result.has_seg:
+            slice_probs[(t, index)] = torch.from_numpy(result.probs)
+        if keep_slice_results:
+            results[(name, index)] = SliceGrounding(
+                result.mask,
+                result.low_res_logits,
+                result.answer,
+                result.has_seg,
+                result.seg_embedding,
+                result.token_ids,
             )
-            pairs = [(s, t) for s in range(len(batch)) for t in range(len(texts))]
-            grounded = ground_features(
-                runner, [features[s] for s, _ in pairs], [prompts[t] for _, t in pairs], opts, counts
-            )
-            for (s, t), result in zip(pairs, grounded):
-                index, name = batch[s], texts[t]
-                answers[name][index] = result.answer
-                has_seg[name][index] = result.has_seg
-                if result.has_seg:
-                    slice_probs[(t, index)] = torch.from_numpy(result.probs)
-                if keep_slice_results:
-                    results[(name, index)] = SliceGrounding(
-                        result.mask,
-                        result.low_res_logits,
-                        result.answer,
-                        result.has_seg,
-                        result.seg_embedding,
-                        result.token_ids,
-                    )
-            bar.update(len(batch))
-    finally:
-        bar.close()
     label = _labels_from_slices(slice_probs, len(texts), geometry, tuple(vol.shape[1:]), chosen)
     for name in texts:
         if chosen and not any(has_seg[name].values()):
             logger.info("%r: no slice produced <SEG>; not found on the %d %s slices", name, len(chosen), axis)
+    paths = counts.as_dict()
+    if keyframes is not None:
+        paths.update(keyframes=keyframes, keyframe_checks=kf.checks)
     return VolumeGroundingResult(
         label=_like(label, vol),
         label_names={t: n + 1 for n, t in enumerate(texts)},
@@ -229,11 +284,12 @@ def ground_volume(
         has_seg=has_seg,
         slices=chosen,
         axis=axis,
-        paths=counts.as_dict(),
+        paths=paths,
         requests=requests,
         slice_results=results,
         slice_probs=slice_probs,
         geometry=geometry,
+        slice_paths=slice_paths,
     )
 
 
