@@ -232,3 +232,50 @@ def build_random_release_model(
     if str(device) != "meta":
         model.to(device)  # the buffers (RoPE, CLIP positions, SAM statistics)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ keyframes
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean arrays (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def zero_prompt_label(pipe, volume: MetaTensor, axis: str) -> np.ndarray:
+    """The control of keyframe grounding: every slice decoded by SAM with a zero prompt embedding (no LLM at
+    all), thresholded as the release does; bool ``(X, Y, Z)``."""
+    vol, eight_bit = prepare_volume(volume)
+    geometry = slice_geometry(volume_affine_ras(vol), vol.shape[1:], axis)
+    label = torch.zeros((1, *geometry.spatial_shape), dtype=torch.uint8)
+    width = pipe.model.config.out_dim
+    for index in range(geometry.num_slices):
+        grey = np.ascontiguousarray(geometry.take(eight_bit, index)[0].numpy())
+        feats = pipe.encode_images([grey], with_clip=False)
+        low_res, _ = pipe.decode_text_prompts(feats, torch.zeros(1, width))
+        logits = pipe.postprocess_batch(low_res, feats)[0]
+        geometry.put(label, binarize(logits)[None].to(torch.uint8).cpu(), index)
+    return label[0].numpy() > 0
+
+
+def per_slice_dice(a: np.ndarray, b: np.ndarray, slice_dim: int) -> list[float]:
+    """Dice of each slice along ``slice_dim`` where either mask has a voxel."""
+    out = []
+    for index in range(a.shape[slice_dim]):
+        sa, sb = np.take(a, index, slice_dim), np.take(b, index, slice_dim)
+        if sa.any() or sb.any():
+            out.append(dice(sa, sb))
+    return out
+
+
+def keyframe_row(exact: np.ndarray, other: np.ndarray, reference: np.ndarray, slice_dim: int) -> dict:
+    """How a keyframe (or control) label compares with the exact one and with the reference label."""
+    slices = per_slice_dice(exact, other, slice_dim)
+    empty_exact = ~exact.any(axis=tuple(d for d in range(3) if d != slice_dim))
+    false_positive = int(np.take(other, np.flatnonzero(empty_exact), slice_dim).sum())
+    return {
+        "dice_vs_exact": round(dice(exact, other), 4),
+        "dice_vs_reference": round(dice(other, reference), 4),
+        "slice_dice_min": round(min(slices), 4) if slices else 1.0,
+        "slice_dice_p5": round(float(np.percentile(slices, 5)), 4) if slices else 1.0,
+        "fp_voxels_where_exact_empty": false_positive,
+    }
