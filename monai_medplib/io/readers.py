@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,20 @@ from monai.data import ITKReader, MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform, Transform
 from pydicom.errors import InvalidDicomError
 
+from ..user_input import UserInputError
+
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_VOXELS",
     "IMAGE_2D_SUFFIXES",
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "VolumeHeader",
+    "VolumeLimits",
+    "VolumeTooLarge",
     "find_dicom_series",
     "load_volume",
+    "probe_volume",
     "LoadVolume",
     "LoadVolumed",
     "LoadVolumeD",
@@ -37,6 +46,128 @@ __all__ = [
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd", ".dcm")
+
+# Size limits checked from the file header, before anything is decoded: a small compressed file can expand to
+# gigabytes. 2**28 voxels is 512 x 512 x 1024, more than a CT / MR series holds; 1 GiB is that volume as float32.
+DEFAULT_MAX_VOXELS = 2**28
+DEFAULT_MAX_BYTES = 2**30
+DECODED_ITEMSIZE = 4  # load_volume decodes every value to float32
+
+
+class VolumeTooLarge(UserInputError):
+    """A volume's header says it exceeds a :class:`VolumeLimits` limit."""
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a file's header says about its data, read without decoding it.
+
+    Attributes:
+        shape: the spatial size in file order (2 or 3 numbers; more for 4D+ files).
+        components: values per voxel (colour channels, vector components).
+    """
+
+    shape: tuple[int, ...]
+    components: int = 1
+
+    @property
+    def voxels(self) -> int:
+        count = 1
+        for n in self.shape:
+            count *= int(n)
+        return count
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the data once :func:`load_volume` has decoded it (float32)."""
+        return self.voxels * self.components * DECODED_ITEMSIZE
+
+
+@dataclass(frozen=True)
+class VolumeLimits:
+    """How large a volume may be before it is decoded (see :data:`DEFAULT_MAX_VOXELS`, :data:`DEFAULT_MAX_BYTES`).
+
+    Args:
+        max_voxels: most voxels (the product of the spatial size).
+        max_bytes: most bytes of the decoded data (voxels x components x 4 bytes of float32).
+    """
+
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def check(self, header: VolumeHeader, name: str) -> None:
+        """Raise :class:`VolumeTooLarge` naming ``name`` when ``header`` exceeds a limit."""
+        size = " x ".join(str(n) for n in header.shape)
+        if header.voxels > self.max_voxels:
+            raise VolumeTooLarge(
+                f"image {name!r} has {size} = {header.voxels:,} voxels; the limit is {self.max_voxels:,} (max_voxels)"
+            )
+        if header.decoded_bytes > self.max_bytes:
+            raise VolumeTooLarge(
+                f"image {name!r} ({size} x {header.components} values) needs {header.decoded_bytes / 2**20:,.0f} MiB "
+                f"once decoded; the limit is {self.max_bytes / 2**20:,.0f} MiB (max_bytes)"
+            )
+
+
+def probe_volume(path: str | Path, series_uid: str | None = None) -> VolumeHeader:
+    """The size of the image at ``path`` from its header alone (NIfTI, NRRD / MetaImage, DICOM file or series
+    folder, PNG / JPEG / TIFF): milliseconds, whatever the file expands to.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UserInputError: no header can be read (an empty, text or truncated-header file; a folder without DICOM).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    name = path.name
+    if path.is_dir():
+        files = _series_files(path, series_uid)
+        return _probe_dicom(files[0], name, count=len(files))
+    if path.stat().st_size == 0:
+        raise UserInputError(f"{name!r} is an empty file, not an image")
+    lower = name.lower()
+    try:
+        if lower.endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            header = nib.load(str(path)).header
+            dims = tuple(int(n) for n in header.get_data_shape())
+            return VolumeHeader(dims[:3] if len(dims) > 3 and all(n == 1 for n in dims[3:]) else dims)
+        if lower.endswith(IMAGE_2D_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as im:  # lazy: reads the header only
+                return VolumeHeader((im.size[0], im.size[1]), len(im.getbands()))
+        if lower.endswith(".dcm"):
+            return _probe_dicom(path, name, count=1)
+        return _probe_itk(path)
+    except UserInputError:
+        raise
+    except Exception as err:  # every library has its own error for a file that is not its format
+        reason = str(err).replace(str(path), name)  # readers quote the full path; the user knows the name
+        raise UserInputError(f"{name!r} is not a readable image ({type(err).__name__}: {reason})") from err
+
+
+def _probe_itk(path: Path) -> VolumeHeader:
+    import itk
+
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise UserInputError(f"{path.name!r} is not a readable image (no reader recognises it)")
+    io.SetFileName(str(path))
+    io.ReadImageInformation()
+    dims = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
+    return VolumeHeader(dims, int(io.GetNumberOfComponents()))
+
+
+def _probe_dicom(file: Path, name: str, count: int) -> VolumeHeader:
+    ds = pydicom.dcmread(file, stop_before_pixels=True)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise UserInputError(f"{name!r} is a DICOM file without an image (no Rows / Columns)")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    return VolumeHeader((int(ds.Columns), int(ds.Rows), frames * count), samples)
 
 
 def find_dicom_series(folder: str | Path) -> dict[str, list[Path]]:
@@ -94,21 +225,30 @@ def _check_3d(img: MetaTensor, path: Path) -> MetaTensor:
     return img
 
 
-def load_volume(path: str | Path, series_uid: str | None = None, reader: str | None = None) -> MetaTensor:
+def load_volume(
+    path: str | Path,
+    series_uid: str | None = None,
+    reader: str | None = None,
+    limits: VolumeLimits | None = None,
+) -> MetaTensor:
     """Load one 3D volume as a ``(1, X, Y, Z)`` float32 MetaTensor with a voxel -> RAS affine.
 
     Args:
         path: a NIfTI / NRRD / single (multi-frame) DICOM file, or a folder holding one DICOM series.
         series_uid: the SeriesInstanceUID to read from a folder that holds several series.
         reader: force a MONAI reader ("ITKReader", "NibabelReader", "PydicomReader"); default by file type.
+        limits: size limits checked on the header before anything is decoded (servers pass them; None: none).
 
     Raises:
         FileNotFoundError: the path does not exist, or a folder holds no DICOM image.
         ValueError: a folder mixes series and ``series_uid`` is None; the image is 2D or 4D.
+        UserInputError: (with ``limits``) the header is unreadable or the volume exceeds a limit.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
+    if limits is not None:
+        limits.check(probe_volume(path, series_uid), path.name)
     loader = _loader(reader, path)
     if not path.is_dir():
         return _check_3d(loader(str(path)), path)
