@@ -1,15 +1,52 @@
-"""monai-medplib: MedPLIB (AAAI 2025) as a MONAI-integrated plugin."""
+"""monai-medplib: MedPLIB (AAAI 2025) as a MONAI-integrated plugin.
 
+The wheel carries the MONAI Label app (``apps/medplib``) and the MONAI Bundle (``bundle``) as copies made at build
+time (see ``monai_medplib/adapters/shipped.py``), plus a start-up hook (``.pth``) for pydicom 3; installing it
+follows README "Installation".
+"""
+
+import importlib.util
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 
 
 def _requirements(name: str) -> list[str]:
     lines = (HERE / "requirements" / f"{name}.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def _shipped_layout():
+    """monai_medplib/adapters/shipped.py, loaded on its own (it imports only the standard library)."""
+    spec = importlib.util.spec_from_file_location(
+        "_medplib_shipped", HERE / "monai_medplib/adapters/shipped.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithShipped(build_py):
+    """build_py, then copy the app and the bundle into the package and the start-up hook beside it."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # pip install -e: the clone's folders are found in place, install.sh writes the hook
+        layout = _shipped_layout()
+        build_lib = Path(self.build_lib)
+        for name, (source, marker) in layout.SHIPPED.items():
+            target = build_lib / "monai_medplib" / layout.SHIPPED_DIR / name
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(HERE / source, target, ignore=shutil.ignore_patterns(*layout.EXCLUDED))
+            if not (target / marker).is_file():
+                raise RuntimeError(f"{source}/{marker} is missing: cannot ship the {name}")
+        hook_name, hook_line = layout.STARTUP_HOOK
+        (build_lib / hook_name).write_text(hook_line)
 
 
 setup(
@@ -24,12 +61,17 @@ setup(
     packages=find_packages(include=["monai_medplib", "monai_medplib.*"]),
     package_data={"monai_medplib": ["demo_model/*", "demo_model/**/*"]},
     include_package_data=True,
-    # torch is deliberately unpinned here and installed first by scripts/install.sh (CPU build);
-    # an unpinned torch reaching the resolver alone would pull a CUDA build.
+    cmdclass={"build_py": BuildPyWithShipped},
+    # torch is deliberately unpinned and installed first (README "Installation"): an unpinned torch reaching
+    # the resolver alone would pull a CUDA build, and a pinned one would replace the user's own.
     install_requires=["torch>=2.1"] + _requirements("core"),
     extras_require={
-        "app": ["monailabel==0.8.5", "pydicom-seg==0.4.1"] + _requirements("app"),
-        "dev": _requirements("dev") + ["liver-ct-segmentation-package==1.6.0"],
+        # MONAI Label's own run-time needs; monailabel itself (whose every release pulls torchvision through
+        # monai[torchvision]) and pydicom-seg come with a second command, `pip install --no-deps ...`
+        "app": _requirements("app"),
+        # the demo data builder reads nilearn's MNI152 files (medplib eval / train on the demo data)
+        "demo": _requirements("demo"),
+        "dev": _requirements("dev"),
     },
     entry_points={"console_scripts": ["medplib=monai_medplib.cli:main"]},
     classifiers=[

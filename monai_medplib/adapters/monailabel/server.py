@@ -35,19 +35,31 @@ _HARDENED_FLAG = "_medplib_hardened"
 
 
 def app_dir() -> Path:
-    """The MedPLIB MONAI Label app folder (the one holding ``main.py``): ``apps/medplib`` of the repository
-    this package was installed from (``pip install -e .``).
+    """The MedPLIB MONAI Label app folder (the one holding ``main.py``): the copy inside the installed wheel, or
+    ``apps/medplib`` of the clone this package was installed from (``pip install -e .``).
+
+    MONAI Label creates ``logs/``, ``model/`` and ``bin/`` inside the app folder; when the installed copy is not
+    writable (a system-wide install), the app is copied once to ``~/.cache/monai-medplib/app-<version>`` (or
+    ``$MEDPLIB_APP_CACHE``) and that copy is returned.
 
     Raises:
-        FileNotFoundError: no app beside this package (pass ``--app`` with the folder of ``apps/medplib``).
+        FileNotFoundError: no app found (pass ``--app`` with the folder of ``apps/medplib``).
     """
-    # monai_medplib/adapters/monailabel/server.py -> the repository root is four levels up
-    candidate = Path(__file__).resolve().parents[3] / "apps" / "medplib"
-    if not (candidate / "main.py").is_file():
-        raise FileNotFoundError(
-            f"the MedPLIB MONAI Label app was not found at {candidate}; pass --app with the apps/medplib folder"
-        )
-    return candidate
+    import shutil
+
+    from ... import __version__
+    from ..shipped import EXCLUDED, shipped_dir
+
+    folder = shipped_dir("app")
+    if os.access(folder, os.W_OK):
+        return folder
+    cache = Path(os.environ.get("MEDPLIB_APP_CACHE", Path.home() / ".cache" / "monai-medplib"))
+    copy = cache / f"app-{__version__}"
+    if not (copy / "main.py").is_file():
+        staging = cache / f".app-{__version__}-{os.getpid()}"
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(*EXCLUDED), dirs_exist_ok=True)
+        staging.replace(copy) if not copy.exists() else shutil.rmtree(staging)
+    return copy
 
 
 def install_pydicom3_compat() -> None:
