@@ -117,3 +117,31 @@ def test_final_label_is_saved_back_to_orthanc_as_dicom_seg(pacs):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert seg.SegmentSequence[0].SegmentLabel == "liver"  # named from the result's label_names
     assert int(np.count_nonzero(seg.pixel_array)) == voxels > 500  # the liver, about 1000 voxels on a slice
+
+
+def test_saved_dicom_seg_codes_each_label_in_snomed_ct(pacs):
+    # PACS index segments by their codes: MONAI Label's default would code every segment as Spleen (78961009)
+    orthanc, server, series_uid, _ = pacs
+    before = {s["MainDicomTags"]["SeriesInstanceUID"] for s in _seg_series(orthanc)}
+    params = {"text": "liver, tumour", "slice": 6, "save_label": True, "label_tag": "final"}
+    reply = requests.post(
+        f"{server.url}/infer/medplib_grounding",
+        params={"image": series_uid, "output": "json"},
+        data={"params": json.dumps(params)},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text[:2000]
+    new = [s for s in _seg_series(orthanc) if s["MainDicomTags"]["SeriesInstanceUID"] not in before]
+    assert len(new) == 1, new
+    seg = pydicom.dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{new[0]['Instances'][0]}/file")))
+    codes = {
+        s.SegmentLabel: (
+            s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        )
+        for s in seg.SegmentSequence
+    }
+    # SNOMED CT: Anatomical Structure / Liver; Morphologically Abnormal Structure / Neoplasm (pydicom codes.SCT)
+    expected = {"liver": ("91723000", "10200004"), "tumour": ("49755003", "108369006")}
+    assert "liver" in codes and all(codes[name] == expected[name] for name in codes), codes
+    assert [s.SegmentNumber for s in seg.SegmentSequence] == list(range(1, len(codes) + 1))

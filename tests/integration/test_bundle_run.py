@@ -1,6 +1,7 @@
-"""The MONAI Bundle end to end on CPU with the tiny random-weight fixture model: metadata against the vendored
-schema, inference (2D, NIfTI volume, DICOM series -> DICOM-SEG), evaluation, a few training steps, cohorts
-(resumable, a broken study reported), ``torchrun`` with 2 gloo processes and ``python -m monai.bundle run``.
+"""The MONAI Bundle end to end on CPU with the tiny random-weight fixture model: metadata against the kept copy of
+MONAI's published schema, inference (2D, NIfTI volume, DICOM series -> DICOM-SEG), evaluation, a few training steps,
+cohorts (resumable on prompt and settings, a broken study reported, exit code 1), ``torchrun`` with 2 gloo processes
+and ``python -m monai.bundle run`` (a bad prompt: one line, exit code 2).
 
 Random weights: the tests assert structure, geometry and error handling, not medical quality.
 """
@@ -21,13 +22,14 @@ import torch
 from monai.bundle import ConfigWorkflow, verify_metadata
 from PIL import Image
 
+from monai_medplib.adapters.bundle.errors import StudiesFailed
 from monai_medplib.adapters.bundle.runner import load_pipeline
 from monai_medplib.io import write_dicom_series
 from tests.support.paths import REPO
 
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
-SCHEMA = BUNDLE / "schema" / "meta_schema_medplib.json"
+SCHEMA = BUNDLE / "schema" / "meta_schema_20240725.json"
 AFFINE = np.array(
     [[-1.5, 0, 0, 30.0], [0, -1.2, 0, 12.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]]
 )  # LPS-like, anisotropic
@@ -80,10 +82,10 @@ def test_metadata_verifies_offline_against_vendored_schema(tmp_path: Path) -> No
         meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA)
     )  # file exists: no download
     broken = json.loads((CONFIGS / "metadata.json").read_text())
-    del broken["network_data_format"]["outputs"]["pred"]["channel_def"]
+    del broken["network_data_format"]["inputs"]["text"]["value_range"]
     bad = tmp_path / "metadata.json"
     bad.write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match="Failed validating"):  # a tensor output needs its channel_def
+    with pytest.raises(ValueError, match="'value_range' is a required property"):  # a tensor needs it
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
     del broken["version"]
     bad.write_text(json.dumps(broken))
@@ -91,7 +93,9 @@ def test_metadata_verifies_offline_against_vendored_schema(tmp_path: Path) -> No
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
-    assert len(meta["network_data_format"]["inputs"]["image"]["spatial_shape"]) == 2  # MONAI Label: 2D model
+    # volumes in, 3D labels out; 2D images are described in their own block
+    assert len(meta["network_data_format"]["outputs"]["pred"]["spatial_shape"]) == 3
+    assert len(meta["image2d_data_format"]["outputs"]["pred"]["spatial_shape"]) == 2
 
 
 def test_ckpt_path_loads_the_model_through_the_config(tmp_path: Path, model_dir: Path, data) -> None:
@@ -120,7 +124,7 @@ def test_ckpt_path_loads_the_model_through_the_config(tmp_path: Path, model_dir:
     missing.initialize()
     with pytest.raises(RuntimeError) as raised:
         missing.run()
-    assert "download_large_files" in str(raised.value.__cause__)
+    assert "hf download Huangxs/MedPLIB-7b-2e" in str(raised.value.__cause__)
 
 
 def test_volume_grounding_keeps_the_input_geometry(tmp_path: Path, pipeline, data) -> None:
@@ -169,8 +173,15 @@ def test_dicom_series_gets_a_dicom_seg(tmp_path: Path, pipeline, data) -> None:
 def test_2d_grounding_region_vqa_and_volume_vqa(tmp_path: Path, pipeline, data) -> None:
     (ground,) = _infer(tmp_path, pipeline, {"image": str(data["png"]), "text": "Segment the lung."}).run()[0]
     mask = np.asarray(Image.open(ground["outputs"]["label"]))
-    assert mask.shape == (30, 44) and set(np.unique(mask)) <= {0, 1}
-    assert ground["grounding"]["foreground_pixels"]["Segment the lung."] == int(mask.sum())
+    assert mask.shape == (30, 44) and set(np.unique(mask)) <= {0, 255}  # one text: a 0 / 255 mask, as the CLI
+    assert ground["grounding"]["foreground_pixels"]["Segment the lung."] == int((mask == 255).sum())
+    texts = ["Segment the lung.", "Segment the heart."]
+    (two,) = _infer(tmp_path, pipeline, {"image": str(data["png"]), "text": texts, "id": "two"}).run()[0]
+    label = np.asarray(Image.open(two["outputs"]["label"]))
+    assert set(np.unique(label)) <= {0, 1, 2}  # several texts: a label map, value n = the n-th text
+    for n, text in enumerate(texts, start=1):
+        per_text = np.asarray(Image.open(two["outputs"]["masks"][text]))
+        assert set(np.unique(per_text)) <= {0, 255} and np.array_equal(per_text == 255, label == n)
     region = {
         "image": str(data["png"]),
         "question": "What is here?",
@@ -282,8 +293,21 @@ def test_cohort_is_resumable_and_reports_a_broken_study(tmp_path: Path, pipeline
     assert [f["id"] for f in first["failed"]] == ["broken"]
     report = json.loads((tmp_path / "out" / "cohort_report.json").read_text())
     assert report["failed"][0]["image"].endswith("broken.nii.gz")
-    second = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=prompt).run()[0]
+    cohort = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=prompt)
+    second = cohort.run()[0]
     assert second["done"] == [] and second["skipped"] == ["p1", "p2"] and len(second["failed"]) == 1
+    with pytest.raises(RuntimeError) as raised:  # the config's finalize step; MONAI wraps what it raised
+        cohort.finalize()
+    assert isinstance(raised.value.__cause__, StudiesFailed)
+    assert str(raised.value.__cause__).startswith("1 of 3 studies failed (broken: RuntimeError: ")
+    # resume keys on the prompt and the outputs: a new prompt redoes every study, a deleted mask its study
+    other = {"text": "Please segment the liver.", "slices": [3]}
+    third = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=other).run()[0]
+    assert third["done"] == ["p1", "p2"] and third["skipped"] == []
+    (tmp_path / "out" / "p2" / "p2_seg.nii.gz").unlink()
+    fourth = _infer(tmp_path, pipeline, {}, configs=configs, studies_dir=str(studies), prompt=other).run()[0]
+    assert fourth["done"] == ["p2"] and fourth["skipped"] == ["p1"]
+    assert (tmp_path / "out" / "p2" / "p2_seg.nii.gz").is_file()
 
 
 def test_cohort_from_a_datalist(tmp_path: Path, pipeline, data) -> None:
@@ -338,11 +362,12 @@ def test_a_few_training_steps(tmp_path: Path, model_dir: Path) -> None:
         ckpt_path=str(model_dir),
         dataset_dir=str(root),
         output_dir=str(out),
-        max_steps=2,
+        max_epochs=2,  # 2 passes over the 2 grounding records of stage 3, 2 per batch: 2 optimizer steps
         batch_size=2,
-        device_name="cpu",
+        device="cpu",
     )
     workflow.initialize()
+    assert workflow.check_properties() == []  # MONAI's TrainProperties: device, train#trainer#max_epochs, ...
     (summary,) = workflow.run()
     workflow.finalize()
     assert summary["stage"] == "stage3" and summary["steps"] == 2
@@ -432,3 +457,58 @@ def test_python_m_monai_bundle_run(tmp_path: Path, model_dir: Path, data) -> Non
     saved = json.loads((tmp_path / "out" / "ct_a" / "ct_a_answer.json").read_text())
     assert saved["grounding"]["slices"] == [3]
     assert nib.load(tmp_path / "out" / "ct_a" / "ct_a_seg.nii.gz").shape == SHAPE
+
+
+def _bundle_run(tmp_path: Path, model_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_path",
+        str(model_dir),
+    ]
+    cmd += ["--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+
+
+def _messages(stderr: str) -> list[str]:
+    """stderr without MONAI's own notice about trusting config files (printed by every run)."""
+    return [
+        line for line in stderr.splitlines() if line.strip() and not line.startswith("parsing config_file")
+    ]
+
+
+@pytest.mark.slow
+def test_a_bad_prompt_ends_in_one_line_and_exit_code_2(tmp_path: Path, model_dir: Path, data) -> None:
+    bad = {"image": str(data["nii"]), "text": "liver", "points": [[1, 2, 3]]}
+    proc = _bundle_run(
+        tmp_path, model_dir, "--config_file", str(CONFIGS / "inference.json"), "--input_dict", repr(bad)
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert _messages(proc.stderr) == [
+        "error: input_dict: region prompts ['points'] need a 'question' (region VQA); grounding ('text') takes no "
+        "region prompt"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_cohort_with_a_failed_study_exits_with_code_1(tmp_path: Path, model_dir: Path, data) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "good.nii.gz").write_bytes(data["nii"].read_bytes())
+    (studies / "broken.nii.gz").write_text("not a NIfTI file")
+    configs = json.dumps([str(CONFIGS / c) for c in ("inference.json", "batch_inference.json")])
+    prompt = "{'text': 'liver', 'slices': [1]}"
+    proc = _bundle_run(
+        tmp_path, model_dir, "--config_file", configs, "--studies_dir", str(studies), "--prompt", prompt
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [m for m in _messages(proc.stderr) if m.startswith("error:")]
+    assert line.startswith("error: 1 of 2 studies failed (broken: ") and "cohort_report.json" in line
+    assert (tmp_path / "out" / "good" / "good_seg.nii.gz").is_file()  # the good study was written

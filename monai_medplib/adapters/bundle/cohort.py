@@ -1,6 +1,8 @@
 """Cohorts for the MONAI Bundle: collect studies from a folder or a datalist and run them through a
 :class:`~monai_medplib.adapters.bundle.runner.BundlePromptRunner`, sharded across ``torch.distributed`` ranks,
-skipping finished studies (resumable) and reporting unreadable ones without stopping the run.
+skipping finished studies (resumable: same prompt, settings and model, outputs still there) and reporting
+unreadable ones without stopping the run; the bundle's ``finalize`` (:meth:`CohortRunner.check`) then makes the
+process exit with code 1 when a study failed.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ...io.outputs import write_json
+from .errors import StudiesFailed
 from .prompts import IMAGE_2D_SUFFIXES, PROMPT_KEYS, VOLUME_SUFFIXES, study_id_of
-from .runner import BundlePromptRunner, study_done
+from .runner import BundlePromptRunner
 
 __all__ = ["CohortReport", "CohortRunner", "collect_studies"]
 
@@ -113,8 +116,9 @@ class CohortReport:
 class CohortRunner:
     """Run a :class:`BundlePromptRunner` over many studies, sharded across ``torch.distributed`` ranks.
 
-    Studies are dealt round-robin (``studies[rank::world_size]``); a study whose answer JSON exists is skipped
-    (resumable runs); a study that fails to read or run is logged and listed in the report, and the run goes on.
+    Studies are dealt round-robin (``studies[rank::world_size]``); unless the runner's ``overwrite`` is set, a study
+    already done with the same prompt, settings and model whose outputs all still exist is skipped (resumable runs);
+    a study that fails to read or run is logged and listed in the report, and the run goes on.
 
     Args:
         runner: the per-study runner (the inference config's ``inferer``).
@@ -134,6 +138,7 @@ class CohortRunner:
         self.studies = list(studies)
         self.distributed = distributed
         self.report_name = report_name
+        self.report: dict[str, Any] | None = None
 
     def run(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -172,13 +177,27 @@ class CohortRunner:
                 len(merged["failed"]),
                 world,
             )
+        self.report = merged
         return merged
+
+    def check(self) -> None:
+        """Raise :class:`~monai_medplib.adapters.bundle.errors.StudiesFailed` (exit code 1 under
+        ``python -m monai.bundle run``) when the last :meth:`run` had failed studies."""
+        if self.report and self.report["failed"]:
+            failed = self.report["failed"]
+            listed = "; ".join(f"{f['id']}: {f['error']}" for f in failed[:5]) + (
+                "; ..." if len(failed) > 5 else ""
+            )
+            raise StudiesFailed(
+                f"{len(failed)} of {self.report['studies']} studies failed ({listed}); "
+                f"see {self.runner.output_dir / self.report_name}"
+            )
 
     def _run_shard(self, studies: Sequence[Mapping[str, Any]], world: int) -> CohortReport:
         report, start = CohortReport(world_size=world), time.perf_counter()
         for study in studies:
             name = str(study.get("id") or study_id_of(study.get("image", "?")))
-            if study_done(self.runner.output_dir, name):
+            if not self.runner.overwrite and self.runner.is_done(study):
                 report.skipped.append(name)
                 continue
             try:

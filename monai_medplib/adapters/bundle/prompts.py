@@ -3,6 +3,11 @@
 Keys: ``image`` (2D image, volume file or DICOM series folder), ``text`` (grounding, one or several),
 ``question`` (VQA; with ``points`` + ``point_labels``, ``box`` or ``region_mask`` it is region VQA), ``axis`` and
 ``slices`` (volumes), and an optional ``id`` naming the outputs. Every error names the key at fault.
+
+MONAI's config parser reads a value that is exactly ``@name`` as a reference to another config item, one starting
+with ``$`` as a Python expression and one starting with ``%`` as a macro, before this module sees it. A text or
+question that really starts with one of these characters is written with a backslash (``\\@home``, ``\\$5``):
+:data:`ESCAPE` is removed here, once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ __all__ = [
     "BundlePrompt",
     "parse_prompt",
     "study_id_of",
+    "unescape",
 ]
+
+ESCAPE = "\\"  # before a leading @, $ or %: the character is text, not MONAI config syntax
+_CONFIG_SIGILS = ("@", "$", "%")
 
 PROMPT_KEYS = (
     "id",
@@ -117,6 +126,13 @@ def _numbers(key: str, value: Any) -> list[float]:
     return out
 
 
+def unescape(text: str) -> str:
+    """``text`` without the :data:`ESCAPE` that protects a leading ``@``, ``$`` or ``%`` from MONAI's parser."""
+    if text.startswith(ESCAPE) and text[1:2] in _CONFIG_SIGILS:
+        return text[1:]
+    return text
+
+
 def _texts(value: Any) -> tuple[str, ...]:
     texts = [value] if isinstance(value, str) else value
     if (
@@ -125,6 +141,7 @@ def _texts(value: Any) -> tuple[str, ...]:
         or any(not isinstance(t, str) or not t.strip() for t in texts)
     ):
         raise _bad("text", f"must be a non-empty string or a list of them, got {value!r}")
+    texts = [unescape(t) for t in texts]
     if len(set(texts)) != len(texts):
         raise _bad("text", f"texts must be distinct (each becomes one label value), got {list(texts)}")
     return tuple(texts)
@@ -206,6 +223,8 @@ def parse_prompt(input_dict: Mapping[str, Any]) -> BundlePrompt:
     question = d.get("question")
     if question is not None and (not isinstance(question, str) or not question.strip()):
         raise _bad("question", f"must be a non-empty string, got {question!r}")
+    if question is not None:
+        question = unescape(question)
     points, ignored = _points(d, is_volume)
     box = None
     if "box" in d:
@@ -241,8 +260,11 @@ def parse_prompt(input_dict: Mapping[str, Any]) -> BundlePrompt:
     if regions and slices is not None and len(slices) != 1:
         raise _bad("slices", f"region VQA reads one slice: give one index, got {list(slices)}")
     study = d.get("id", study_id_of(image))
-    if not isinstance(study, str) or not study.strip() or any(c in study for c in "/\\"):
+    if not isinstance(study, str) or not study.strip() or any(c in study for c in "/\\\0"):
         raise _bad("id", f"must be a non-empty name without path separators, got {study!r}")
+    if study.strip(".") == "":  # "." and ".." name the output folder itself or the one above it
+        origin = "" if "id" in d else f" (taken from the image path {str(image)!r}: give an 'id')"
+        raise _bad("id", f"must name a folder inside output_dir, got {study!r}{origin}")
     return BundlePrompt(
         id=study,
         image=image,

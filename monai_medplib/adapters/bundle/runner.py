@@ -7,8 +7,10 @@ library (:mod:`monai_medplib.pipeline`, :mod:`monai_medplib.io`). This module:
   (``"demo"``, ``"release"`` or a folder) into a model directory or a loaded pipeline;
 * :class:`BundlePromptRunner` validates one prompt (:func:`~monai_medplib.adapters.bundle.prompts.parse_prompt`),
   routes it to the pipeline and writes the outputs of one study into ``output_dir/<id>/``: the label as NIfTI
-  (volumes) or PNG (2D images), a DICOM-SEG beside it when the input is a DICOM series folder, and
-  ``<id>_answer.json`` (written last: it marks the study as done).
+  (volumes) or PNG (2D images: 0 / 255 for one text, like ``medplib ground``; for several texts a label map
+  0..n plus one 0 / 255 mask per text), a DICOM-SEG beside it when the input is a DICOM series folder, and
+  ``<id>_answer.json`` (written last). A study counts as done when its answer JSON carries the same
+  :func:`resume_key` (prompt, settings, model) and every output it lists still exists.
 
 Cohorts of studies are :mod:`monai_medplib.adapters.bundle.cohort`; the MeCoVQA evaluator is
 :mod:`monai_medplib.adapters.bundle.evaluator`.
@@ -16,6 +18,7 @@ Cohorts of studies are :mod:`monai_medplib.adapters.bundle.cohort`; the MeCoVQA 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from ...checkpoint import resolve_model_path
-from ...io.outputs import save_png, write_json
+from ...io.outputs import save_mask_png, save_png, write_json
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
 from ...tokenization import grounding_prompt
@@ -49,6 +52,7 @@ __all__ = [
     "require_torchrun",
     "parse_prompt",
     "resolve_ckpt_path",
+    "resume_key",
     "study_done",
 ]
 
@@ -74,8 +78,8 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike = "demo", bundle_root: str | 
     path = Path(bundle_root) / RELEASE_SUBDIR if text == "release" else Path(text)
     if not path.is_dir():
         hint = (
-            f" (run `python -m monai.bundle download_large_files --bundle_path {bundle_root}` first, "
-            "or pass --ckpt_path with a local copy of Huangxs/MedPLIB-7b-2e)"
+            f" (fetch it first: `hf download Huangxs/MedPLIB-7b-2e --local-dir {path}`; large_files.yml says why "
+            "download_large_files cannot list it), or pass --ckpt_path with a local copy of Huangxs/MedPLIB-7b-2e)"
             if text == "release"
             else ""
         )
@@ -89,13 +93,25 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     template: str = "vicuna_v1",
+    clip_path: str | os.PathLike | None = None,
+    sam_path: str | os.PathLike | None = None,
 ) -> MedPLIBPipeline:
-    """The bundle's ``network_def``: a :class:`MedPLIBPipeline` with the 2D and the volume methods."""
+    """The bundle's ``network_def``: a :class:`MedPLIBPipeline` with the 2D and the volume methods.
+
+    ``clip_path`` / ``sam_path``: separate CLIP ViT-L/14-336 and SAM-Med2D weights (large_files.yml) for a checkpoint
+    that lacks those keys; the release checkpoint holds them.
+    """
     path = resolve_ckpt_path(ckpt_path, bundle_root)
     resolve_model_path(path)  # "demo" without the demo package fails here, with a clear message
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template)
+    components = {}
+    for name, value in (("clip_path", clip_path), ("sam_path", sam_path)):
+        if value is not None:
+            if not Path(value).exists():
+                raise FileNotFoundError(f"{name}: not found: {value}")
+            components[name] = value
+    return MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template, **components)
 
 
 def model_dir(ckpt_path: str | os.PathLike = "demo", bundle_root: str | os.PathLike = ".") -> str:
@@ -119,8 +135,35 @@ def answer_path(output_dir: str | os.PathLike, study: str) -> Path:
     return Path(output_dir) / study / f"{study}{ANSWER_SUFFIX}"
 
 
-def study_done(output_dir: str | os.PathLike, study: str) -> bool:
-    return answer_path(output_dir, study).is_file()
+def resume_key(prompt: BundlePrompt, settings: Mapping[str, Any]) -> str:
+    """A digest of everything that decides a study's outputs: the prompt as parsed, the input's size and
+    modification time, the runner's settings and the model; a finished study is reused only when its answer JSON
+    carries the same key."""
+    stat = prompt.image.stat()
+    described = {
+        "prompt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(prompt).items()},
+        "image_stat": [stat.st_size, stat.st_mtime_ns],
+        **settings,
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def study_done(output_dir: str | os.PathLike, study: str, key: str | None = None) -> bool:
+    """``<study>_answer.json`` exists, carries ``key`` (when given) and every output it lists still exists."""
+    path = answer_path(output_dir, study)
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # an unreadable answer (a run killed mid-write by an older version): redo the study
+    if key is not None and saved.get("resume_key") != key:
+        return False
+    outputs = saved.get("outputs", {})
+    files = [v for v in outputs.values() if isinstance(v, str)]
+    files += [v for group in outputs.values() if isinstance(group, dict) for v in group.values()]
+    return all(Path(f).exists() for f in files)
 
 
 class BundlePromptRunner:
@@ -137,7 +180,9 @@ class BundlePromptRunner:
         batch_size: slices per batch when grounding a volume.
         output_ext: label volume extension (".nii.gz" or ".nii").
         output_postfix: label file name postfix.
-        overwrite: recompute studies whose answer JSON exists (default: skip them).
+        overwrite: recompute every study; False reuses a finished study with the same prompt, settings and model
+            (see :func:`study_done`).
+        model: what ``network_def`` loaded (the bundle's ``ckpt_path``): part of the resume key.
     """
 
     def __init__(
@@ -152,6 +197,7 @@ class BundlePromptRunner:
         output_postfix: str = "seg",
         overwrite: bool = True,
         fast_grounding: bool = False,
+        model: str | os.PathLike | None = None,
     ) -> None:
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
@@ -165,6 +211,35 @@ class BundlePromptRunner:
         self.output_ext = output_ext
         self.output_postfix = output_postfix
         self.overwrite = overwrite
+        self.model = None if model is None else str(model)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change a study's outputs (batching does not: batched calls equal single ones)."""
+        return {
+            "model": self.model,
+            "max_new_tokens": self.max_new_tokens,
+            "force_seg": self.force_seg,
+            "fast_grounding": self.fast_grounding,
+            "intensity": self.intensity,
+            "output_ext": self.output_ext,
+            "output_postfix": self.output_postfix,
+        }
+
+    def is_done(self, input_dict: Mapping[str, Any]) -> bool:
+        """The study's outputs exist for this very prompt, settings and model (False if the prompt is invalid)."""
+        try:
+            prompt = parse_prompt(input_dict)
+        except (ValueError, TypeError, OSError):
+            return False  # running it reports the problem
+        return study_done(self.output_dir, prompt.id, resume_key(prompt, self.settings()))
+
+    def _study_dir(self, prompt: BundlePrompt) -> Path:
+        folder = self.output_dir / prompt.id
+        if folder.resolve().parent != self.output_dir.resolve():
+            raise ValueError(
+                f"input_dict['id']: {prompt.id!r} would write outside output_dir {self.output_dir}"
+            )
+        return folder
 
     def run(self, data: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Process every prompt of ``data`` (the bundle's ``dataset``); errors propagate (one study per call)."""
@@ -172,13 +247,16 @@ class BundlePromptRunner:
 
     def __call__(self, input_dict: Mapping[str, Any]) -> dict[str, Any]:
         prompt = parse_prompt(input_dict)
+        self._study_dir(prompt)
         out_json = answer_path(self.output_dir, prompt.id)
-        if not self.overwrite and out_json.is_file():
-            logger.info("%s: outputs exist, skipped", prompt.id)
+        key = resume_key(prompt, self.settings())
+        if not self.overwrite and study_done(self.output_dir, prompt.id, key):
+            logger.info("%s: outputs exist for this prompt and settings, skipped", prompt.id)
             return json.loads(out_json.read_text())
         start = time.perf_counter()
         result: dict[str, Any] = {
             "id": prompt.id,
+            "resume_key": key,
             "image": str(prompt.image),
             "kind": "volume" if prompt.is_volume else "image",
             "outputs": {},
@@ -229,8 +307,17 @@ class BundlePromptRunner:
                 for t in prompt.texts
             ]
             label = label_from_probs(torch.stack([torch.as_tensor(g.probs) for g in grounded])).numpy()
-            path = save_png(label, self.output_dir / prompt.id / f"{prompt.id}_{self.output_postfix}.png")
-            result["outputs"]["label"] = str(path)
+            stem = self._study_dir(prompt) / f"{prompt.id}_{self.output_postfix}"
+            if len(prompt.texts) == 1:  # a mask, 0 / 255 as `medplib ground` writes it
+                result["outputs"]["label"] = str(
+                    save_mask_png(label == 1, stem.with_name(stem.name + ".png"))
+                )
+            else:  # a label map (value n = n-th text, as for volumes) and one 0 / 255 mask per text
+                result["outputs"]["label"] = str(save_png(label, stem.with_name(stem.name + ".png")))
+                result["outputs"]["masks"] = {
+                    t: str(save_mask_png(label == n, stem.with_name(f"{stem.name}_{n}.png")))
+                    for n, t in enumerate(prompt.texts, start=1)
+                }
             result["grounding"] = {
                 "label_names": {t: n + 1 for n, t in enumerate(prompt.texts)},
                 "answers": {t: g.answer for t, g in zip(prompt.texts, grounded)},
@@ -291,7 +378,7 @@ class BundlePromptRunner:
             files = write_label_volume(
                 grounded.label,
                 grounded.label_names,
-                self.output_dir / prompt.id,
+                self._study_dir(prompt),
                 f"{prompt.id}_{self.output_postfix}",
                 dicom_source=prompt.image if prompt.is_dicom_series else None,
                 ext=self.output_ext,

@@ -1,7 +1,8 @@
 """The bundle's input_dict validation, run through ConfigWorkflow as the model-zoo unit tests do (no model needed).
 
 Every error case builds the inference workflow with ``network_def`` disabled (None), the way zoo tests set
-``checkpointloader#_disabled_``: the prompt is rejected before the model would be touched.
+``checkpointloader#_disabled_``: the prompt is rejected by the config's ``initialize`` step, before the model would
+be loaded.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"png": png, "nii": nii, "txt": txt, "root": root}
 
 
-def _workflow(tmp_path: Path, input_dict: object) -> ConfigWorkflow:
+def _workflow(tmp_path: Path, input_dict: object, initialize: bool = True) -> ConfigWorkflow:
     workflow = ConfigWorkflow(
         workflow_type="infer",
         config_file=str(CONFIGS / "inference.json"),
@@ -44,7 +45,8 @@ def _workflow(tmp_path: Path, input_dict: object) -> ConfigWorkflow:
         network_def=None,
         input_dict=input_dict,
     )
-    workflow.initialize()
+    if initialize:
+        workflow.initialize()
     return workflow
 
 
@@ -187,6 +189,16 @@ ERRORS = [
         ValueError,
         "input_dict['id']: must be a non-empty name without path separators",
     ),
+    (
+        lambda f: {"image": str(f["png"]), "text": "x", "id": ".."},
+        ValueError,
+        "input_dict['id']: must name a folder inside output_dir, got '..'",
+    ),
+    (
+        lambda f: {"image": str(f["root"] / ".."), "text": "x"},
+        ValueError,
+        "input_dict['id']: must name a folder inside output_dir, got '..' (taken from the image path",
+    ),
 ]
 
 
@@ -194,10 +206,26 @@ ERRORS = [
 def test_prompt_error_through_config_workflow(
     tmp_path: Path, files: dict[str, Path], build, error, message
 ) -> None:
-    workflow = _workflow(tmp_path, build(files))
+    workflow = _workflow(tmp_path, build(files), initialize=False)
     with pytest.raises(RuntimeError) as raised:  # ConfigExpression wraps what the expression raised
-        workflow.run()
+        workflow.initialize()  # the config's initialize step checks input_dict before anything is loaded
     cause = raised.value.__cause__
     assert isinstance(cause, error), f"expected {error.__name__}, got {type(cause).__name__}: {cause}"
     assert message in str(cause)
     assert not (tmp_path / "out").exists()  # nothing written for a rejected prompt
+
+
+def test_a_leading_config_sigil_is_escaped_with_a_backslash(files: dict[str, Path]) -> None:
+    # MONAI reads '@liver' as a reference and '$...' as Python before the prompt reaches us: '\\@' keeps the text
+    prompt = parse_prompt(
+        {"image": str(files["png"]), "text": ["\\@liver", "\\$x", "\\y"], "question": "\\%q"}
+    )
+    assert prompt.texts == ("@liver", "$x", "\\y") and prompt.question == "%q"
+
+
+def test_an_escaped_text_passes_monai_s_parser(tmp_path: Path, files: dict[str, Path]) -> None:
+    workflow = _workflow(tmp_path, {"image": str(files["png"]), "text": "\\@liver"})
+    assert workflow.parser.get_parsed_content("dataset")[0]["text"] == "\\@liver"  # untouched by MONAI
+    unescaped = _workflow(tmp_path, {"image": str(files["png"]), "text": "@liver"}, initialize=False)
+    with pytest.raises(ValueError, match="the referring item `@liver` is not defined"):
+        unescaped.initialize()
