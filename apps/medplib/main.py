@@ -1,23 +1,12 @@
 """MONAI Label app for MedPLIB: pixel grounding, VQA, region VQA and click refinement for 3D Slicer and OHIF.
 
 Start it with ``medplib serve --studies DIR|DICOMWEB_URL`` (or ``monailabel start_server --app
-apps/medplib --studies ... --conf model demo``). Options (``--conf key value``):
-
-=================  =====================================================================================
-``model``          model directory, or ``demo`` (default): loaded once at start-up
-``device``         ``auto`` (CUDA bf16 if present, else CPU fp32; default), ``cpu`` or ``cuda``
-``models``         which tasks, comma-separated, or ``all`` (default): ``medplib_grounding``,
-                   ``medplib_vqa``, ``medplib_region_vqa``, ``medplib_refine``
-``preload``        ``true`` (default): load the model at start-up instead of on the first request
-``force_seg``      ``true``: every grounding decodes a mask (random-weight models, benchmarks); default false
-``fast_grounding`` ``true``: opt-in one-prefill grounding (checked per slice, falls back to generation) that
-                   reuses a slice's cached prompt prefix for further texts; default false (the release's way)
-``grounding_text`` default text of the grounding / refinement tasks; ``vqa_question`` and
-                   ``region_question`` default questions
-=================  =====================================================================================
+apps/medplib --studies ... --conf model demo``). Its ``--conf`` options are listed in ``apps/medplib/README.md``.
 
 Every task is listed by ``GET /info/`` with its labels, dimension and an editable ``config`` (the free-text
-``text`` / ``question`` fields of Slicer's and OHIF's option tables).
+``text`` / ``question`` fields of Slicer's and OHIF's option tables); a request without them gets those values.
+The server around the app is hardened by ``monai_medplib.adapters.monailabel`` (also under a plain ``monailabel
+start_server``): see "Running on a hospital network" in the repository's README.
 """
 
 from __future__ import annotations
@@ -33,10 +22,13 @@ from lib.configs.medplib_refine import MedPLIBRefineConfig
 from lib.configs.medplib_region_vqa import MedPLIBRegionVQAConfig
 from lib.configs.medplib_vqa import MedPLIBVQAConfig
 from lib.engine import MedPLIBEngine
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import monai_medplib
+from monai_medplib.adapters.monailabel.datastore import GuardedLocalDatastore, guard_dicomweb
 from monai_medplib.adapters.monailabel.server import harden_running_server
 from monai_medplib.user_input import parse_bool
 
@@ -54,8 +46,10 @@ class MedPLIBApp(MONAILabelApp):
     """MONAI Label app serving one MedPLIB model to all of its infer tasks."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        harden_running_server()  # thread-pool /infer + 4xx errors, also under a plain `monailabel start_server`
+        harden_running_server(studies)  # also under a plain `monailabel start_server` (no launcher of ours)
         self.engine = MedPLIBEngine.from_conf(conf)
+        self.volume_limits = self.engine.limits  # the server's upload checks use the same limits
+        self.list_masks = parse_bool(conf.get("list_masks", "false"), "--conf list_masks")
         if parse_bool(conf.get("preload", "true"), "--conf preload"):
             self.engine.load()
 
@@ -81,6 +75,24 @@ class MedPLIBApp(MONAILabelApp):
             description="MedPLIB: text grounding, VQA and region VQA on CT / MR slices (MONAI Label app)",
             version=monai_medplib.__version__,
         )
+
+    def init_datastore(self) -> Datastore:
+        """A local studies folder as a :class:`GuardedLocalDatastore`; a DICOMweb root as MONAI Label builds it,
+        with its ids checked."""
+        if self.studies.startswith(("http://", "https://")):
+            return guard_dicomweb(super().init_datastore())
+        return GuardedLocalDatastore(
+            self.studies,
+            limits=self.volume_limits,
+            list_masks=self.list_masks,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        meta["medplib"] = self.engine.stats()
+        return meta
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.task_configs.items()}

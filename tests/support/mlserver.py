@@ -48,6 +48,8 @@ class MONAILabelServer:
         launcher: "medplib" (``python -m monai_medplib.adapters.monailabel.server``) or "monailabel" (``monailabel.main``).
         startup_timeout: seconds to wait for ``GET /info/`` to answer.
         log_path: where the server's stdout/stderr go (default: a temp file, see ``log_text()``).
+        auth_token: the server's access token (given in ``env`` as ``MEDPLIB_AUTH_TOKEN``), sent while waiting
+            for ``GET /info/``.
     """
 
     def __init__(
@@ -63,12 +65,14 @@ class MONAILabelServer:
         startup_timeout: float = 300.0,
         log_path: str | Path | None = None,
         app_dir: str | Path = APP_DIR,
+        auth_token: str | None = None,
     ) -> None:
         self.studies, self.model, self.conf = str(studies), model, dict(conf or {})
         self.extra_env, self.launcher, self.device = dict(env or {}), launcher, device
         self.host, self.port = host, port or free_port(host)
         self.startup_timeout = startup_timeout
         self.app_dir = str(app_dir)
+        self.auth_token = auth_token
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="mlserver-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
@@ -140,7 +144,9 @@ class MONAILabelServer:
                     f"server exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
                 )
             try:
-                with urllib.request.urlopen(self.url + "/info/", timeout=5) as reply:
+                headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+                probe = urllib.request.Request(self.url + "/info/", headers=headers)
+                with urllib.request.urlopen(probe, timeout=5) as reply:
                     if reply.status == 200:
                         self.startup_seconds = time.perf_counter() - start
                         return self

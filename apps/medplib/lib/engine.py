@@ -1,4 +1,6 @@
-"""One MedPLIB pipeline per server, shared by every infer task: loaded once, calls serialised, volumes cached.
+"""One MedPLIB pipeline per server, shared by every infer task: loaded once, calls serialised, volumes cached
+(single-flight and bounded in bytes: concurrent requests for an image decode it once), sizes checked on the
+header before any decode.
 
 Everything the app asks of the model goes through :class:`MedPLIBEngine`, in voxel (IJK) terms, so the
 infer tasks never touch slicing or model details (those live in ``monai_medplib``).
@@ -11,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,33 +21,17 @@ import numpy as np
 from monai.data import MetaTensor
 
 from monai_medplib.devices import resolve_device, resolve_dtype
-from monai_medplib.io.readers import IMAGE_2D_SUFFIXES
+from monai_medplib.io.readers import IMAGE_2D_SUFFIXES, VolumeLimits, VolumeTooLarge, probe_volume
+from monai_medplib.pipeline.cache import DEFAULT_VOLUME_CACHE_BYTES, FeatureCache, VolumeCache
 from monai_medplib.transforms.slicing import plane_along_voxel_axis
-from monai_medplib.user_input import parse_bool
+from monai_medplib.user_input import UserInputError, parse_bool, parse_int
 
 from .prompts import Point, bad_request
 
 logger = logging.getLogger(__name__)
 
 
-class _LRU(OrderedDict):
-    """A small dict that forgets its least recently used entries beyond ``size``."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        if key not in self:
-            return default
-        self.move_to_end(key)
-        return self[key]
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+GROUNDING_CACHE_BYTES = 256 * 2**20  # per-slice probabilities kept as refinement priors
 
 
 class MedPLIBEngine:
@@ -56,6 +41,8 @@ class MedPLIBEngine:
         model: model directory or ``"demo"``.
         device: ``auto`` | ``cpu`` | ``cuda``.
         cache_volumes: how many loaded volumes to keep (keyed by path, mtime and size).
+        volume_cache_bytes: and at most this many bytes of them.
+        limits: size limits checked on an image's header before it is decoded.
         force_seg: force ``<SEG>`` in grounding answers (for random-weight test models and benchmarks).
         fast_grounding: opt-in one-prefill grounding shortcut (checked per slice, generation where ``<SEG>`` is
             not the first token); it also reuses each slice's cached prompt prefix, so a second text on a slice
@@ -69,6 +56,8 @@ class MedPLIBEngine:
         cache_volumes: int = 4,
         force_seg: bool = False,
         fast_grounding: bool = False,
+        volume_cache_bytes: int = DEFAULT_VOLUME_CACHE_BYTES,
+        limits: VolumeLimits | None = None,
     ) -> None:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
@@ -82,19 +71,33 @@ class MedPLIBEngine:
         self.fast_grounding = fast_grounding
         self._pipeline: Any = None
         self._model_lock = threading.RLock()  # one model, one caller at a time (threads share it)
-        self._cache_lock = threading.Lock()
-        self._volumes = _LRU(cache_volumes)
-        self._groundings = _LRU(32)  # (image key, axis, slice, text) -> SliceGrounding, the refinement prior
+        self.limits = limits or VolumeLimits()
+        self._volumes = VolumeCache(max_bytes=volume_cache_bytes, max_entries=cache_volumes)
+        self._groundings = FeatureCache(
+            GROUNDING_CACHE_BYTES
+        )  # (image, axis, slice, text) -> refinement prior
         self.load_seconds: float | None = None
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> MedPLIBEngine:
-        """Build from MONAI Label ``--conf`` strings (``model``, ``device``, ``force_seg``, ``fast_grounding``)."""
+        """Build from MONAI Label ``--conf`` strings (``model``, ``device``, ``force_seg``, ``fast_grounding``,
+        ``max_voxels``, ``max_volume_mb``, ``volume_cache_mb``; the app README lists them)."""
+        defaults = VolumeLimits()
+        limits = VolumeLimits(
+            max_voxels=parse_int(conf.get("max_voxels", defaults.max_voxels), "--conf max_voxels", minimum=1),
+            max_bytes=parse_int(
+                conf.get("max_volume_mb", defaults.max_bytes // 2**20), "--conf max_volume_mb", minimum=1
+            )
+            * 2**20,
+        )
+        cache_mb = conf.get("volume_cache_mb", DEFAULT_VOLUME_CACHE_BYTES // 2**20)
         return cls(
             model=conf.get("model", "demo"),
             device=conf.get("device", "auto"),
             force_seg=parse_bool(conf.get("force_seg", "false"), "--conf force_seg"),
             fast_grounding=parse_bool(conf.get("fast_grounding", "false"), "--conf fast_grounding"),
+            volume_cache_bytes=parse_int(cache_mb, "--conf volume_cache_mb", minimum=0) * 2**20,
+            limits=limits,
         )
 
     # -- model -------------------------------------------------------------------------------------
@@ -124,20 +127,19 @@ class MedPLIBEngine:
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
+    def stats(self) -> dict[str, int]:
+        """How many volumes were decoded so far and the bytes the volume cache holds (``GET /info/``)."""
+        return {"volumes_decoded": self._volumes.prepared, "volume_cache_bytes": self._volumes.nbytes}
+
     # -- images ------------------------------------------------------------------------------------
     def volume(self, path: str) -> MetaTensor:
-        """The image at ``path`` as a channel-first ``MetaTensor`` ``(1, X, Y, Z)``; 4xx for what is not one."""
+        """The image at ``path`` as a channel-first ``MetaTensor`` ``(1, X, Y, Z)``; 4xx for what is not one.
+
+        Concurrent requests for the same file wait for one decode and get the same object (the pipeline's own
+        caches recognise it)."""
         if not path or not os.path.exists(path):
-            raise bad_request(f"image not found: {path!r}", status=404)
-        stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-        with self._cache_lock:
-            cached = self._volumes.get(key)
-        if cached is None:
-            cached = load_volume(path)
-            with self._cache_lock:
-                self._volumes.put(key, cached)
-        return cached
+            raise bad_request(f"image not found: {Path(path).name!r}", status=404)
+        return self._volumes.get(path, lambda: load_volume(path, self.limits))
 
     @staticmethod
     def slice_axis(volume: MetaTensor) -> str:
@@ -161,9 +163,8 @@ class MedPLIBEngine:
                 volume, texts, axis=axis, slices=slices, force_seg=self.force_seg, fast=self.fast_grounding
             )
         key = self.image_key(volume)
-        with self._cache_lock:
-            for (text, index), prior in result.slice_results.items():
-                self._groundings.put((key, axis, index, text), prior)
+        for (text, index), prior in result.slice_results.items():
+            self._groundings.put(repr((key, axis, index, text)), prior)
         return result.label.as_tensor()[0].numpy(), result.label_names, result.summary()
 
     def answer(self, volume: MetaTensor, question: str, index: int, axis: str) -> str:
@@ -202,13 +203,11 @@ class MedPLIBEngine:
         without ``text`` the clicks alone prompt SAM-Med2D. Returns a bool ``(X, Y, Z)`` volume."""
         prior = None
         if text:
-            key = (self.image_key(volume), axis, index, text)
-            with self._cache_lock:
-                prior = self._groundings.get(key)
+            key = repr((self.image_key(volume), axis, index, text))
+            prior = self._groundings.get(key)
             if prior is None:
                 self.ground(volume, [text], [index], axis)
-                with self._cache_lock:
-                    prior = self._groundings.get(key)
+                prior = self._groundings.get(key)
         points = list(foreground) + list(background)
         labels = [1] * len(foreground) + [0] * len(background)
         with self._model_lock, pipeline_errors():
@@ -226,36 +225,65 @@ def pipeline_errors() -> Iterator[None]:
         raise bad_request(f"not available with this model: {e}", 501) from e
 
 
-def load_volume(path: str) -> MetaTensor:
-    """Read an image file / DICOM folder as ``(1, X, Y, Z)``; 415 if unreadable, 400 if it is not a 3D volume."""
+def load_volume(path: str, limits: VolumeLimits | None = None) -> MetaTensor:
+    """Read an image file / DICOM folder as ``(1, X, Y, Z)``: 413 over ``limits`` (checked on the header, before
+    decoding), 415 if unreadable, 400 if it is not a 3D volume. Messages name the file, never a server path."""
     from monai_medplib.io.readers import load_volume as read_volume
 
+    name = Path(path).name
     suffix = "".join(Path(path).suffixes).lower()
     if suffix.endswith(IMAGE_2D_SUFFIXES):
         raise bad_request(
             f"this task needs a 3D volume; got a 2D picture ({suffix}). Use a CT / MR series, NIfTI or NRRD volume."
         )
     try:
+        if limits is not None:
+            limits.check(probe_volume(path), name)
         img = read_volume(path)
     except FileNotFoundError as e:
-        raise bad_request(str(e), 404) from e
+        raise bad_request(f"image not found: {name!r}", 404) from e
+    except VolumeTooLarge as e:
+        raise bad_request(str(e), 413) from e
+    except UserInputError as e:  # no readable header: empty, text, not an image
+        raise bad_request(f"could not read the image: {e}", 415) from e
     except ValueError as e:  # 2D / 4D images, mixed series
-        raise bad_request(f"this task needs a 3D volume: {e}") from e
-    except Exception as e:  # every reader failed: not an image at all
-        raise bad_request(f"could not read the image {Path(path).name!r} as a medical image: {e}", 415) from e
+        raise bad_request(f"this task needs a 3D volume: {str(e).replace(str(path), name)}") from e
+    except Exception as e:  # every reader failed: not an image at all, or truncated data
+        raise bad_request(
+            f"could not read the image {name!r} as a medical image: the file is truncated, corrupt or not an "
+            f"image ({type(e).__name__})",
+            415,
+        ) from e
     if min(img.shape[1:]) < 2:
         raise bad_request(f"this task needs a 3D volume; got shape {tuple(img.shape)} (a single slice)")
     return img
 
 
-def load_label(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A label volume uploaded with the request (Slicer scribbles) as ``(X, Y, Z)`` ints matching ``shape``."""
+def load_label(path: str, shape: tuple[int, ...], limits: VolumeLimits | None = None) -> np.ndarray:
+    """A label volume uploaded with the request (Slicer scribbles) as ``(X, Y, Z)`` ints matching ``shape``; the
+    header is checked against ``limits`` and ``shape`` before the data is decoded."""
     from monai.transforms import LoadImage
 
+    name = Path(path).name
+    try:
+        header = probe_volume(path)
+        (limits or VolumeLimits()).check(header, name)
+    except VolumeTooLarge as e:
+        raise bad_request(f"the uploaded label is too large: {e}", 413) from e
+    except UserInputError as e:
+        raise bad_request(f"could not read the uploaded label: {e}", 415) from e
+    if tuple(n for n in header.shape if n != 1) != tuple(n for n in shape if n != 1):
+        raise bad_request(
+            f"the uploaded label {name!r} has shape {header.shape}; the image has {tuple(shape)}"
+        )
     try:
         lab = LoadImage(image_only=True)(path)
     except Exception as e:
-        raise bad_request(f"could not read the uploaded label {Path(path).name!r}: {e}", 415) from e
+        raise bad_request(
+            f"could not read the uploaded label {name!r}: the file is truncated, corrupt or not an image "
+            f"({type(e).__name__})",
+            415,
+        ) from e
     arr = np.asarray(lab)
     if arr.ndim == 4 and 1 in (arr.shape[0], arr.shape[-1]):
         arr = arr.squeeze(0 if arr.shape[0] == 1 else -1)

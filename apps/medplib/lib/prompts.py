@@ -13,6 +13,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from monai_medplib.user_input import UserInputError, parse_int, parse_slice_selection
+
 MAX_TEXT_CHARS = 2000  # a question longer than this is not a question (the model context is 2048 tokens)
 MAX_TEXTS = 8  # grounding targets per request
 Point = tuple[int, int, int]
@@ -37,6 +39,8 @@ def json_value(request: dict[str, Any], key: str, default: Any = None) -> Any:
 def question_text(request: dict[str, Any], key: str = "question") -> str:
     """The free-text question; required, at most ``MAX_TEXT_CHARS`` characters."""
     value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"'{key}' must be text (a question in words), got {str(value)[:80]}")
     if not isinstance(value, str) or not value.strip():
         raise bad_request(f"'{key}' is missing or empty: give the question as text")
     value = value.strip()
@@ -52,8 +56,10 @@ def grounding_texts(request: dict[str, Any], key: str = "text") -> list[str]:
         texts = [t.strip() for t in value.replace(";", ",").split(",")]
     elif isinstance(value, list) and all(isinstance(t, str) for t in value):
         texts = [t.strip() for t in value]
-    else:
+    elif value is None:
         raise bad_request(f'\'{key}\' is missing: give what to segment, e.g. "liver" or "liver, spleen"')
+    else:
+        raise bad_request(f'\'{key}\' must be text (e.g. "liver" or "liver, spleen"), got {str(value)[:80]}')
     texts = [t for t in texts if t]
     if not texts:
         raise bad_request(f"'{key}' is empty: give what to segment, e.g. \"liver\"")
@@ -73,8 +79,8 @@ def voxel_points(value: Any, shape: Sequence[int], key: str) -> list[Point]:
         raise bad_request(f"'{key}' must be a list of [i, j, k] voxel indices, got {str(value)[:80]}")
     points = []
     for p in value:
-        if len(p) != 3 or not all(isinstance(c, int | float) and math.isfinite(c) for c in p):
-            raise bad_request(f"'{key}' point {p} is not [i, j, k]")
+        if len(p) != 3 or not all(_is_number(c) for c in p):
+            raise bad_request(f"'{key}' point {p} is not [i, j, k] (three finite numbers)")
         ijk = tuple(int(round(c)) for c in p)
         if not all(0 <= c < n for c, n in zip(ijk, shape[:3])):
             raise bad_request(f"'{key}' point {list(ijk)} is outside the volume of shape {list(shape[:3])}")
@@ -113,8 +119,10 @@ def roi_box(value: Any, shape: Sequence[int]) -> tuple[int, int, int, int, int, 
     """
     if value in (None, "", []):
         return None
-    if not isinstance(value, list) or len(value) != 6 or not all(isinstance(c, int | float) for c in value):
-        raise bad_request(f"'roi' must be [i0, i1, j0, j1, k0, k1], got {str(value)[:80]}")
+    if not isinstance(value, list) or len(value) != 6 or not all(_is_number(c) for c in value):
+        raise bad_request(
+            f"'roi' must be [i0, i1, j0, j1, k0, k1] (six finite numbers), got {str(value)[:80]}"
+        )
     box = []
     for axis in range(3):
         a, b = sorted(int(round(c)) for c in value[2 * axis : 2 * axis + 2])
@@ -136,11 +144,11 @@ def slice_index(request: dict[str, Any], shape: Sequence[int], *candidates: Sequ
     value = request.get("slice")
     if value not in (None, "", "auto"):
         try:
-            k = int(value)
-        except (TypeError, ValueError) as e:
-            raise bad_request(f"'slice' must be a slice index, got {value!r}") from e
+            k = parse_int(value, "'slice'")
+        except UserInputError as e:
+            raise bad_request(f"{e} (a slice index)") from e
         if not 0 <= k < shape[2]:
-            raise bad_request(f"'slice' {k} is outside the volume ({shape[2]} slices)")
+            raise bad_request(f"'slice' {k} is outside the volume ({shape[2]} slices: 0-{shape[2] - 1})")
         return k
     for points in candidates:
         if points:
@@ -149,27 +157,16 @@ def slice_index(request: dict[str, Any], shape: Sequence[int], *candidates: Sequ
 
 
 def slice_selection(value: Any, depth: int) -> list[int] | None:
-    """Grounding's ``slices`` config: ``"all"`` / empty (every slice), ``"k"``, ``"a-b"`` or ``"a,b,c"``."""
-    if value in (None, "", "all", []):
+    """Grounding's ``slices`` option: ``"all"`` / empty (every slice), ``"k"``, ``"a-b"`` or ``"a,b,c"``;
+    bounded by the volume before any list is built."""
+    if value == []:
         return None
-    if isinstance(value, int):
-        parts = [value]
-    elif isinstance(value, list):
-        parts = value
-    else:
-        parts = []
-        for token in str(value).replace(";", ",").split(","):
-            token = token.strip()
-            if "-" in token[1:]:
-                a, b = token.split("-", 1)
-                if not (a.strip().isdigit() and b.strip().isdigit()):
-                    raise bad_request(f"'slices' range {token!r} is not 'a-b'")
-                parts += list(range(int(a), int(b) + 1))
-            elif token.lstrip("-").isdigit():
-                parts.append(int(token))
-            elif token:
-                raise bad_request(f"'slices' must be 'all', 'k', 'a-b' or 'a,b,c'; got {value!r}")
-    bad = [k for k in parts if not isinstance(k, int) or not 0 <= k < depth]
-    if bad:
-        raise bad_request(f"'slices' {bad} are outside the volume ({depth} slices)")
-    return sorted(set(parts))
+    try:
+        return parse_slice_selection(value, depth, "'slices'")
+    except UserInputError as e:
+        raise bad_request(str(e)) from e
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; booleans (JSON true / false) are not coordinates."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

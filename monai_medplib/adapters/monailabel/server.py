@@ -8,10 +8,9 @@ What this launcher adds to a plain ``monailabel start_server --app apps/medplib`
 * No download at start-up: MONAI Label fetches the dcmqi tools when the studies are a DICOMweb URL
   unless an ``itkimage2segimage`` executable is found; a stub is placed on ``PATH``.
 * DICOM-SEG through pydicom (``use_itk=False``), which needs no dcmqi binary.
-* A hardened ``POST /infer/{model}``: the stock route is an ``async def`` that runs the model on the
-  event loop (so one long inference blocks ``/info``, ``/datastore`` and the DICOMweb proxy) and turns
-  every error into HTTP 500. The replacement is a plain ``def`` (FastAPI runs it in its thread pool) and
-  maps user errors to 4xx with a message.
+* Hardening for a server next to patient data (:mod:`.hardening`): our own ``/infer``, datastore, session
+  and OHIF routes, the operational routes off, no CORS by default, a bearer token (:mod:`.guard`), and a
+  refusal to listen on a non-loopback address without one (:mod:`.launch`, :mod:`.settings`).
 
 The uvicorn application is ``monai_medplib.adapters.monailabel.server:app`` (built lazily on first access).
 The MONAI Label app itself (``apps/medplib``) is found by :func:`app_dir`.
@@ -19,7 +18,6 @@ The MONAI Label app itself (``apps/medplib``) is found by :func:`app_dir`.
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -31,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 UVICORN_APP = "monai_medplib.adapters.monailabel.server:app"
 DCMQI_TOOL = "itkimage2segimage"
-_HARDENED_FLAG = "_medplib_hardened"
 
 
 def app_dir() -> Path:
@@ -238,119 +235,34 @@ def prepare_environment(bin_dir: str | Path | None = None) -> None:
     install_dcmqi_stub(bin_dir)
 
 
-def harden_infer_route(fastapi_app: Any) -> None:
-    """Put a thread-pool ``POST /infer/{model}`` that answers user errors with 4xx in front of the stock one.
+def harden_running_server(studies: str) -> None:
+    """Harden the MONAI Label FastAPI app this process serves (called first by the app's ``__init__``, so a plain
+    ``monailabel start_server --app apps/medplib`` is hardened too) and use the pydicom DICOM-SEG writer."""
+    from .hardening import prepare_app
 
-    Starlette matches routes in order, so the route added first in the list shadows MONAI Label's (which
-    stays registered, unreachable); this works whether FastAPI flattens included routers or not.
-    Idempotent: the app's main.py calls it too, so a plain ``monailabel start_server`` gets the fix.
-    """
-    if getattr(fastapi_app.state, _HARDENED_FLAG, None) is not None:
-        return
-    infer_router = _make_infer_router()
-    before = list(fastapi_app.router.routes)
-    fastapi_app.include_router(infer_router, prefix=_api_prefix())
-    added = [r for r in fastapi_app.router.routes if not any(r is b for b in before)]
-    fastapi_app.router.routes[:] = added + before
-    setattr(fastapi_app.state, _HARDENED_FLAG, infer_router)
-
-
-def _make_infer_router() -> Any:
-    """``POST /infer/{model}``: the stock handler run in FastAPI's thread pool, with user errors as 4xx."""
-    from typing import Optional
-
-    from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
-    from fastapi.background import BackgroundTasks
-    from monailabel.config import settings
-    from monailabel.endpoints import infer as stock
-    from monailabel.endpoints.user.auth import RBAC, User
-    from monailabel.interfaces.exception import MONAILabelException
-    from monailabel.interfaces.utils.app import app_instance
-
-    router = APIRouter(prefix="/infer", tags=["Infer"])
-
-    @router.post("/{model}", summary="Run inference (MedPLIB: thread pool, 4xx for bad requests)")
-    def api_run_inference(
-        background_tasks: BackgroundTasks,
-        model: str,
-        image: str = "",
-        session_id: str = "",
-        params: str = Form("{}"),
-        file: UploadFile = File(None),
-        label: UploadFile = File(None),
-        output: Optional[stock.ResultType] = None,  # noqa: UP045 - FastAPI reads this annotation
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
-    ):
-        try:
-            parsed = json.loads(params) if params else {}
-        except json.JSONDecodeError as e:
-            raise HTTPException(status_code=400, detail=f"form field 'params' is not valid JSON: {e}") from e
-        if not isinstance(parsed, dict):
-            raise HTTPException(status_code=400, detail="form field 'params' must be a JSON object")
-        instance = app_instance()
-        infers = getattr(instance, "_infers", None)
-        if infers is not None and model not in infers:
-            raise HTTPException(
-                status_code=404, detail=f"unknown model {model!r}; available: {sorted(infers)}"
-            )
-        if output == stock.ResultType.dicom_seg:
-            if not isinstance(instance.datastore(), stock.DICOMWebDatastore):
-                raise HTTPException(
-                    status_code=400, detail="output=dicom_seg needs a DICOMweb datastore (--studies URL)"
-                )
-            if not parsed.get("label_info"):
-                raise HTTPException(status_code=400, detail="output=dicom_seg needs 'label_info' in params")
-        if not file and not session_id:
-            if not image:
-                raise HTTPException(
-                    status_code=400, detail="give an image id (?image=), a session_id or a file"
-                )
-            _require_image(instance, image)
-        try:
-            return stock.run_inference(
-                background_tasks, model, image, session_id, params, file, label, output
-            )
-        except MONAILabelException as e:
-            raise HTTPException(status_code=400, detail=e.msg) from e
-
-    return router
-
-
-def _require_image(instance: Any, image_id: str) -> None:
-    from fastapi import HTTPException
-
-    try:
-        uri = instance.datastore().get_image_uri(image_id)
-    except Exception as e:  # DICOMweb: unknown series ids fail inside the download
-        raise HTTPException(
-            status_code=404, detail=f"image {image_id!r} not found in the datastore: {e}"
-        ) from e
-    if not uri:
-        raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore")
-
-
-def harden_running_server() -> None:
-    """Harden the MONAI Label FastAPI app if this process is serving it (called from the app's main.py)."""
-    module = sys.modules.get("monailabel.app")
-    if module is not None and hasattr(module, "app"):
-        harden_infer_route(module.app)
+    prepare_app(studies)
+    if "monailabel.app" in sys.modules:
         use_pydicom_dicom_seg()
 
 
 def build_app() -> Any:
-    """The MONAI Label FastAPI app with the compatibility fixes and the hardened infer route."""
-    prepare_environment()
+    """The MONAI Label FastAPI app with the compatibility fixes and the hardening (:mod:`.hardening`)."""
+    from .hardening import harden
+
+    prepare_environment(_state_bin())
     from monailabel.app import app as fastapi_app
 
     use_pydicom_dicom_seg()
-    harden_infer_route(fastapi_app)
+    harden(fastapi_app)
     return fastapi_app
 
 
-def _api_prefix() -> str:
-    from monailabel.config import settings
+def _state_bin() -> Path | None:
+    """The dcmqi stub's folder inside the server's state folder, once the studies are known."""
+    from .settings import state_dir
 
-    return settings.MONAI_LABEL_API_STR
+    studies = os.environ.get("MONAI_LABEL_STUDIES")
+    return state_dir(studies) / "bin" if studies else None
 
 
 def __getattr__(name: str) -> Any:
@@ -364,13 +276,17 @@ def __getattr__(name: str) -> Any:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``medplib serve`` and ``python -m monai_medplib.adapters.monailabel.server``."""
+    from .launch import add_security_arguments
+
     parser.add_argument("--studies", required=True, help="local folder of images or a DICOMweb root URL")
     parser.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     parser.add_argument(
         "--app", default=None, help="MONAI Label app dir (default: the repository's apps/medplib)"
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need a token)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--conf",
@@ -378,9 +294,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar=("KEY", "VALUE"),
-        help="extra app config, e.g. --conf models medplib_grounding,medplib_vqa",
+        help="app option (apps/medplib/README.md lists them), e.g. --conf models medplib_grounding,medplib_vqa",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_security_arguments(parser)
 
 
 def server_argv(args: argparse.Namespace) -> list[str]:
@@ -388,6 +305,8 @@ def server_argv(args: argparse.Namespace) -> list[str]:
     argv = ["start_server", "--app", str(args.app or app_dir()), "--studies", str(args.studies)]
     argv += ["--host", args.host, "--port", str(args.port), "--uvicorn_app", UVICORN_APP]
     argv += ["--log_level", args.log_level]
+    if getattr(args, "log_config", None):
+        argv += ["--log_config", str(args.log_config)]
     confs = [("model", str(args.model)), ("device", args.device), *[tuple(c) for c in args.conf]]
     for key, value in confs:
         argv += ["--conf", key, value]
@@ -395,7 +314,15 @@ def server_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Start the server in this process (blocks until it stops). Returns the exit code."""
+    """Start the server in this process (blocks until it stops). Returns the exit code.
+
+    Raises:
+        FileNotFoundError: the app, model or studies folder is missing.
+        UserInputError: a bad security setting, a non-loopback ``--host`` without a token, an unusable device.
+    """
+    from .launch import check_before_start, serve_environment, write_log_config
+    from .settings import state_dir
+
     app = Path(args.app) if args.app else app_dir()
     if not (app / "main.py").is_file():
         raise FileNotFoundError(f"MONAI Label app not found: {app}/main.py")
@@ -404,7 +331,17 @@ def run_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {model!r} is neither 'demo' nor a model directory")
     if not str(args.studies).startswith(("http://", "https://")) and not Path(args.studies).is_dir():
         raise FileNotFoundError(f"--studies {args.studies!r} is neither a folder nor a DICOMweb URL")
-    prepare_environment()
+    env = serve_environment(args)
+    settings = check_before_start(args, env)
+    os.environ.update(env)
+    studies = str(args.studies)
+    if not studies.startswith(("http://", "https://")):
+        studies = os.path.realpath(studies)
+    state = state_dir(studies)
+    state.mkdir(parents=True, exist_ok=True)
+    args.log_config = write_log_config(state, app.resolve(), settings)
+    os.environ["MONAI_LABEL_STUDIES"] = studies
+    prepare_environment(state / "bin")
     os.environ.setdefault("MONAI_LABEL_TASKS_TRAIN", "false")
     os.environ.setdefault("MONAI_LABEL_TASKS_SCORING", "false")
     from monailabel.main import Main
@@ -420,11 +357,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m monai_medplib.adapters.monailabel.server --studies DIR [--model ...]`` (= ``medplib serve``)."""
+    from ...user_input import UserInputError
+
     parser = argparse.ArgumentParser(
         prog="python -m monai_medplib.adapters.monailabel.server", description=__doc__.splitlines()[0]
     )
     add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
+    try:
+        return run_serve(parser.parse_args(argv))
+    except (UserInputError, FileNotFoundError) as err:
+        print(f"medplib serve: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

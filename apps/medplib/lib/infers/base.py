@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,10 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 class MedPLIBInferTask(InferTask):
     """Base of the MedPLIB tasks: turns a MONAI Label request into an engine call and writes the result.
 
-    Subclasses implement :meth:`run` and return ``(label (X, Y, Z) uint8, result JSON)``. The label is
-    written in the request image's voxel grid and affine, so clients overlay it without resampling.
-    Every task returns a label file (possibly empty): 3D Slicer's client fails on a JSON-only reply.
+    Subclasses implement :meth:`run` and return ``(label (X, Y, Z) uint8 or None, result JSON)``. The label is
+    written in the request image's voxel grid and affine (into the request's ``result_dir``, which the server
+    removes after replying), so clients overlay it without resampling. A task that only answers (VQA) returns
+    None: no file is written.
 
     Args:
         engine: the shared :class:`MedPLIBEngine`.
@@ -57,19 +59,20 @@ class MedPLIBInferTask(InferTask):
         return {**super().info(), "medplib": self.engine.describe()}
 
     @abstractmethod
-    def run(self, request: dict[str, Any], volume: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    def run(self, request: dict[str, Any], volume: Any) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Do the task on a loaded ``(1, X, Y, Z)`` volume."""
 
-    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
         image = request.get("image")
         if not isinstance(image, str):
             raise bad_request("this task needs an image id, a session or an uploaded volume")
+        result_extension(request)  # a bad option is refused before any work, also by tasks without a label
         volume = self.engine.volume(image)
         loaded = time.perf_counter()
         label, result = self.run(request, volume)
         inferred = time.perf_counter()
-        path = self.write_label(label, volume, request)
+        path = None if label is None else self.write_label(label, volume, request)
         done = time.perf_counter()
         result["latencies"] = {
             "pre": round(loaded - start, 3),
@@ -86,13 +89,14 @@ class MedPLIBInferTask(InferTask):
         shape = tuple(volume.shape[1:])
         if label.shape != shape:
             raise RuntimeError(f"result label has shape {label.shape}, the image {shape}")
-        ext = str(request.get("result_extension") or ".nii.gz")
-        if ext not in RESULT_EXTENSIONS:
-            raise bad_request(f"'result_extension' {ext!r} is not one of {list(RESULT_EXTENSIONS)}")
+        ext = result_extension(request)
         dtype = np.uint16 if label.max(initial=0) > 255 else np.uint8
         compress = str(request.get("result_compress", "true")).lower() not in ("false", "0")
         affine = volume.meta.get("original_affine", volume.affine)
-        path = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+        folder = request.get("result_dir") or tempfile.gettempdir()  # the server always gives one
+        handle = tempfile.NamedTemporaryFile(prefix="result_", suffix=ext, dir=folder, delete=False)
+        handle.close()
+        path = str(Path(handle.name))
         write_itk(
             label.astype(dtype),
             path,
@@ -101,3 +105,11 @@ class MedPLIBInferTask(InferTask):
             compress=compress,
         )
         return path
+
+
+def result_extension(request: dict[str, Any]) -> str:
+    """The requested label file type (``result_extension``, default ``.nii.gz``); 400 for another."""
+    ext = str(request.get("result_extension") or ".nii.gz")
+    if ext not in RESULT_EXTENSIONS:
+        raise bad_request(f"'result_extension' {ext!r} is not one of {list(RESULT_EXTENSIONS)}")
+    return ext

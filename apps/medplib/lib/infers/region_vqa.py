@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -13,14 +11,14 @@ from ..prompts import bad_request, clicks, json_value, question_text, roi_box, s
 from .base import MedPLIBInferTask
 
 REGION_VALUE = 1
-_TMP = os.path.realpath(tempfile.gettempdir())
 
 
 class MedPLIBRegionVQA(MedPLIBInferTask):
     """Region VQA from what the viewers send.
 
     * 3D Slicer: ``foreground`` / ``background`` clicks (IJK), ``roi`` = [i0, i1, j0, j1, k0, k1], and a
-      scribble labelmap uploaded as ``label`` (with ``label_info`` / ``selected_label_name``).
+      scribble labelmap uploaded as ``label`` (with ``label_info`` / ``selected_label_name``); the server hands
+      the upload over as ``label_upload``, while ``label`` in the options is only a segment name.
     * OHIF v3: ``foreground`` / ``background`` (deepgrow type) or ``points`` + ``point_labels``.
 
     The question is asked on one slice: Slicer's ``slice``, else the clicks' slice, else the middle slice of
@@ -44,7 +42,7 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         question = question_text(request)
         fg, _bg = clicks(request, shape)
         roi = roi_box(json_value(request, "roi"), shape)
-        scribble = scribble_mask(request, shape)
+        scribble = scribble_mask(request, shape, self.engine.limits)
         if scribble is None and roi is None and not fg:
             raise bad_request("no region given: add foreground clicks, an ROI or a scribble label")
         index = slice_index(request, shape, fg)
@@ -57,7 +55,7 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         )
         given = {"points": bool(points), "roi": roi is not None, "scribble": scribble is not None}
         name = request.get("label")
-        name = name if isinstance(name, str) and name and not _is_upload(name) else "region"
+        name = name if isinstance(name, str) and name else "region"
         return result.region.astype(np.uint8) * REGION_VALUE, {
             "label_names": {name: REGION_VALUE},
             "answer": result.answer,
@@ -73,16 +71,16 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         }
 
 
-def scribble_mask(request: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
-    """The uploaded scribble label (``label`` file) as a boolean volume, or None if none was uploaded.
+def scribble_mask(request: dict[str, Any], shape: tuple[int, ...], limits: Any = None) -> np.ndarray | None:
+    """The uploaded scribble label (``label_upload``, set by the server) as a boolean volume, or None.
 
     Slicer uploads every segment in one labelmap and names them in ``label_info`` ([{"name", "id"}]); the
     region is the ``selected_label_name`` segment if given, else every segment not named background.
     """
-    path = request.get("label")
-    if not isinstance(path, str) or not _is_upload(path):
+    path = request.get("label_upload")
+    if not isinstance(path, str) or not path:
         return None
-    values = load_label(path, shape)
+    values = load_label(path, shape, limits)
     info = json_value(request, "label_info") or []
     info = [i for i in info if isinstance(i, dict) and "id" in i] if isinstance(info, list) else []
     selected = request.get("selected_label_name")
@@ -95,8 +93,3 @@ def scribble_mask(request: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray
     if not mask.any():
         raise bad_request("the uploaded scribble label is empty (no voxels in the selected segment)")
     return mask
-
-
-def _is_upload(path: str) -> bool:
-    """True for a file MONAI Label saved from the request's ``label`` part (a temp file), never a server path."""
-    return bool(path) and os.path.isfile(path) and os.path.dirname(os.path.realpath(path)) == _TMP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -66,21 +67,65 @@ def test_run_serve_rejects_a_missing_model_dir(tmp_path):
         serve.run_serve(args)
 
 
+def test_security_flags_become_settings(tmp_path):
+    from monai_medplib.adapters.monailabel.launch import (
+        check_before_start,
+        serve_environment,
+        write_log_config,
+    )
+    from monai_medplib.cli import build_parser
+    from monai_medplib.user_input import UserInputError
+
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    argv = ["serve", "--studies", str(tmp_path), "--host", "0.0.0.0", "--auth-token-file", str(token)]
+    argv += ["--enable", "logs", "--cors-origin", "https://viewer.example", "--max-upload-mb", "5"]
+    args = build_parser().parse_args(argv)
+    env = serve_environment(args, env={"MEDPLIB_AUTH_TOKEN": "from-the-environment-0123", "PATH": "/bin"})
+    assert env == {
+        "MEDPLIB_AUTH_TOKEN_FILE": str(token),
+        "MEDPLIB_ENABLE": "logs",
+        "MEDPLIB_CORS_ORIGINS": "https://viewer.example",
+        "MEDPLIB_MAX_UPLOAD_MB": "5",
+    }
+    settings = check_before_start(args, env)
+    assert settings.auth_token == "0123456789abcdef0123" and settings.max_upload_bytes == 5 * 2**20
+    config = json.loads(write_log_config(tmp_path, tmp_path / "app", settings).read_text())
+    assert config["handlers"]["file_handler"]["filename"] == str(tmp_path / "app" / "logs" / "app.log")
+    quiet = build_parser().parse_args(["serve", "--studies", str(tmp_path)])
+    config = json.loads(
+        write_log_config(tmp_path, tmp_path / "app", check_before_start(quiet, {})).read_text()
+    )
+    assert config["root"]["handlers"] == ["console"]  # no log file unless /logs is on
+    open_ = build_parser().parse_args(["serve", "--studies", str(tmp_path), "--host", "0.0.0.0"])
+    with pytest.raises(UserInputError, match="refusing to listen"):
+        check_before_start(open_, serve_environment(open_, env={}))
+
+
 @pytest.mark.slow  # imports the whole MONAI Label server (about 12 s)
-def test_hardened_app_routes_infer_to_a_sync_handler_first():
-    import inspect
+def test_build_app_is_hardened_and_idempotent():
+    from fastapi.middleware.cors import CORSMiddleware
+    from monailabel.endpoints import batch_infer, infer, logs, model
+
+    from monai_medplib.adapters.monailabel.guard import RequestGuard
+    from monai_medplib.adapters.monailabel.hardening import harden
 
     app = serve.build_app()
-    ours = getattr(app.state, serve._HARDENED_FLAG)
-    (route,) = ours.routes
-    assert route.path == "/infer/{model}" and "POST" in route.methods
-    # a plain `def` endpoint: FastAPI runs it in its thread pool instead of on the event loop
-    assert not inspect.iscoroutinefunction(route.endpoint)
-    # first in the app's route list (flattened copy or included-router wrapper), so it shadows the stock route
-    first = app.router.routes[0]
-    assert (
-        getattr(first, "original_router", None) is ours or getattr(first, "endpoint", None) is route.endpoint
-    )
+    classes = [m.cls for m in app.user_middleware]
+    assert CORSMiddleware not in classes and classes.count(RequestGuard) == 1
+    stock = {id(r.original_router) for r in app.router.routes if hasattr(r, "original_router")}
+    assert not stock & {id(logs.router), id(batch_infer.router), id(model.router)}
+    assert not any(getattr(r, "path", "") == "/reload" for r in app.router.routes)
+    # our /infer router comes before MONAI Label's, which stays registered but unreachable
+    paths = [
+        (getattr(r, "original_router", None), [x.path for x in getattr(r, "original_router", r).routes])
+        if hasattr(r, "original_router")
+        else (None, [getattr(r, "path", "")])
+        for r in app.router.routes
+    ]
+    first_infer = next(i for i, (_, ps) in enumerate(paths) if any(p.endswith("{model}") for p in ps))
+    stock_infer = next(i for i, (router, _) in enumerate(paths) if router is infer.router)
+    assert first_infer < stock_infer
     count = len(app.router.routes)
-    serve.harden_infer_route(app)  # idempotent
-    assert len(app.router.routes) == count
+    harden(app)
+    assert len(app.router.routes) == count and [m.cls for m in app.user_middleware] == classes
