@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from . import __version__, commands
+from .user_input import USER_ERRORS
 
-# Errors that mean "bad input": reported in one line with exit code 2 instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, TypeError)
+# Besides USER_ERRORS, file-system refusals are the user's to fix (a folder without write permission, a file where
+# a folder is needed): one line, exit code 2.
+FILE_SYSTEM_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def command_modules() -> list[ModuleType]:
@@ -49,9 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except USER_ERRORS as err:
-        print(f"medplib {args.command}: error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, *FILE_SYSTEM_ERRORS) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"medplib {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"medplib {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
-"""Arguments shared by the model-running sub-commands."""
+"""Arguments shared by the model-running sub-commands, and the checks every command runs before loading a model.
+
+Order of work in a command: cheap checks of what the user typed (paths exist, ``--out`` is a folder, the model
+folder exists), then the device (imports torch), then the inputs are read, and only then the model is loaded, so a
+mistake is reported in about the time Python takes to start.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from ..devices import DTYPE_NAMES
 from ..pipeline.options import MAX_NEW_TOKENS
+from ..user_input import USER_ERRORS, UserInputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +44,107 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
 
 
+def check_model_folder(args: argparse.Namespace) -> None:
+    """The model folder exists (``demo`` is resolved when loading); no import."""
+    if str(args.model) != "demo" and not Path(args.model).is_dir():
+        what = "a file" if Path(args.model).exists() else "not found"
+        raise UserInputError(f"--model {args.model}: {what}; give a MedPLIB model folder or 'demo'")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """The device exists (imports torch: run it after the checks that need no library)."""
+    from ..devices import resolve_device
+
+    resolve_device(args.device)
+
+
+def require_path(path: str | Path, option: str = "") -> Path:
+    """``path`` exists (a file or a folder); no import."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{option + ' ' if option else ''}{path}: no such file or folder")
+    return path
+
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """``path`` is a folder or can become one (no file in the way, here or above)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise UserInputError(f"{option} {path}: {part} is a file; give a folder")
+    return path
+
+
+def check_out_file(path: str | Path, option: str = "--out") -> Path:
+    """``path`` can be written as a file (not a folder, no file in the way above it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{option} {path} is a folder; give a file name")
+    check_out_dir(path.parent, option)
+    return path
+
+
 def load_pipeline(args: argparse.Namespace):
+    """``MedPLIBPipeline.from_pretrained`` with the command's model options; a model folder that cannot be read
+    (corrupt weights, a damaged config or tokenizer) is reported naming the file."""
     from ..pipeline import MedPLIBPipeline
 
-    return MedPLIBPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, template=args.template
-    )
+    try:
+        return MedPLIBPipeline.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, template=args.template
+        )
+    except USER_ERRORS as err:
+        if not isinstance(err, json.JSONDecodeError):
+            raise
+        raise UserInputError(f"--model {args.model}: {_damaged_file(args.model)} ({err})") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise UserInputError(f"--model {args.model}: {_damaged_file(args.model)} ({err})") from None
+    except Exception as err:  # safetensors' SafetensorError, sentencepiece and pickle errors
+        if type(err).__module__.split(".")[0] in ("safetensors", "sentencepiece", "pickle", "_pickle"):
+            raise UserInputError(f"--model {args.model}: {_damaged_file(args.model)} ({err})") from None
+        raise
+
+
+def _damaged_file(model: str | Path) -> str:
+    """Which file of a model folder fails to parse (looked for only after loading failed)."""
+    from safetensors import safe_open
+
+    from ..checkpoint import resolve_model_path
+
+    folder = resolve_model_path(model)
+    for file in sorted(folder.rglob("*")):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.name == "tokenizer.model" and file.stat().st_size == 0:
+                raise ValueError("empty file")
+        except Exception as err:  # the first file that does not parse is the answer
+            return f"{file} is damaged: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return "a file of the model cannot be read"
+
+
+def text_slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe form of a grounding text (``"liver tumour"`` -> ``"liver_tumour"``)."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "text"
+
+
+def split_texts(values: list[str]) -> list[str]:
+    """Grounding texts from the command line: each argument is one text, and an argument of structure names may
+    list several separated by commas or semicolons (``"liver, tumour"``); an argument that ends like a sentence
+    (``.``, ``?``, ``!``) is one request, commas included."""
+    texts: list[str] = []
+    for value in values:
+        value = value.strip()
+        if value.endswith((".", "?", "!")):
+            texts.append(value)
+        else:
+            texts.extend(t.strip() for t in value.replace(";", ",").split(","))
+    texts = [t for t in texts if t]
+    if not texts:
+        raise UserInputError("no text to ground: give a structure name (liver) or a request")
+    if len(set(texts)) != len(texts):
+        raise UserInputError(f"texts must be distinct (each becomes one label), got {texts}")
+    return texts

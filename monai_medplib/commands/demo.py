@@ -9,12 +9,11 @@ Dice against the reference liver label.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from ..transforms.planes import AXES
-from ._common import add_model_arguments, load_pipeline
+from ._common import add_model_arguments, check_device, check_model_folder, check_out_dir, load_pipeline
+from ._report import print_report, volume_lines
 
 NAME = "demo"
 HELP = "ground the liver in the LiTS CT with the demo model: NIfTI + DICOM-SEG + overlay + 3D Dice"
@@ -25,10 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default="liver", help="what to ground (default: liver)")
     parser.add_argument("--axis", default="axial", choices=AXES)
     parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = check_out_dir(args.out)
+    check_model_folder(args)
+    check_device(args)
+
     import torch
     from monai.data import MetaTensor
 
@@ -37,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from ..io.outputs import save_overlay_montage, write_json, write_label_volume
     from ..metrics import dice_3d
 
-    out = Path(args.out)
     case = load_lits_case()
     ct_path = save_nifti(case.image, out / "lits_117_ct.nii.gz", affine=case.affine, dtype=None)
     series_dir = out / "lits_117_dicom"
@@ -61,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
         reference = MetaTensor(torch.from_numpy(target[None].astype("uint8")), affine=volume.affine)
         dice = dice_3d(result.label > 0, reference > 0, labels=[1])["1"]
     overlay, shown = save_overlay_montage(
-        volume, result.label, out / f"{args.text}_overlay.png", axis=args.axis, reference=reference
+        volume,
+        result.label,
+        out / f"{args.text}_overlay.png",
+        axis=args.axis,
+        reference=reference,
+        label_names=result.label_names,
     )
     report = {
         "model": str(args.model),
@@ -73,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
             "ct_dicom_series": str(series_dir),
             **{k: str(v) for k, v in paths.items()},
             "overlay": str(overlay),
+            "report": str(out / "report.json"),
         },
         "overlay_slices": shown,
     }
     write_json(out / "report.json", report)
-    print(json.dumps(report, indent=2))
-    if dice is not None:
+    print_report(volume_lines(report), report, args.json)
+    if dice is not None and not args.json:
         print(f"3D Dice ({args.text} vs the LiTS label): {dice:.4f}")
     return 0

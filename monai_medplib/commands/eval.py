@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from ._common import add_model_arguments, load_pipeline
+from ..user_input import UserInputError
+from ._common import add_model_arguments, check_device, check_model_folder, check_out_file, load_pipeline
 
 NAME = "eval"
 HELP = "evaluate a model on MeCoVQA test files (grounding mIoU / mDice, VQA); writes a JSON report"
@@ -101,6 +103,36 @@ def _parse_files(items: list[str] | None) -> dict[str, str] | None:
     return files
 
 
+class ProgressBar:
+    """One tqdm bar on stderr for the evaluation's progress lines (``"vqa: 16/234"``, ``"grounding 8/156"``,
+    ``"closed VQA 234"``): a new step name restarts the bar with its own total, so a run shows one line that moves
+    instead of a line per batch."""
+
+    _STEP = re.compile(r"^(?P<name>.*?):?\s+(?P<done>\d+)(?:/(?P<total>\d+))?$")
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=0, file=sys.stderr, unit="item", dynamic_ncols=True)
+        self.name: str | None = None
+
+    def __call__(self, line: str) -> None:
+        match = self._STEP.match(line.strip())
+        if match is None:
+            self.bar.set_description_str(line.strip())
+            return
+        done = int(match["done"])
+        total = int(match["total"] or done)
+        if match["name"] != self.name:
+            self.name = match["name"]
+            self.bar.reset(total=total)
+            self.bar.set_description_str(self.name)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def demo_data_root(folder: Path) -> Path:
     """The demo held-out split under ``folder`` (built from the demo volumes when it is not there yet, or when
     the folder holds a split of an older, CT-only builder)."""
@@ -114,9 +146,18 @@ def demo_data_root(folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_mecovqa, resolve_eval_files
-
     files = _parse_files(args.file)
+    check_out_file(args.out)
+    if args.predictions is not None:
+        check_out_file(args.predictions, "--predictions")
+    if args.data_root is not None and not args.data_root.is_dir():
+        raise UserInputError(f"--data-root {args.data_root}: no such folder")
+    check_model_folder(args)
+    check_device(args)
+
+    from ..evaluation import evaluate_mecovqa, resolve_eval_files
+    from ..io.outputs import write_json
+
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     if args.acceptance_every < 1 or args.clicks < 0:
@@ -130,36 +171,39 @@ def run(args: argparse.Namespace) -> int:
         data_root = demo_data_root(args.demo_data or args.out.parent / "demo_data")
     resolve_eval_files(data_root, files, args.tasks)  # bad paths fail before the model loads
     pipe = load_pipeline(args)
-    report, table, rows = evaluate_mecovqa(
-        pipe,
-        data_root,
-        files,
-        args.tasks,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        force_seg=args.force_seg,
-        official_eval_region=args.official_eval_region,
-        keep_largest_component=args.keep_largest_component,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    report = {"model": str(args.model), "data_root": str(data_root), **report}
-    acceptance_table = ""
-    if acceptance:
-        from ..evaluation.acceptance import evaluate_acceptance, format_acceptance, held_out_slices
-
-        report["acceptance"] = evaluate_acceptance(
+    progress = ProgressBar()
+    try:
+        report, table, rows = evaluate_mecovqa(
             pipe,
-            held_out_slices(every=args.acceptance_every),
-            clicks=args.clicks,
+            data_root,
+            files,
+            args.tasks,
+            limit=args.limit,
             batch_size=args.batch_size,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
+            max_new_tokens=args.max_new_tokens,
+            force_seg=args.force_seg,
+            official_eval_region=args.official_eval_region,
+            keep_largest_component=args.keep_largest_component,
+            progress=progress,
         )
-        acceptance_table = "\n\n" + format_acceptance(report["acceptance"])
+        report = {"model": str(args.model), "data_root": str(data_root), **report}
+        acceptance_table = ""
+        if acceptance:
+            from ..evaluation.acceptance import evaluate_acceptance, format_acceptance, held_out_slices
+
+            report["acceptance"] = evaluate_acceptance(
+                pipe,
+                held_out_slices(every=args.acceptance_every),
+                clicks=args.clicks,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+            acceptance_table = "\n\n" + format_acceptance(report["acceptance"])
+    finally:
+        progress.close()
     predictions = args.predictions or args.out.with_name(f"{args.out.stem}_predictions.json")
     for path, content in ((args.out, report), (predictions, {"predictions": rows})):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=1) + "\n")
+        write_json(path, content)
     print(table + acceptance_table)
     print(f"report: {args.out}\npredictions: {predictions}")
     return 0

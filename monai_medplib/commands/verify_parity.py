@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import require_path
+
 NAME = "verify-parity"
 HELP = "run a golden fixture saved by the original MedPLIB code and compare every stored quantity"
 
@@ -20,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_path(args.fixture_dir)
+
     import torch
 
     from ..parity import run_parity

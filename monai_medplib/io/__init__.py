@@ -8,7 +8,17 @@ highdicom.
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from typing import Any
+
+# MONAI's LoadImage builds every default reader on each construction, the GPU DICOM decoder (nvImageCodec)
+# included; without that optional package it logs a warning and warns again, on every volume read. We never pick
+# that reader, so both lines are noise for every command, bundle run and server request.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings(
+    "ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
+)
 
 _EXPORTS = {
     "ALGORITHM_NAME": "dicom_seg",

@@ -17,16 +17,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..transforms.intensity import CTWindow
+from ..transforms.intensity import CTWindow, SAMed2DNormalize
 from ..transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
 from .atomic import atomic_write_bytes, atomic_write_text
 from .dicom_seg import write_dicom_seg
 from .nifti import save_nifti
 from .readers import NIFTI_SUFFIXES
 
-OVERLAY_COLOUR = (255, 0, 0)
+# Overlay colours by label value (1 -> the first, cycling after the last): distinct on grey CT / MR, and none of
+# them the reference outline's green.
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0),
+    (0, 140, 255),
+    (255, 200, 0),
+    (200, 0, 255),
+    (0, 230, 230),
+    (255, 110, 0),
+    (255, 0, 150),
+    (150, 110, 255),
+)
+OVERLAY_COLOUR = LABEL_COLOURS[0]
 OVERLAY_ALPHA = 0.45
 REFERENCE_COLOUR = (40, 220, 60)  # outline of a reference label in overlays
+LEGEND_ROW = 16  # pixels per legend line
 
 
 def write_json(path: str | Path, content: Any) -> Path:
@@ -46,6 +59,11 @@ def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
     return save_png(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, path)
 
 
+def label_colour(value: int) -> tuple[int, int, int]:
+    """The overlay colour of label ``value`` (1-based)."""
+    return LABEL_COLOURS[(int(value) - 1) % len(LABEL_COLOURS)]
+
+
 def overlay_image(
     rgb: np.ndarray,
     mask: np.ndarray,
@@ -61,9 +79,45 @@ def overlay_image(
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def save_overlay_png(rgb: np.ndarray, mask: np.ndarray, path: str | Path) -> Path:
-    """The image with the mask blended in red, as PNG."""
-    return save_png(overlay_image(rgb, np.asarray(mask, dtype=bool)), path)
+def overlay_labels(rgb: np.ndarray, label: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """``rgb`` uint8 ``[H, W, 3]`` with every label value of ``label`` ``[H, W]`` blended in its own colour
+    (:func:`label_colour`; a bool mask is label 1)."""
+    label = np.asarray(label)
+    if label.dtype == bool:
+        label = label.astype(np.uint8)
+    out = rgb
+    for value in np.unique(label[label > 0]):
+        out = overlay_image(out, label == value, label_colour(int(value)), alpha)
+    return out if out is not rgb else rgb.copy()
+
+
+def with_legend(rgb: np.ndarray, label_names: Mapping[str, int]) -> np.ndarray:
+    """``rgb`` with a black strip below it naming each label in its colour (one line per label, names cut to the
+    image's width)."""
+    from PIL import ImageDraw
+
+    width = rgb.shape[1]
+    strip = Image.new("RGB", (width, 4 + LEGEND_ROW * len(label_names)), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for row, (name, value) in enumerate(label_names.items()):
+        top = 3 + row * LEGEND_ROW
+        draw.rectangle((4, top + 2, 14, top + 12), fill=label_colour(value))
+        text, room = f"{value}: {name}", width - 24
+        if draw.textlength(text, font_size=11) > room:
+            while len(text) > 1 and draw.textlength(text + "...", font_size=11) > room:
+                text = text[:-1]
+            text += "..."
+        draw.text((20, top + 1), text, fill=label_colour(value), font_size=11)
+    return np.concatenate([rgb, np.asarray(strip, dtype=np.uint8)], axis=0)
+
+
+def save_overlay_png(
+    rgb: np.ndarray, label: np.ndarray, path: str | Path, label_names: Mapping[str, int] | None = None
+) -> Path:
+    """The image with each label value (a bool mask: label 1, red) blended in its own colour, as PNG; given
+    ``label_names`` (``{name: value}``), a legend strip is added below the image."""
+    out = overlay_labels(rgb, label)
+    return save_png(out if not label_names else with_legend(out, label_names), path)
 
 
 def write_label_volume(
@@ -117,34 +171,37 @@ def representative_slices(mask: np.ndarray, axis_index: int, count: int = 4) -> 
 
 def save_overlay_montage(
     image: torch.Tensor,
-    mask: torch.Tensor,
+    label: torch.Tensor,
     path: str | Path,
     axis: str = "axial",
     reference: torch.Tensor | None = None,
-    window: str = "abdomen",
+    window: str | None = "abdomen",
     count: int = 4,
+    label_names: Mapping[str, int] | None = None,
 ) -> tuple[Path, list[int]]:
-    """A PNG of ``count`` representative slices side by side: CT window, predicted mask tinted red,
-    reference label (if given) outlined in green. Slices are shown in the radiological display
-    orientation of :mod:`monai_medplib.transforms.slicing`.
+    """A PNG of ``count`` representative slices side by side: the image (a CT window preset, or with ``window=None``
+    the model's own SA-Med2D normalisation), each label value tinted in its own colour (:func:`label_colour`),
+    reference label (if given) outlined in green, and given ``label_names`` a legend below. Slices are shown in the
+    radiological display orientation of :mod:`monai_medplib.transforms.slicing`.
 
     Returns:
         The PNG path and the slice indices shown.
     """
     extract = ExtractSlice(axis=axis)
-    windowed = CTWindow(window)(image)
-    slice_dim = slice_geometry(volume_affine_ras(mask), mask.shape[1:], axis).slice_dim
-    indices = representative_slices(np.asarray(mask[0] > 0), slice_dim, count)
+    shown = CTWindow(window)(image) if window is not None else SAMed2DNormalize()(image)
+    slice_dim = slice_geometry(volume_affine_ras(label), label.shape[1:], axis).slice_dim
+    indices = representative_slices(np.asarray(label[0] > 0), slice_dim, count)
     tiles = []
     for index in indices:
-        grey = np.asarray(extract(windowed, index=index)[0], dtype=np.uint8)
+        grey = np.asarray(extract(shown, index=index)[0], dtype=np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=-1)
-        rgb = overlay_image(rgb, np.asarray(extract(mask, index=index)[0]) > 0)
+        rgb = overlay_labels(rgb, np.asarray(extract(label, index=index)[0]).astype(np.uint8))
         if reference is not None:
             ref = np.asarray(extract(reference, index=index)[0]) > 0
             rgb[_outline(ref)] = REFERENCE_COLOUR
         tiles.append(rgb)
-    return save_png(np.concatenate(tiles, axis=1), path), indices
+    montage = np.concatenate(tiles, axis=1)
+    return save_png(montage if not label_names else with_legend(montage, label_names), path), indices
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:

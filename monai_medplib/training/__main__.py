@@ -42,8 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="stage folder (train_state.pt, merged model in hf/)")
     p.add_argument("--config", help="stage0: config.json of the model to train from scratch (dense)")
     p.add_argument("--tokenizer", help="stage0: folder with tokenizer.model and added_tokens.json")
-    p.add_argument("--init", help="stages 2-4: merged model folder of the previous stage (stage4: stage II)")
-    p.add_argument("--grounding-init", help="stage4: merged stage-III model folder")
+    p.add_argument(
+        "--init",
+        help="stages 2-4: merged model folder of the previous stage (stage4: stage II), or 'demo' (the embedded "
+        "demo model, to fine-tune it)",
+    )
+    p.add_argument("--grounding-init", help="stage4: merged stage-III model folder, or 'demo'")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds; the schedule follows elapsed time"
@@ -69,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shorten the stage)",
     )
     p.add_argument(
+        "--absent-masks",
+        action="store_true",
+        help="demo-only: decode the states of absent-structure answers towards empty masks (not in the release)",
+    )
+    p.add_argument(
         "--click-prompts",
         action="store_true",
         help="demo-only: also train SAM-Med2D point / box prompt chains on every mask (not in the release)",
@@ -84,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the stage described by parsed ``args`` (the ``medplib train`` command calls this)."""
     import torch  # heavy imports here: ``medplib --help`` stays fast
 
+    from ..checkpoint import resolve_model_path
     from ..config import MedPLIBConfig
     from .click_prompts import ClickTraining
     from .distributed import cleanup, init_distributed
@@ -121,11 +131,14 @@ def run(args: argparse.Namespace) -> int:
             train=train_cfg,
             tokenizer_dir=args.tokenizer,
             config=config,
-            init=args.init,
-            grounding_init=args.grounding_init,
+            init=None if args.init is None else str(resolve_model_path(args.init)),  # "demo" -> its folder
+            grounding_init=None
+            if args.grounding_init is None
+            else str(resolve_model_path(args.grounding_init)),
             task_repeat=parse_repeat(args.repeat),
             max_length=args.max_length,
             resume=not args.no_resume,
+            absent_masks=args.absent_masks,
         )
         summary = run_stage(run, ctx, log=print if ctx.is_main else (lambda _msg: None))
         if ctx.is_main:

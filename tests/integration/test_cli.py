@@ -1,4 +1,5 @@
-"""The ``medplib`` console entry: ask, ground (PNG outputs), error handling, the command registry."""
+"""The ``medplib`` console entry on 2D images: ask, ground (names, several texts, PNG outputs, the report), the
+command registry, and what comes before the heavy imports."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from monai_medplib import MedPLIBPipeline
 from monai_medplib.cli import command_modules, main
+from monai_medplib.io.outputs import LABEL_COLOURS
 
 
 @pytest.fixture(scope="module")
 def cases(public_fixture):
     return json.loads((public_fixture / "expected" / "expected.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def tiny(public_fixture):
+    return MedPLIBPipeline.from_pretrained(public_fixture / "model")
 
 
 def test_ask_prints_the_release_answer(public_fixture, cases, capsys):
@@ -40,60 +48,207 @@ def test_ask_about_a_region(public_fixture, cases, capsys):
     assert capsys.readouterr().out.strip() == cases["b_region_vqa"]["evalpath_greedy"]["text"]
 
 
-def test_ground_writes_mask_and_overlay(public_fixture, cases, tmp_path, capsys):
+def test_ground_writes_mask_overlay_and_report(public_fixture, cases, tmp_path, capsys):
     image = public_fixture / "inputs" / "image.png"
     mask_png, overlay_png = tmp_path / "out" / "mask.png", tmp_path / "out" / "overlay.png"
     argv = ["ground", str(image), cases["c_grounding"]["question"], "--model", str(public_fixture / "model")]
     argv += ["--force-seg", "--mask-out", str(mask_png), "--overlay-out", str(overlay_png), "--json"]
+    argv += ["--out", str(tmp_path / "out")]
     assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["answer"] == "<SEG>" and summary["has_seg"] is True
+    report = json.loads(capsys.readouterr().out)
+    target = report["targets"][cases["c_grounding"]["question"]]
+    # the release decodes "<SEG>"; the report gives the model's words without MedPLIB tokens
+    assert target["has_seg"] is True and target["answer"] == ""
+    assert target["request"] == cases["c_grounding"]["question"]  # a sentence is sent as written
     mask = np.asarray(Image.open(mask_png))
     assert mask.shape == (300, 420) and set(np.unique(mask)) <= {0, 255}
     expected = load_file(str(public_fixture / "expected" / "c_grounding.safetensors"))
     logits = expected["pred_mask_logits"][0].numpy()
     differ = (mask > 0) != expected["pred_mask_binary"][0].numpy().astype(bool)
     assert not (differ & (np.abs(logits - np.log(0.1 / 0.9)) > 1e-3)).any()
-    assert summary["foreground_pixels"] == int((mask > 0).sum())
+    assert target["pixels"] == int((mask > 0).sum()) and target["found"] == bool(target["pixels"])
     overlay = np.asarray(Image.open(overlay_png).convert("RGB")).astype(int)
     original = np.asarray(Image.open(image).convert("RGB")).astype(int)
+    assert overlay.shape[1] == 420 and overlay.shape[0] > 300  # the image, then the legend strip
+    picture, legend = overlay[:300], overlay[300:]
     fg = mask > 0
-    assert np.array_equal(overlay[~fg], original[~fg])
-    assert (overlay[fg][:, 0] >= original[fg][:, 0]).all() and (overlay[fg] != original[fg]).any()
+    assert np.array_equal(picture[~fg], original[~fg])
+    assert (picture[fg][:, 0] >= original[fg][:, 0]).all() and (picture[fg] != original[fg]).any()
+    assert (legend == LABEL_COLOURS[0]).all(axis=-1).sum() >= 100  # the label's swatch
+    saved = json.loads((tmp_path / "out" / "image_ground.json").read_text())
+    assert saved == report
 
 
-def test_ground_default_output_names(public_fixture, tmp_path, monkeypatch, capsys):
+def test_ground_default_output_names_and_not_found(public_fixture, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     image = public_fixture / "inputs" / "image_square.png"
     argv = ["ground", str(image), "Segment it.", "--model", str(public_fixture / "model")]
     assert main([*argv, "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert "has_seg: False" in out  # no <SEG> from the random model: empty mask, as the release
+    # no <SEG> from the random model: an empty mask, as the release, and the output says so
+    assert "Segment it.: not found (no <SEG> in the answer)" in out
     assert not np.asarray(Image.open(tmp_path / "image_square_mask.png")).any()
     assert (tmp_path / "image_square_overlay.png").is_file()
+    report = json.loads((tmp_path / "image_square_ground.json").read_text())
+    assert report["targets"]["Segment it."]["found"] is False
 
 
-def test_user_errors_exit_2(public_fixture, tmp_path, capsys):
-    image = str(public_fixture / "inputs" / "image.png")
-    assert main(["ask", image, "What?", "--model", str(tmp_path)]) == 2
-    assert "not a MedPLIB checkpoint" in capsys.readouterr().err
+def test_ground_names_and_several_texts(public_fixture, tiny, tmp_path, capsys):
+    """Names become the trained requests; several texts share one label map by the volume rule (the most probable
+    text where it passes 0.1), one 0/255 PNG per text and an overlay with a colour per text."""
+    image = public_fixture / "inputs" / "image.png"
+    argv = ["ground", str(image), "liver, left kidney", "spleen", "--model", str(public_fixture / "model")]
+    assert main([*argv, "--force-seg", "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    texts = ["liver", "left kidney", "spleen"]
+    assert list(report["targets"]) == texts
+    requests = [f"Please segment the {t}." for t in texts]
+    assert [report["targets"][t]["request"] for t in texts] == requests
+    probs = np.stack([r.probs for r in tiny.ground_batch([str(image)] * 3, requests, force_seg=True)])
+    best = probs.argmax(axis=0)
+    expected = np.where(probs.max(axis=0) > 0.1, best + 1, 0)
+    for value, text in enumerate(texts, start=1):
+        slug = text.replace(" ", "_")
+        png = np.asarray(Image.open(tmp_path / f"image_{value}_{slug}_mask.png"))
+        assert set(np.unique(png)) <= {0, 255}
+        assert np.array_equal(png > 0, expected == value), text
+        assert report["targets"][text]["pixels"] == int((expected == value).sum())
+        assert report["targets"][text]["own_pixels"] == int((probs[value - 1] > 0.1).sum())
+    overlay = np.asarray(Image.open(tmp_path / "image_overlay.png").convert("RGB"))
+    legend = overlay[300:]
+    for value in range(1, 4):
+        assert (legend == LABEL_COLOURS[value - 1]).all(axis=-1).any()  # each text's swatch
+
+
+def test_ask_and_ground_read_a_single_dicom_image(public_fixture, tmp_path, capsys):
+    """A single-frame DICOM file is a 2D image, mapped to 8 bit by the SA-Med2D percentiles of its own pixels."""
+    from monai_medplib.data.lits import load_lits_case
+    from monai_medplib.io import write_dicom_series
+
+    case = load_lits_case()
+    write_dicom_series(case.image, case.affine, tmp_path / "series")
+    one = sorted((tmp_path / "series").iterdir())[64]
     model = str(public_fixture / "model")
-    assert main(["ask", image, "What?", "--model", model, "--point", "900", "5"]) == 2
-    assert "outside" in capsys.readouterr().err
-    assert (
-        main(["ask", image, "What?", "--model", model, "--point", "9", "5", "--box", "0", "0", "9", "9"]) == 2
+    assert main(["ask", str(one), "What is shown?", "--model", model, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["ground", str(one), "liver", "--model", model, "--force-seg", "--out", str(tmp_path)]) == 0
+    mask = np.asarray(Image.open(tmp_path / f"{one.name.split('.')[0]}_mask.png"))
+    assert mask.shape == (128, 128)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its pixel data is empty)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     )
-    assert "one region prompt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bad_files(public_fixture, tmp_path_factory):
+    """Files a careless user passes: damaged volumes and images, a file where a folder belongs, a damaged model."""
+    import shutil
+
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("bad")
+    ct = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), root / "ct.nii.gz")
+    (root / "truncated.nii.gz").write_bytes((root / "ct.nii.gz").read_bytes()[:300])
+    (root / "empty.nii.gz").write_bytes(b"")
+    (root / "text.nii.gz").write_text("not a volume\n")
+    (root / "text.png").write_text("not an image\n")
+    (root / "huge.png").write_bytes(_png_header(20000, 20000))
+    png = (public_fixture / "inputs" / "image.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 3])
+    (root / "afile").write_text("x")
+    for name, damage in (("weights", "model.safetensors"), ("config", "config.json")):
+        model = root / f"model_{name}"
+        shutil.copytree(public_fixture / "model", model)
+        target = next(model.rglob(damage))
+        target.write_bytes(target.read_bytes()[:40])
+    return root
+
+
+BAD_INPUTS = [
+    # (argv after the command word, what the one line must name)
+    (["ask", "truncated.nii.gz", "Q"], "truncated.nii.gz: cannot be read as a volume"),
+    (["ask", "empty.nii.gz", "Q"], "empty.nii.gz: cannot be read as a volume"),
+    (["ground", "text.nii.gz", "liver"], "text.nii.gz: cannot be read as a volume"),
+    (["ask", "text.png", "Q"], "text.png: not an image file"),
+    (["ask", "huge.png", "Q"], "huge.png: too large"),
+    (["ground", "truncated.png", "liver"], "truncated.png: cannot decode the image"),
+    (["ground", "ct.nii.gz", "liver", "--out", "afile"], "--out afile: afile is a file"),
+    (["ground", "ct.nii.gz", "liver", "--out", "afile/sub"], "afile is a file"),
+    (["ask", "ct.nii.gz", "Q", "--slice", "99"], "--slice 99 is outside ct.nii.gz"),
+    (["ask", "text.png", "Q", "--slice", "1"], "a 2D image has no slices"),
+    (["ground-volume", "ct.nii.gz", "liver", "--slices", "5-2"], "runs backwards"),
+    (["slice", "text.png"], "a 2D image, not a volume"),
+    (["ask", "ct.nii.gz", "Q", "--model", "model_weights"], "model.safetensors is damaged"),
+    (["ask", "ct.nii.gz", "Q", "--model", "model_config"], "config.json is damaged"),
+    (["eval", "--out", "."], "--out . is a folder"),
+    (["ask", "ct.nii.gz", "Q", "--point", "1", "1", "--box", "0", "0", "2", "2"], "give one region prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"), BAD_INPUTS, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD_INPUTS)]
+)
+def test_bad_input_is_one_line_and_exit_2(bad_files, argv, names, monkeypatch, capsys):
+    monkeypatch.chdir(bad_files)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert names in err, err
+
+
+def test_a_device_that_is_not_there_is_one_line(bad_files, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.chdir(bad_files)
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    assert main(["ask", "ct.nii.gz", "Q", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"device '{device}'" in err
+
+
+def test_errors_come_before_the_heavy_imports(tmp_path):
+    """A wrong path, a file where a folder is needed, a missing model: one line, exit 2, and torch never loaded."""
+    (tmp_path / "afile").write_text("x")
+    code = (
+        "import sys\nfrom monai_medplib.cli import main\n"
+        "codes = [main(a) for a in ("
+        "['ask', 'nope.png', 'What?'], ['ground', 'nope.nii.gz', 'liver'], ['ground-volume', 'nope', 'liver'],"
+        "['slice', 'nope'], ['ground', 'afile', 'liver', '--out', 'afile'], ['ask', 'afile', 'Q', '--model', 'x'],"
+        "['verify-parity', 'nope'], ['train', '--stage', '3', '--data-root', 'nope', '--out', 'o'])]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[2,", "2,", "2,", "2,", "2,", "2,", "2,", "2]", "False"]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 8 and all(line.startswith("medplib ") and ": error: " in line for line in lines)
+    assert "nope.png: no such file or folder" in lines[0]
+    assert "--out afile: afile is a file" in lines[4]
+    assert "--model x: not found" in lines[5]
 
 
 def test_registry_and_console_entry():
     names = [module.NAME for module in command_modules()]
-    assert {"ask", "ground", "verify-parity"} <= set(names)
+    assert {"ask", "ground", "ground-volume", "slice", "demo-data", "verify-parity"} <= set(names)
     for module in command_modules():
         assert callable(module.run) and callable(module.add_arguments) and module.HELP
     exe = Path(sys.executable).with_name("medplib")
     cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "monai_medplib.cli", "--help"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert done.returncode == 0
-    for name in ("ask", "ground", "verify-parity"):
+    for name in ("ask", "ground", "slice", "verify-parity"):
         assert name in done.stdout

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from monai_medplib.cli import main
 from monai_medplib.data.lits import load_lits_case
@@ -49,6 +50,70 @@ def test_ground_volume_on_a_dicom_folder_also_writes_dicom_seg(lits, public_fixt
 def test_ground_volume_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["ground-volume", str(tmp_path / "nope.nii.gz"), "liver"]) == 2
     assert "nope.nii.gz" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ct_file(lits, tmp_path_factory):
+    return save_nifti(lits.image, tmp_path_factory.mktemp("ct") / "ct.nii.gz", affine=lits.affine, dtype=None)
+
+
+def test_slice_writes_the_model_ready_slice(lits, ct_file, tmp_path, monkeypatch, capsys):
+    """``medplib slice`` = the SA-Med2D mapping of the whole volume (0.5 / 99.5 percentiles -> 0-255, rounded),
+    cut in the display orientation (axial: rows anterior -> posterior, columns patient right -> left)."""
+    out = tmp_path / "slice.png"
+    assert main(["slice", str(ct_file), "--axis", "axial", "--index", "64", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    png = np.asarray(Image.open(out))
+    ct = lits.image.astype(np.float64)
+    low, high = np.percentile(ct, [0.5, 99.5])
+    eight = np.rint(np.clip((ct - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+    # the LiTS affine is diag(-1.5, -1.5, 1.5): voxel x runs to the patient's left, y to posterior, z up; axial
+    # slice k = eight[:, :, k], shown with rows along y (anterior first) and columns along x (patient right first)
+    assert np.array_equal(png, eight[:, :, 64].T)
+    monkeypatch.chdir(tmp_path)
+    # default: the middle slice, named after the volume, plane and index; coronal rows run superior first
+    assert main(["slice", str(ct_file), "--axis", "coronal"]) == 0
+    coronal = np.asarray(Image.open(tmp_path / "ct_coronal64.png"))
+    assert np.array_equal(coronal, eight[:, 64, :].T[::-1])
+
+
+def test_ground_on_a_volume_slice_matches_ground_volume(ct_file, tmp_path, capsys):
+    """``ground VOLUME --slice k`` grounds what ground-volume grounds on slice k (the same normalisation)."""
+    out = tmp_path / "g"
+    assert main(["ground", str(ct_file), "liver", "--slice", "64", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["image"] == {
+        "file": str(ct_file),
+        "kind": "volume",
+        "axis": "axial",
+        "slice": 64,
+        "slices": 128,
+    }
+    mask = np.asarray(Image.open(out / "ct_axial64_mask.png")) > 0
+    argv = ["ground-volume", str(ct_file), "liver", "--slices", "64", "--out", str(tmp_path / "v"), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    label = np.asarray(nib.load(summary["outputs"]["nifti"]).dataobj)
+    assert np.array_equal(mask, label[:, :, 64].T > 0)
+    assert report["targets"]["liver"]["pixels"] == summary["targets"]["liver"]["voxels"] == int(mask.sum())
+    assert report["targets"]["liver"]["found"] == summary["targets"]["liver"]["found"] == bool(mask.any())
+
+
+def test_ground_volume_reports_each_text_and_draws_a_legend(ct_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["ground-volume", str(ct_file), "liver, tumour", "--slices", "60-63", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    report = json.loads((out / "ct_medplib.json").read_text())
+    label = np.asarray(nib.load(report["outputs"]["nifti"]).dataobj)
+    for line, (text, target) in zip(printed, report["targets"].items()):
+        voxels = int((label == target["label"]).sum())
+        assert target["voxels"] == voxels and target["found"] == (voxels > 0)
+        assert target["volume_ml"] == pytest.approx(voxels * 1.5**3 / 1000, abs=1e-3)
+        assert line.startswith(f"{text}: found, {voxels} voxels" if voxels else f"{text}: not found on the 4")
+        assert "<SEG>" not in "".join(target["answers"])  # the model's words, without its tokens
+    overlay = np.asarray(Image.open(out / "ct_overlay.png").convert("RGB"))
+    assert overlay.shape[0] > 128  # slices, then the legend
 
 
 @pytest.mark.slow
