@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from monai_medplib.io.atomic import atomic_path
 from monai_medplib.processing import REGION_GRID_SIZE, clip_pixels, load_rgb, region_grid, sam_pixels
 from monai_medplib.tokenization import (
     IGNORE_INDEX,
@@ -180,16 +180,9 @@ def ensure_merged_mask(
         if other.shape != merged.shape:
             raise ValueError(f"instance mask {path} has shape {other.shape}, expected {merged.shape}")
         merged |= other
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic write: several DataLoader workers may build the same mask at once.
-    handle, tmp_name = tempfile.mkstemp(suffix=".png", dir=cached.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(merged * 255).save(tmp_name)
-        os.replace(tmp_name, cached)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    # Atomic write (several DataLoader workers may build the same mask at once), with the normal file mode.
+    with atomic_path(cached) as tmp:
+        Image.fromarray(merged * 255).save(tmp)
     return cached
 
 
