@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO))
 
 # stage -> (budget share of --minutes, max steps, per-process batch, peak lr, task oversampling, extra flags)
 STAGE_PLAN = {
-    "stage0": (0.62, 6000, 4, 1e-3, ["grounding=2"], ["--click-prompts"]),
+    "stage0": (0.62, 6000, 4, 1e-3, ["grounding=2"], ["--click-prompts", "--absent-masks"]),
     "stage2": (0.08, 1500, 4, 1e-4, [], []),
-    "stage3": (0.12, 1500, 4, 3e-4, [], ["--click-prompts"]),
-    "stage4": (0.18, 2000, 4, 3e-4, ["grounding=2"], ["--click-prompts"]),
+    "stage3": (0.12, 1500, 4, 3e-4, [], ["--click-prompts", "--absent-masks"]),
+    "stage4": (0.18, 2000, 4, 3e-4, ["grounding=2"], ["--click-prompts", "--absent-masks"]),
 }
 DATA_COPIES = 6  # training conversations per slice and task
-DATA_MAX_TURNS = 4  # rounds per training conversation: 1..4
+DATA_MAX_TURNS = 5  # rounds per training conversation: 1..5
 
 
 def _children_cpu() -> float:

@@ -237,7 +237,7 @@ class _SliceWriter:
             ranked = sorted(targets, key=lambda t: -weights[t])
             chosen = ranked[: rng.randint(1, max_turns)]
             rounds = [self.grounding_round(t) for t in chosen]
-            if rng.random() < NAMING_SHARE:
+            if max_turns > 1 and rng.random() < NAMING_SHARE:  # only in multi-round conversations
                 rounds.insert(rng.randint(0, len(rounds)), self.naming_round(rng.choice(targets)))
             out["grounding"].append(
                 self.base(f"{stem}--grounding_{copy}", conversations=_conversation(rounds))

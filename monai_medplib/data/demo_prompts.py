@@ -57,8 +57,8 @@ TARGETS: dict[str, Target] = {
         Target(
             "tumour",
             "CT",
-            ("tumour", "liver tumour", "tumor", "liver lesion"),
-            ("a tumour", "a liver tumour", "a tumor", "a liver lesion"),
+            ("tumour", "tumor", "lesion", "liver tumour"),
+            ("a tumour", "a tumor", "a lesion", "a liver tumour"),
             32,
         ),
         Target("grey matter", "MR", ("grey matter", "gray matter"), ("grey matter", "gray matter"), 64),
@@ -84,9 +84,9 @@ GROUNDING_PHRASES = (
 )
 ABSENT_ANSWER = "No {target} is visible in this image."
 # Demo-only auxiliary rounds: a grounding request followed by a question about what it asks for, answered with the
-# canonical target name. The answer must be read off the request at the last prompt position, the position whose
-# state MedPLIB turns into the <SEG> prompt; an LLM trained from scratch learns to read the target there far sooner
-# with this direct signal than from the mask loss alone (the stand-in for the pretrained LLaMA's reading skills).
+# canonical target name. Its answer must be read off the request at a last prompt position, as the <SEG> state is;
+# an LLM trained from scratch learns to read the requested target there far sooner with this direct signal than from
+# the mask loss alone (a stand-in for the pretrained LLaMA's reading skills).
 NAMING_QUESTIONS = ("Which structure does this request name?", "What is this request about?")
 
 # question kind -> {"train": wordings, "held_out": wordings}; visible questions take a noun phrase.

@@ -20,6 +20,7 @@ import torch
 from ..modeling.medplib import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBForCausalLM
 from ..processing import postprocess_mask_logits
 from ..tokenization import IGNORE_INDEX
+from .absent_masks import AbsentMasks, absent_state_positions
 from .click_prompts import ClickTraining, click_chain_losses
 from .losses import LossWeights, focal_loss, mask_bce_loss, mask_dice_loss, token_ce_loss
 
@@ -58,6 +59,7 @@ def compute_losses(
     seg_token_id: int,
     weights: LossWeights,
     clicks: ClickTraining | None = None,
+    absent: AbsentMasks | None = None,
 ) -> dict[str, torch.Tensor]:
     """Losses of one batch: ``{"loss", "ce", "bce", "dice", "focal", "num_masks"}`` (+ ``"click"``).
 
@@ -69,7 +71,8 @@ def compute_losses(
 
     ``clicks`` (demo-only, None in the release recipe) adds SAM-Med2D-style point / box prompt chains per mask
     (:mod:`.click_prompts`); their BCE / Dice, weighted like the text masks', enter the total as
-    ``clicks.weight * click``.
+    ``clicks.weight * click``. ``absent`` (demo-only) decodes the states that start an absent-structure answer
+    towards an empty mask (:mod:`.absent_masks`), adding ``absent.weight * weights.bce * absent``.
     """
     ids: list[list[int]] = batch["input_ids"]  # type: ignore[assignment]
     grids: list[list[torch.Tensor]] = batch.get("region_grids") or [[] for _ in ids]  # type: ignore[assignment]
@@ -89,12 +92,26 @@ def compute_losses(
     losses = {"ce": ce, "bce": zero, "dice": zero, "focal": zero, "num_masks": zero}
     if clicks is not None:
         losses["click"] = zero
+    if absent is not None:
+        losses["absent"] = zero
     # position p predicts token p+1: the [SEG] state sits just before each <SEG> target
     seg_positions = (exp_ids[:, 1:] == seg_token_id) & (exp_labels[:, 1:] == seg_token_id)
+    absent_positions = (
+        absent_state_positions(exp_labels, absent.first_token_id) if absent is not None else None
+    )
     masks: list[torch.Tensor] = batch.get("masks") or []  # type: ignore[assignment]
-    if seg_positions.any():
+    if seg_positions.any() or (absent_positions is not None and absent_positions.any()):
         losses.update(
-            _mask_losses(model, batch, out.hidden_states[:, :-1], seg_positions, masks, weights, clicks)
+            _mask_losses(
+                model,
+                batch,
+                out.hidden_states[:, :-1],
+                seg_positions,
+                masks,
+                weights,
+                clicks,
+                absent_positions,
+            )
         )
     total = (
         weights.ce * losses["ce"]
@@ -104,18 +121,34 @@ def compute_losses(
     )
     if clicks is not None:
         total = total + clicks.weight * losses["click"]
+    if absent is not None:
+        total = total + absent.weight * weights.bce * losses["absent"]
     losses["loss"] = total
     return losses
 
 
-def _mask_losses(model, batch, hidden, seg_positions, masks, weights, clicks) -> dict[str, torch.Tensor]:
+def _mask_losses(
+    model, batch, hidden, seg_positions, masks, weights, clicks, absent_positions=None
+) -> dict[str, torch.Tensor]:
     device = model.device
-    rows = [b for b in range(seg_positions.shape[0]) if seg_positions[b].any()]
+    wanted = seg_positions if absent_positions is None else seg_positions | absent_positions
+    rows = [b for b in range(seg_positions.shape[0]) if wanted[b].any()]
     images_sam = batch["images_sam"][rows].to(device, model.dtype)
     image_embeddings = model.model.visual_model.encode_image(images_sam)
-    bce = dice = focal = click_bce = click_dice = hidden.new_zeros((), dtype=torch.float32)
-    count = click_steps = 0
+    bce = dice = focal = click_bce = click_dice = absent_bce = hidden.new_zeros((), dtype=torch.float32)
+    count = click_steps = absent_count = 0
     for k, b in enumerate(rows):
+        if absent_positions is not None and absent_positions[b].any():
+            states = hidden[b][absent_positions[b]]
+            low, _ = model.model.visual_model.decode(
+                image_embeddings[k : k + 1].expand(states.shape[0], -1, -1, -1),
+                text_embeds=model.seg_embeddings(states)[:, None],
+            )
+            logits = postprocess_mask_logits(low.float(), batch["resizes"][b], batch["original_sizes"][b])[
+                :, 0
+            ]
+            absent_bce = absent_bce + mask_bce_loss(logits, torch.zeros_like(logits)) * states.shape[0]
+            absent_count += states.shape[0]
         seg_hidden = hidden[b][seg_positions[b]]
         gt = masks[b].to(device, torch.float32)
         n = min(seg_hidden.shape[0], gt.shape[0])  # release: one mask per [SEG], extra ones ignored
@@ -146,14 +179,14 @@ def _mask_losses(model, batch, hidden, seg_positions, masks, weights, clicks) ->
                 click_dice + chain_dice,
                 click_steps + steps,
             )
+    out = {}
+    if absent_count:
+        out["absent"] = absent_bce / absent_count
     if count == 0:
-        return {}
-    out = {
-        "bce": bce / count,
-        "dice": dice / count,
-        "focal": focal / count,
-        "num_masks": bce.new_tensor(float(count)),
-    }
+        return out
+    out.update(
+        bce=bce / count, dice=dice / count, focal=focal / count, num_masks=bce.new_tensor(float(count))
+    )
     if click_steps:
         out["click"] = (weights.bce * click_bce + weights.dice * click_dice) / click_steps
     return out

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .absent_masks import AbsentMasks
 from .click_prompts import ClickTraining
 from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
 from .forward import compute_losses
@@ -49,6 +50,7 @@ class TrainConfig:
             job would; a later call with ``resume`` continues.
         clicks: demo-only SAM-Med2D point / box prompt chains on every mask (None: the release's text prompt
             only); see :mod:`.click_prompts`.
+        absent_masks: demo-only empty-mask training of absent-structure answers (see :mod:`.absent_masks`).
         budget_clock: what ``time_budget_s`` measures: ``"wall"`` seconds (default) or ``"cpu"`` seconds of rank
             0's process (``time.process_time``), which a machine shared with other jobs does not shorten: with one
             torch thread per process it equals the wall time the stage takes on a machine of its own.
@@ -68,6 +70,7 @@ class TrainConfig:
     stop_at_step: int | None = None
     clicks: ClickTraining | None = None
     budget_clock: str = "wall"
+    absent_masks: AbsentMasks | None = None
 
 
 def warmup_decay(progress: float, warmup_ratio: float) -> float:
@@ -158,7 +161,7 @@ def train(
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         log(f"resumed from {ckpt_path} at step {step}")
-    ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights, cfg.clicks), ctx)
+    ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights, cfg.clicks, cfg.absent_masks), ctx)
     order = BatchOrder(len(dataset), cfg.batch_size, ctx, cfg.seed)
     use_autocast = cfg.bf16 and ctx.device.type == "cuda"
     model.train()
@@ -239,13 +242,19 @@ class LossModule(nn.Module):
     forward call (DDP only hooks ``forward``; the loss uses several model methods)."""
 
     def __init__(
-        self, model: nn.Module, seg_token_id: int, weights: LossWeights, clicks: ClickTraining | None = None
+        self,
+        model: nn.Module,
+        seg_token_id: int,
+        weights: LossWeights,
+        clicks: ClickTraining | None = None,
+        absent: AbsentMasks | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.seg_token_id = seg_token_id
         self.weights = weights
         self.clicks = clicks
+        self.absent = absent
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return compute_losses(self.model, batch, self.seg_token_id, self.weights, self.clicks)
+        return compute_losses(self.model, batch, self.seg_token_id, self.weights, self.clicks, self.absent)

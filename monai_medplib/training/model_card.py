@@ -124,6 +124,43 @@ def _details(acceptance: dict[str, Any]) -> str:
     return text
 
 
+def limits(acceptance: dict[str, Any]) -> str:
+    """What the model still cannot do: the figures it misses and what the data cannot teach or test."""
+    from ..evaluation.acceptance import ACCEPTANCE
+
+    missed = [
+        f"{name} ({_num(acceptance['figures'].get(name))}, target {ACCEPTANCE[name][0]} {ACCEPTANCE[name][1]:g})"
+        for name, ok in acceptance["checks"].items()
+        if not ok
+    ]
+    first = (
+        "- Misses these acceptance figures: " + "; ".join(missed) + "."
+        if missed
+        else "- Meets every acceptance figure above on the held-out slabs; that is all it was measured on."
+    )
+    return "\n".join(
+        [
+            first,
+            "- It has seen one CT patient and one MR template (an average brain): the held-out slabs are other slices of"
+            " the same two bodies, so nothing here says how it behaves on another patient, scanner, contrast or"
+            " body part.",
+            "- It knows five structures (liver, tumour, grey matter, white matter, brain). A request for anything else"
+            ' ("spleen", "kidney") is outside its vocabulary: it may answer with a mask of a known structure or say'
+            " that nothing is visible, both meaningless.",
+            "- Absent structures are mostly the other modality's (CT asked for brain tissue, MR for the liver): the LiTS"
+            " crop shows tumour on almost every slice (5 training slices without it, none in the held-out slabs), so a"
+            " tumour request on a tumour-free CT slice is trained but barely tested.",
+            "- Masks come from SAM-Med2D's 64 x 64 decoder output: thin structures (the grey-matter ribbon) lose detail"
+            " at that resolution. Images should be square, as every training slice was (non-square images go through"
+            " the release's mask crop quirk, which stretches the mask).",
+            "- Answers are single words or one fixed sentence; it cannot explain, describe findings or answer free-form"
+            " questions, and question wordings far from the trained ones (see the held-out figures) may fail.",
+            "- Region questions were trained on discs lying mostly inside one tissue; a region straddling several"
+            " tissues gets one of their names.",
+        ]
+    )
+
+
 def _wordings(kind: str, which: str) -> str:
     return "; ".join(f'"{q}"' for q in CLOSED_QUESTIONS[kind][which])
 
@@ -225,6 +262,9 @@ scores Dice 0; grounding requests rotate through the trained phrasings.
 
 ## Release protocol (`medplib eval --tasks ...` on the held-out test files; vicuna_v1 prompt, greedy)
 {eval_table(result["eval"])}
+
+## What it still cannot do
+{limits(acceptance)}
 """
 
 

@@ -6,6 +6,7 @@ is what the next stage loads (release: "zero -> fp32, load into the PEFT model, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from ..config import MedPLIBConfig
 from ..data.mecovqa import MeCoVQADataset, collate_mecovqa, read_mecovqa
 from ..modeling.medplib import MedPLIBForCausalLM
 from ..tokenization import MedPLIBTokenizer
+from .absent_masks import for_tokenizer as absent_masks_for
 from .distributed import DistContext, barrier
 from .loop import TrainConfig, train
 from .lora import add_lora, count_parameters, merge_lora, set_trainable
@@ -52,6 +54,7 @@ class StageRun:
         task_repeat: how many times each task's samples appear per epoch (oversampling).
         max_length: token truncation of the collator (release: 2048 in II, 1024 in IV).
         resume: continue from ``out_dir/train_state.pt`` when it exists.
+        absent_masks: demo-only: decode absent-structure answers towards empty masks (:mod:`.absent_masks`).
     """
 
     stage: str
@@ -65,6 +68,7 @@ class StageRun:
     task_repeat: Mapping[str, int] = field(default_factory=dict)
     max_length: int | None = 2048
     resume: bool = True
+    absent_masks: bool = False
 
 
 def stage_dataset(
@@ -118,6 +122,8 @@ def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = prin
     log(f"{spec.name}: {n_train:,} of {n_total:,} parameters trainable ({len(trainable)} tensors)")
     dataset = stage_dataset(spec, run.data_root, tokenizer, run.task_repeat)
     cfg = run.train
+    if run.absent_masks and spec.loss.bce:
+        cfg = dataclasses.replace(cfg, absent_masks=absent_masks_for(tokenizer))
     start = time.time()
     history = train(
         model,

@@ -47,7 +47,9 @@ STAGE0 = StageSpec(
     name="stage0",
     tasks=("grounding", "closed", "region"),
     full_ft=(r".",),  # demo only: everything, from scratch
-    loss=LossWeights(ce=1.0, dice=0.5, bce=2.0),
+    loss=LossWeights(
+        ce=1.0, dice=1.0, bce=2.0
+    ),  # Dice doubled from the release's 0.5: small targets (tumour)
     lr=1e-3,
 )
 STAGE2 = StageSpec(

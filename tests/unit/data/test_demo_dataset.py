@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from monai_medplib.data.demo_dataset import build_demo_dataset, region_masks
-from monai_medplib.data.demo_prompts import ABSENT_ANSWER, CLOSED_QUESTIONS, TARGETS
+from monai_medplib.data.demo_prompts import ABSENT_ANSWER, CLOSED_QUESTIONS, NAMING_QUESTIONS, TARGETS
 from monai_medplib.data.demo_slices import (
     CT_REGION_LABELS,
     CT_TARGET_LABELS,
@@ -79,9 +79,15 @@ def test_grounding_rounds_ask_for_shown_and_absent_structures(built):
         for q, a in zip(e["conversations"][::2], e["conversations"][1::2])
     ]
     assert max(len(e["conversations"]) for e in load("train/MeCoVQA-Grounding.json")) > 2  # several targets
+    naming = [r for r in rounds if r[1].endswith(NAMING_QUESTIONS)]
+    rounds = [r for r in rounds if r not in naming]
     seg = [r for r in rounds if r[2].startswith("<SEG><mask>masks_merged/")]
     absent = [r for r in rounds if "<SEG>" not in r[2]]
     assert seg and absent and len(seg) + len(absent) == len(rounds)
+    # naming rounds: "<request> Which structure does this request name?" -> the canonical name of its target
+    assert naming and all(
+        a in TARGETS and any(n in q.split("?")[0] for n in TARGETS[a].names) for _, q, a in naming
+    )
     sentences = {ABSENT_ANSWER.format(target=t) for t in TARGETS}
     assert {a for _, _, a in absent} <= sentences
     # an MR slice is asked for the liver (and answered without <SEG>); a CT slice is never given a brain mask
