@@ -19,6 +19,9 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings(
     "ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
 )
+# highdicom logs about ten INFO lines per DICOM-SEG it builds (each module copied from the source series): noise
+# wherever logging runs at INFO (the bundle, MONAI Label). Its warnings and errors still show.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 _EXPORTS = {
     "ALGORITHM_NAME": "dicom_seg",
