@@ -39,6 +39,10 @@ class BuildPyWithShipped(build_py):
             return  # pip install -e: the clone's folders are found in place, install.sh writes the hook
         layout = _shipped_layout()
         build_lib = Path(self.build_lib)
+        for stale in list(
+            build_lib.rglob("__pycache__")
+        ):  # left in build/ by an earlier build of a used tree
+            shutil.rmtree(stale)
         for name, (source, marker) in layout.SHIPPED.items():
             target = build_lib / "monai_medplib" / layout.SHIPPED_DIR / name
             shutil.rmtree(target, ignore_errors=True)
@@ -60,6 +64,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["monai_medplib", "monai_medplib.*"]),
     package_data={"monai_medplib": ["demo_model/*", "demo_model/**/*"]},
+    exclude_package_data={"monai_medplib": ["demo_model/__pycache__/*", "demo_model/**/__pycache__/*"]},
     include_package_data=True,
     cmdclass={"build_py": BuildPyWithShipped},
     # torch is deliberately unpinned and installed first (README "Installation"): an unpinned torch reaching

@@ -55,7 +55,10 @@ def app_dir() -> Path:
     if not (copy / "main.py").is_file():
         staging = cache / f".app-{__version__}-{os.getpid()}"
         shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(*EXCLUDED), dirs_exist_ok=True)
-        staging.replace(copy) if not copy.exists() else shutil.rmtree(staging)
+        if copy.exists():  # another process copied it meanwhile
+            shutil.rmtree(staging)
+        else:
+            staging.replace(copy)
     return copy
 
 
