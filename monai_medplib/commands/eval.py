@@ -128,6 +128,7 @@ class ProgressBar:
             self.bar.reset(total=total)
             self.bar.set_description_str(self.name)
         self.bar.update(done - self.bar.n)
+        self.bar.refresh()  # a batch is seconds of work: show each step, whatever tqdm's redraw interval
 
     def close(self) -> None:
         self.bar.close()

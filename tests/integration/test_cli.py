@@ -252,3 +252,20 @@ def test_registry_and_console_entry():
     assert done.returncode == 0
     for name in ("ask", "ground", "slice", "verify-parity"):
         assert name in done.stdout
+
+
+def test_eval_progress_is_one_bar(capsys):
+    """The evaluation's progress lines (one per batch and step) drive one bar that is redrawn in place."""
+    from monai_medplib.commands.eval import ProgressBar
+
+    bar = ProgressBar()
+    lines = [f"vqa: {n}/234" for n in range(8, 234, 8)] + ["vqa: 234/234"]
+    lines += [f"grounding {n}/156" for n in range(8, 157, 8)] + ["closed VQA 234", "clicks 50/156"]
+    for line in lines:
+        bar(line)
+        if line.startswith("grounding 8/"):
+            assert (bar.bar.total, bar.bar.n) == (156, 8)  # a new step restarts the bar with its total
+    assert (bar.bar.n, bar.bar.total) == (50, 156)
+    bar.close()
+    err = capsys.readouterr().err
+    assert len(lines) > 50 and err.count("\n") == 1 and "vqa: 100%" in err
