@@ -202,6 +202,10 @@ def session_router() -> Any:
     def get(session_id: str, image: bool = False) -> Any:
         info = find(session_id)
         if image:
+            if not os.path.isfile(info.image):
+                raise rejected(
+                    400, f"session {session_id!r} holds a series folder; only single files download"
+                )
             return FileResponse(info.image, filename=os.path.basename(info.image))
         return _session_json(info)
 
