@@ -640,6 +640,9 @@ def test_no_file_left_by_accepted_requests(site):
     time.sleep(0.5)  # FileResponse cleanups run after the body is sent
     assert sorted((site.studies / ".medplib" / "staging").iterdir()) == []
     assert _snapshot(site.root, (site.studies,)) == before
+    assert (
+        "nvImageCodec" not in site.server.log_text()
+    )  # once-per-read warning pair of MONAI's readers (issue 16.11)
 
 
 def test_masks_in_the_studies_folder_are_not_studies(site):
@@ -694,6 +697,14 @@ def test_refuses_a_network_address_without_a_token(tmp_path):
     assert done.returncode == 2 and "at least 16 characters" in done.stderr
     done = _run_launcher(["--studies", str(tmp_path), "--enable", "logs", "--cors-origin", "viewer:3000"])
     assert done.returncode == 2 and "viewer:3000" in done.stderr
+    # a plain `monailabel start_server` listens on 0.0.0.0 by default: the app refuses to start
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment.pop("MEDPLIB_AUTH_TOKEN", None)
+    plain = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "medplib")]
+    plain += ["--studies", str(tmp_path), "--port", "1", "--conf", "preload", "false"]
+    done = subprocess.run(plain, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "MedPLIB server not started: refusing to listen on '0.0.0.0'" in done.stdout + done.stderr
 
 
 # -------------------------------------------------------------------------------- crash during a save

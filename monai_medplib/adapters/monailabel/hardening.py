@@ -24,6 +24,7 @@ import sys
 import warnings
 from typing import Any
 
+from ...user_input import UserInputError
 from .errors import install_exception_handlers
 from .guard import RequestGuard
 from .settings import ServerSettings, bound_host, state_dir
@@ -189,5 +190,9 @@ def prepare_app(studies: str) -> None:
 
     module = sys.modules.get("monailabel.app")
     if module is not None and hasattr(module, "app"):
-        harden(module.app)
+        try:
+            harden(module.app)
+        except UserInputError as err:  # the server does not start; say why in one line first
+            logger.error(f"MedPLIB server not started: {err}")
+            raise
     ml_settings.MONAI_LABEL_SESSION_PATH = str(state_dir(studies) / "sessions")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,12 +209,3 @@ def state_dir(studies: str, env: Mapping[str, str] | None = None) -> Path:
     if str(studies).startswith(("http://", "https://")):
         return Path.home() / ".cache" / "monai-medplib" / "server"
     return Path(studies) / STATE_FOLDER
-
-
-def describe_env(env: Mapping[str, str]) -> str:
-    """The ``MEDPLIB_*`` part of ``env`` as shell assignments, token values hidden (for the start-up log)."""
-    shown = []
-    for key in sorted(k for k in env if k.startswith("MEDPLIB_")):
-        value = "***" if key == ENV_AUTH_TOKEN else env[key]
-        shown.append(f"{key}={shlex.quote(value)}")
-    return " ".join(shown)
