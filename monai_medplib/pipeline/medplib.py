@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from ..checkpoint import load_medplib, resolve_model_path
 from ..devices import resolve_device, resolve_dtype
@@ -23,6 +24,7 @@ from ..processing import MaskLike
 from . import image as image_calls
 from . import refinement as refine_calls
 from . import volume as volume_calls
+from .cache import VolumeCache
 from .options import AnswerOptions, GroundingOptions
 from .results import GroundingResult, VolumeGroundingResult, VolumeRegionAnswer
 from .runner import InputImage, MedPLIBRunner
@@ -49,11 +51,13 @@ class MedPLIBPipeline(MedPLIBRunner):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         template: str = "vicuna_v1",
+        volume_cache: VolumeCache | None = None,
         **load_kwargs: Any,
     ) -> MedPLIBPipeline:
         """Load a MedPLIB model directory strictly (``load_kwargs`` go to :func:`~monai_medplib.checkpoint.load_medplib`).
 
-        ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on CUDA, float32 on CPU.
+        ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on CUDA, float32 on CPU;
+        ``volume_cache`` sizes the store of prepared volumes (a server keeps as many as it serves).
         """
         path = resolve_model_path(path)
         device = resolve_device(device)
@@ -62,7 +66,7 @@ class MedPLIBPipeline(MedPLIBRunner):
         )
         if tokenizer is None:
             raise FileNotFoundError(f"{path} is not a complete MedPLIB checkpoint: no tokenizer.model in it")
-        return cls(model, tokenizer, template=template)
+        return cls(model, tokenizer, template=template, volume_cache=volume_cache)
 
     # ------------------------------------------------------------------------------------------ 2D
     def answer(
@@ -174,6 +178,13 @@ class MedPLIBPipeline(MedPLIBRunner):
         return refine_calls.refine_grounding(self, image, points, labels, prior, text, opts)
 
     # ------------------------------------------------------------------------------------------ volumes
+    def prepare_volume(
+        self, volume: volume_calls.VolumeLike, intensity: volume_calls.Intensity = "samed2d"
+    ) -> tuple[MetaTensor, torch.Tensor]:
+        """Read and normalise a volume into the volume cache ahead of the calls that will use it; returns
+        ``(volume as MetaTensor, its uint8 (X, Y, Z) copy)``; see :func:`~monai_medplib.pipeline.volume.prepared`."""
+        return volume_calls.prepared(self, volume, intensity)
+
     def ground_volume(
         self,
         volume: volume_calls.VolumeLike,

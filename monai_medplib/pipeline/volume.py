@@ -41,7 +41,14 @@ from .results import (
 )
 from .runner import MedPLIBRunner
 
-__all__ = ["answer_volume", "answer_volume_region", "ground_volume", "prepare_volume", "refine_volume"]
+__all__ = [
+    "answer_volume",
+    "answer_volume_region",
+    "ground_volume",
+    "prepare_volume",
+    "prepared",
+    "refine_volume",
+]
 
 VolumeLike = str | Path | MetaTensor | torch.Tensor | np.ndarray
 Intensity = str | Callable[[torch.Tensor], torch.Tensor]
@@ -140,10 +147,18 @@ def _like(data: torch.Tensor, source: MetaTensor) -> MetaTensor:
     return MetaTensor(data, affine=source.affine.clone(), meta=meta)
 
 
+def prepared(
+    runner: MedPLIBRunner, volume: VolumeLike, intensity: Intensity = "samed2d"
+) -> tuple[MetaTensor, torch.Tensor]:
+    """:func:`prepare_volume` through the runner's volume cache: read and normalised once per source, once even
+    when several threads ask at the same time (a server can warm it before taking the model lock)."""
+    return runner.volume_cache.get(volume, lambda: prepare_volume(volume, intensity), intensity)
+
+
 def _open(
     runner: MedPLIBRunner, volume: VolumeLike, axis: str, intensity: Intensity
 ) -> tuple[MetaTensor, torch.Tensor, SliceGeometry]:
-    vol, eight_bit = runner.volume_cache.get(volume, lambda: prepare_volume(volume, intensity), intensity)
+    vol, eight_bit = prepared(runner, volume, intensity)
     geometry = slice_geometry(volume_affine_ras(vol), vol.shape[1:], axis)
     return vol, eight_bit, geometry
 

@@ -116,7 +116,11 @@ class MedPLIBEngine:
             if self._pipeline is not None:
                 return
             start = time.perf_counter()
-            self._pipeline = MedPLIBPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+            # the pipeline keeps as many prepared (normalised) volumes as the engine keeps decoded ones
+            prepared = VolumeCache(max_bytes=self._volumes.max_bytes, max_entries=self._volumes.max_entries)
+            self._pipeline = MedPLIBPipeline.from_pretrained(
+                self.model, device=self.device, dtype=self.dtype, volume_cache=prepared
+            )
             self.load_seconds = time.perf_counter() - start
             logger.info(f"MedPLIB model {self.model!r} loaded on {self.device} in {self.load_seconds:.1f} s")
 
@@ -139,7 +143,9 @@ class MedPLIBEngine:
         caches recognise it)."""
         if not path or not os.path.exists(path):
             raise bad_request(f"image not found: {Path(path).name!r}", status=404)
-        return self._volumes.get(path, lambda: load_volume(path, self.limits))
+        volume = self._volumes.get(path, lambda: load_volume(path, self.limits))
+        self.pipeline.prepare_volume(volume)  # normalised outside the model lock, once under concurrency
+        return volume
 
     @staticmethod
     def slice_axis(volume: MetaTensor) -> str:
