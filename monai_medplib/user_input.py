@@ -64,6 +64,19 @@ def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return number
 
 
+def parse_keyframes(value: Any, name: str = "keyframes") -> int | None:
+    """Keyframe spacing of volume grounding: ``None`` / ``""`` / ``"off"`` / ``0`` -> None (exact, the release's
+    way), else a whole number >= 1 (the LLM runs on every k-th slice).
+
+    Raises:
+        UserInputError: anything else, naming ``name``.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none", "exact")):
+        return None
+    k = parse_int(value, name, minimum=0)
+    return None if k == 0 else k
+
+
 def parse_slice_selection(value: Any, num_slices: int, name: str = "slices") -> list[int] | None:
     """Slices of a volume: ``None`` / ``""`` / ``"all"`` (every slice, returned as None), an index, a list of
     indices, or text ``"k"``, ``"a-b"`` (inclusive), ``"a,b,c"`` and mixtures (``"3, 10-12"``).

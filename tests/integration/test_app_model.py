@@ -115,3 +115,24 @@ def test_fast_grounding_conf_takes_the_checked_shortcut_with_the_same_labels(lit
         generate_calls[flag] = len(calls)
     assert generate_calls == {"false": 1, "true": 0}  # the shortcut's <SEG> check passed on every slice
     assert labels["true"][..., [40, 56, 72]].any() and np.array_equal(labels["true"], labels["false"])
+
+
+def test_keyframes_conf_and_request_parameter(lits):
+    """--conf keyframes runs the LLM on key slices only; a request's own keyframes ("off") overrides it."""
+    sys.path.insert(0, str(APP_DIR))
+    import torch
+    from lib.engine import MedPLIBEngine
+    from monai.data import MetaTensor
+
+    _, case = lits
+    volume = MetaTensor(torch.from_numpy(case.image)[None], affine=torch.as_tensor(case.affine))
+    engine = MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "keyframes": "8"})
+    slices = list(range(40, 73))  # 33 slices: keys 40, 48, 56, 64, 72 before any bisection
+    _, _, keyed = engine.ground(volume, ["liver"], slices, "axial")
+    _, _, exact = engine.ground(volume, ["liver"], slices, "axial", keyframes=None)
+    assert exact["paths"]["llm_passes"] == 33 and "keyframes" not in exact["paths"]
+    assert keyed["paths"]["keyframes"] == 8 and 5 <= keyed["paths"]["llm_passes"] < 33
+    paths = keyed["targets"]["liver"]["slice_paths"]
+    assert paths["key"] == 5 and sum(paths.values()) == 33
+    with pytest.raises(ValueError, match="--conf keyframes"):
+        MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "keyframes": "every other"})

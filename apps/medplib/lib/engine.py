@@ -24,7 +24,7 @@ from monai_medplib.devices import resolve_device, resolve_dtype
 from monai_medplib.io.readers import IMAGE_2D_SUFFIXES, VolumeLimits, VolumeTooLarge, probe_volume
 from monai_medplib.pipeline.cache import DEFAULT_VOLUME_CACHE_BYTES, FeatureCache, VolumeCache
 from monai_medplib.transforms.slicing import plane_along_voxel_axis
-from monai_medplib.user_input import UserInputError, parse_bool, parse_int
+from monai_medplib.user_input import UserInputError, parse_bool, parse_int, parse_keyframes
 
 from .prompts import Point, bad_request
 
@@ -47,6 +47,8 @@ class MedPLIBEngine:
         fast_grounding: opt-in one-prefill grounding shortcut (checked per slice, generation where ``<SEG>`` is
             not the first token); it also reuses each slice's cached prompt prefix, so a second text on a slice
             prefills only its own tokens (figures: ``benchmarks/RESULTS.md``).
+        keyframes: opt-in keyframe grounding of whole volumes (the LLM on every k-th slice; None = exact); a
+            request's own ``keyframes`` overrides it.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class MedPLIBEngine:
         fast_grounding: bool = False,
         volume_cache_bytes: int = DEFAULT_VOLUME_CACHE_BYTES,
         limits: VolumeLimits | None = None,
+        keyframes: int | None = None,
     ) -> None:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
@@ -69,6 +72,7 @@ class MedPLIBEngine:
         self.dtype = resolve_dtype(None, self.device)
         self.force_seg = force_seg
         self.fast_grounding = fast_grounding
+        self.keyframes = keyframes
         self._pipeline: Any = None
         self._model_lock = threading.RLock()  # one model, one caller at a time (threads share it)
         self.limits = limits or VolumeLimits()
@@ -98,6 +102,7 @@ class MedPLIBEngine:
             fast_grounding=parse_bool(conf.get("fast_grounding", "false"), "--conf fast_grounding"),
             volume_cache_bytes=parse_int(cache_mb, "--conf volume_cache_mb", minimum=0) * 2**20,
             limits=limits,
+            keyframes=parse_keyframes(conf.get("keyframes"), "--conf keyframes"),
         )
 
     # -- model -------------------------------------------------------------------------------------
@@ -158,15 +163,28 @@ class MedPLIBEngine:
 
     # -- model calls (serialised); volumes come back as (X, Y, Z) arrays ----------------------------
     def ground(
-        self, volume: MetaTensor, texts: list[str], slices: list[int] | None, axis: str
+        self,
+        volume: MetaTensor,
+        texts: list[str],
+        slices: list[int] | None,
+        axis: str,
+        keyframes: int | None | str = "default",
     ) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
-        """Ground every text ("liver" or a request) on the given slices (None = all).
+        """Ground every text ("liver" or a request) on the given slices (None = all); ``keyframes`` overrides the
+        ``--conf keyframes`` setting (None = exact).
 
         Returns the label volume, ``{text: label value}`` and the result's JSON summary.
         """
+        every = self.keyframes if keyframes == "default" else keyframes
         with self._model_lock, pipeline_errors():
             result = self.pipeline.ground_volume(
-                volume, texts, axis=axis, slices=slices, force_seg=self.force_seg, fast=self.fast_grounding
+                volume,
+                texts,
+                axis=axis,
+                slices=slices,
+                force_seg=self.force_seg,
+                fast=self.fast_grounding,
+                keyframes=every,
             )
         key = self.image_key(volume)
         for (text, index), prior in result.slice_results.items():

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_medplib.user_input import parse_keyframes
+
 from ..engine import MedPLIBEngine
 from ..prompts import grounding_texts, slice_index, slice_selection
 from .base import MedPLIBInferTask
@@ -26,7 +28,7 @@ class MedPLIBGrounding(MedPLIBInferTask):
             labels=["grounded"],
             dimension=3,
             description="MedPLIB pixel grounding: type what to segment (several: 'liver, spleen')",
-            config={"text": text, "slices": "all"},
+            config={"text": text, "slices": "all", "keyframes": "default"},
         )
 
     def run(self, request: dict[str, Any], volume: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -35,5 +37,8 @@ class MedPLIBGrounding(MedPLIBInferTask):
         current = slice_index(request, shape)
         slices = [current] if current is not None else slice_selection(request.get("slices"), shape[2])
         axis = self.engine.slice_axis(volume)
-        label, names, summary = self.engine.ground(volume, texts, slices, axis)
+        keyframes = request.get("keyframes", "default")
+        if keyframes != "default":
+            keyframes = parse_keyframes(keyframes, "'keyframes'")
+        label, names, summary = self.engine.ground(volume, texts, slices, axis, keyframes)
         return label, {"label_names": names, "medplib": {"task": "grounding", "texts": texts, **summary}}
