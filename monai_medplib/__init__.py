@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (the ``quant`` extra) is imported by transformers and MONAI whenever it is installed and logs, at import,
+# that a CPU torch cannot load its CUDA extensions, plus a torch pytree deprecation: noise for every command.
+for _name in ("torchao", "torch.utils._pytree"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 # Heavy names load on first use so that `import monai_medplib` (and `medplib --help`) stays fast.
 _LAZY = {

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from torch import nn
 from .config import CLIP_SUBDIR, CONFIG_FILE, MedPLIBConfig
 from .devices import dtype_name, resolve_dtype
 from .io.atomic import atomic_path, atomic_write_text
+from .modeling import placement
+from .modeling import quantization as quantizer
 from .modeling.medplib import MedPLIBForCausalLM
 
 CLIP_PREFIX = "model.vision_tower.vision_tower."
@@ -220,14 +223,14 @@ def build_empty_model(config: MedPLIBConfig, attn_implementation: str = "sdpa") 
         return MedPLIBForCausalLM(config, attn_implementation=attn_implementation)
 
 
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
+    """Every key of the architecture is found once with its shape (shapes from the files' headers)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k]
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in set(found) & set(expected)
+        if tuple(found[k]) != tuple(expected[k])
     )
     problems = []
     if missing:
@@ -242,43 +245,115 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _gather_state(
-    path: Path,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    clip_path: str | Path | None,
-    sam_path: str | Path | None,
-    sam_keys: set[str],
-) -> dict[str, torch.Tensor]:
-    """All tensors to load, cast and moved; separate CLIP / SAM files only fill keys the checkpoint lacks."""
-    state: dict[str, torch.Tensor] = {}
+# ---------------------------------------------------------------------------------------------- loading
+def _file_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, stored dtype)}`` of a weight directory or file, without reading any tensor (safetensors
+    headers; ``.bin`` files are memory-mapped, so only their index is read)."""
+    files = weight_files(path)
+    safetensors_files = [f for f in files if f.suffix == ".safetensors"]
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if safetensors_files:
+        _safetensors_key_map(safetensors_files)  # a key stored twice is an error
+        for file in safetensors_files:
+            with file.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                if info["dtype"] not in _SAFE_DTYPES:
+                    raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                shapes[key] = (tuple(info["shape"]), _SAFE_DTYPES[info["dtype"]])
+        return shapes
+    for key, tensor in iter_state_dict(path):
+        shapes[key] = (tuple(tensor.shape), tensor.dtype)
+    return shapes
 
-    def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
-        if not stored.is_floating_point:
-            return stored
-        # DeepSpeed keeps the router fp32 whatever the model dtype
-        return torch.float32 if key.endswith(ROUTER_SUFFIX) else dtype
 
-    def take(key: str, tensor: torch.Tensor, override: bool, owned: bool) -> None:
-        if key.endswith(_IGNORED_SUFFIXES) or (not override and key in state):
+@dataclass
+class _LoadPlan:
+    """Which file gives each key, its shape and stored dtype (main checkpoint first; separate CLIP / SAM files
+    only fill keys it lacks)."""
+
+    sources: dict[str, tuple[str, Path]] = field(default_factory=dict)  # key -> (source name, path)
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+
+    def add(self, name: str, path: Path, key: str, shape: tuple[tuple[int, ...], torch.dtype]) -> None:
+        if key.endswith(_IGNORED_SUFFIXES) or key in self.sources:
             return
-        # safetensors tensors are fresh and already cast: kept as they are on the CPU (no second copy);
-        # .bin tensors may view a memory-mapped file and are copied
-        state[key] = tensor.to(device=device, dtype=target_dtype(key, tensor.dtype), copy=not owned)
+        self.sources[key] = (name, path)
+        self.shapes[key] = shape
 
-    owned = _reads_safetensors(path)
-    for key, tensor in iter_state_dict(path, target_dtype):
-        take(key, tensor, override=True, owned=owned)
+
+def _plan(
+    path: Path, clip_path: str | Path | None, sam_path: str | Path | None, sam_keys: set[str]
+) -> _LoadPlan:
+    plan = _LoadPlan()
+    for key, shape in _file_shapes(path).items():
+        plan.add("main", path, key, shape)
     if clip_path is not None:
-        owned = _reads_safetensors(clip_path)
-        for key, tensor in _component_state(clip_path, CLIP_PREFIX, "vision_model."):
-            take(key, tensor, override=False, owned=owned)
+        for key, shape in _file_shapes(clip_path).items():
+            if key.startswith("vision_model."):
+                plan.add("clip", Path(clip_path), CLIP_PREFIX + key, shape)
     if sam_path is not None:
-        owned = _reads_safetensors(sam_path)
-        for key, tensor in _component_state(sam_path, SAM_PREFIX, ""):
-            if key[len(SAM_PREFIX) :] in sam_keys:
-                take(key, tensor, override=False, owned=owned)
-    return state
+        for key, shape in _file_shapes(sam_path).items():
+            if key in sam_keys:
+                plan.add("sam", Path(sam_path), SAM_PREFIX + key, shape)
+    return plan
+
+
+def _source_tensors(
+    name: str, path: Path, target_dtype: Callable[[str, torch.dtype], torch.dtype]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one source under MedPLIB keys (target dtypes apply to the main checkpoint's safetensors)."""
+    if name == "main":
+        yield from iter_state_dict(path, target_dtype)
+    else:
+        prefix, strip = (CLIP_PREFIX, "vision_model.") if name == "clip" else (SAM_PREFIX, "")
+        yield from _component_state(path, prefix, strip)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, quantized: bool) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer ``key``."""
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    if name in module._parameters:
+        grad = module._parameters[name].requires_grad and not quantized
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def _unit_bytes(
+    model: MedPLIBForCausalLM, plan: _LoadPlan, target_dtype, quantization: str | None, device_type: str
+) -> dict[str, int]:
+    """Bytes each unit's weights will take once loaded (what an "auto" device map is split by)."""
+    sizes = dict.fromkeys(placement.unit_names(model.config.num_hidden_layers), 0)
+    for key, (shape, stored) in plan.shapes.items():
+        dtype = target_dtype(key, stored)
+        if quantization is not None and quantizer.is_quantized_key(key):
+            size = quantizer.planned_bytes(shape, quantizer.mode_for_key(key, quantization), device_type)
+        else:
+            size = math.prod(shape) * dtype.itemsize
+        sizes[placement.unit_of_key(key)] += size
+    return sizes
+
+
+def _resolve_placement(
+    config: MedPLIBConfig, device: str | torch.device, device_map: str | placement.DeviceMap | None
+) -> dict[str, torch.device] | None:
+    """One device per unit, checked before anything is read; None for "auto" (decided once sizes are known)."""
+    if device_map is None:
+        return dict.fromkeys(placement.unit_names(config.num_hidden_layers), torch.device(device))
+    if isinstance(device_map, str):
+        if device_map.strip().lower() != placement.AUTO:
+            raise ValueError(
+                f"device_map must be None, 'auto' or a dict of unit -> device, got {device_map!r}"
+            )
+        return None
+    return placement.resolve_device_map(device_map, config.num_hidden_layers)
+
+
+def _llm_devices(units: dict[str, torch.device]) -> set[torch.device]:
+    return {d for unit, d in units.items() if placement.is_llm_unit(unit) and unit != "embed"}
 
 
 def load_medplib(
@@ -289,14 +364,20 @@ def load_medplib(
     sam_path: str | Path | None = None,
     attn_implementation: str = "sdpa",
     load_tokenizer: bool = True,
+    quantization: str | None = None,
+    device_map: str | placement.DeviceMap | None = None,
 ) -> tuple[MedPLIBForCausalLM, MedPLIBConfig, Any]:
-    """Load a release (or :func:`save_medplib`) directory strictly.
+    """Load a release (or :func:`save_medplib`) directory strictly, tensor by tensor.
+
+    Keys and shapes are checked against the architecture from the files' headers first; then each tensor is
+    read, cast, moved to its unit's device and (when asked) quantised before the next one is read, so memory
+    peaks near the loaded size plus one tensor.
 
     Args:
         path: model directory (``config.json`` + weights + tokenizer files).
         dtype: float32, bfloat16 or float16 for all floating weights except the MoE routers (kept fp32, as
-            DeepSpeed does).
-        device: where the weights go.
+            DeepSpeed does) and, when quantised, the LLM (which computes in bfloat16).
+        device: where the weights go (ignored when ``device_map`` is given).
         clip_path: CLIP weights in the openai layout (``vision_model.*``; a directory or a file) for keys the
             MedPLIB checkpoint lacks.
         sam_path: SAM-Med2D weights (``sam-med2d_b.pth``: ``{"model": state_dict}``) for keys the checkpoint lacks.
@@ -304,23 +385,71 @@ def load_medplib(
         attn_implementation: "sdpa" or "eager".
         load_tokenizer: also return the :class:`~monai_medplib.tokenization.MedPLIBTokenizer` (None if no
             ``tokenizer.model``).
+        quantization: None, ``"int8"`` or ``"int4"``: weight-only quantisation of the LLM's linear layers while
+            loading (:mod:`~monai_medplib.modeling.quantization`; needs the ``quant`` extra). Quantised weights
+            cannot be saved safely, so this happens at every load; ``model.quantization`` says what was done.
+        device_map: None (everything on ``device``), ``"auto"`` (GPUs in order, by bytes, then the CPU) or a
+            dict of unit -> device (:mod:`~monai_medplib.modeling.placement`); ``model.placement`` holds the
+            result.
 
     Returns:
         ``(model in eval mode, config, tokenizer or None)``.
 
     Raises:
         CheckpointMismatchError: listing every missing, unexpected and mis-shaped key in one message.
+        ValueError: an unknown quantization, a device map naming a unit or device that does not exist, or a
+            quantization this torch / torchao / GPU cannot run (raised before any weight is read).
     """
     path = Path(path)
     dtype = resolve_dtype(dtype)
+    quantization = quantizer.resolve_quantization(quantization)
     config = MedPLIBConfig.from_pretrained(path)
+    units = _resolve_placement(config, device, device_map)
+    if units is not None:
+        quantizer.check_quantization(quantization, _llm_devices(units))
+    llm_dtype = quantizer.QUANTIZED_LLM_DTYPE if quantization else dtype
+
+    def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point or key.endswith(_IGNORED_SUFFIXES):
+            return stored
+        if key.endswith(ROUTER_SUFFIX):  # DeepSpeed keeps the router fp32 whatever the model dtype
+            return torch.float32
+        return llm_dtype if placement.is_llm_unit(placement.unit_of_key(key)) else dtype
+
     model = build_empty_model(config, attn_implementation)
     sam_keys = set(model.model.visual_model.state_dict())
-    state = _gather_state(path, dtype, device, clip_path, sam_path, sam_keys)
-    _check_keys(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    model.to(device)
+    plan = _plan(path, clip_path, sam_path, sam_keys)
+    _check_keys(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: s for k, (s, _) in plan.shapes.items()},
+    )
+    if units is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        units = placement.auto_device_map(_unit_bytes(model, plan, target_dtype, quantization, device_type))
+        quantizer.check_quantization(quantization, _llm_devices(units))
+    summary = quantizer.QuantizationSummary(quantization, llm_dtype) if quantization else None
+    for name, source in dict.fromkeys(plan.sources.values()):
+        owned = _reads_safetensors(source)
+        for key, tensor in _source_tensors(name, source, target_dtype):
+            if plan.sources.get(key) != (name, source):
+                continue  # ignored, or given by an earlier source
+            unit_device = units[placement.unit_of_key(key)]
+            quantize = summary is not None and quantizer.is_quantized_key(key)
+            # safetensors tensors are fresh and already cast: kept as they are on the CPU (no second copy);
+            # .bin tensors may view a memory-mapped file and are copied
+            tensor = tensor.to(unit_device, target_dtype(key, tensor.dtype), copy=not owned and not quantize)
+            if quantize:
+                tensor, kind, note = quantizer.quantize_weight(
+                    tensor, quantizer.mode_for_key(key, quantization)
+                )
+                summary.add(key, tensor, kind, note)
+            _assign(model, key, tensor, quantize)
+            del tensor
+    placement.move_buffers(model, units)
+    if device_map is not None:
+        model.placement_hooks = placement.attach_device_hooks(model, units)
+    model.placement = units
+    model.quantization = summary
     model.eval()
     tokenizer = None
     if load_tokenizer and (path / "tokenizer.model").is_file():

@@ -106,13 +106,19 @@ class MedPLIBForCausalLM(nn.Module):
         self.config = config
         self.model = MedPLIBModel(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # set by the loader: what was quantised (modeling.quantization.QuantizationSummary) and the device of
+        # each unit (modeling.placement), None when the model was not loaded that way
+        self.quantization = None
+        self.placement = None
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where token ids go (the embeddings' device; the one device of an unmapped model)."""
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The LLM's dtype (a quantised LLM's compute dtype); CLIP and SAM may differ (``placement.unit_placement``)."""
         return self.lm_head.weight.dtype
 
     # ------------------------------------------------------------------ vision side
@@ -206,9 +212,9 @@ class MedPLIBForCausalLM(nn.Module):
                 pieces.append(embed(torch.tensor(text, device=self.device)))
                 text = []
             if tok == IMAGE_TOKEN_INDEX:
-                pieces.append(image_rows.to(embed.weight.dtype))
+                pieces.append(image_rows.to(embed.weight.device, embed.weight.dtype))
             else:
-                pieces.append(regions[k : k + 1].to(embed.weight.dtype))
+                pieces.append(regions[k : k + 1].to(embed.weight.device, embed.weight.dtype))
                 k += 1
         if text:
             pieces.append(embed(torch.tensor(text, device=self.device)))
@@ -248,8 +254,10 @@ class MedPLIBForCausalLM(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
+        # on the input's device: with a device map the last layers and the head may live elsewhere
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -1:] if last_logits_only else hidden).float()
+        logits = self.lm_head(hidden[:, -1:] if last_logits_only else hidden).float().to(inputs_embeds.device)
+        hidden = hidden.to(inputs_embeds.device)
         routers = None
         if output_router_logits:
             routers = tuple(moe.last_router_logits for moe in self.model.moe_layers())

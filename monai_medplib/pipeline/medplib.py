@@ -52,17 +52,32 @@ class MedPLIBPipeline(MedPLIBRunner):
         dtype: torch.dtype | str | None = None,
         template: str = "vicuna_v1",
         volume_cache: VolumeCache | None = None,
+        quantization: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
         **load_kwargs: Any,
     ) -> MedPLIBPipeline:
         """Load a MedPLIB model directory strictly (``load_kwargs`` go to :func:`~monai_medplib.checkpoint.load_medplib`).
 
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on CUDA, float32 on CPU;
         ``volume_cache`` sizes the store of prepared volumes (a server keeps as many as it serves).
+        ``quantization="int8"`` / ``"int4"`` quantises the LLM's linear layers while loading (the ``quant`` extra;
+        the LLM then computes in bfloat16, CLIP and SAM-Med2D in ``dtype``); it happens at every load, as no safe
+        file format holds quantised weights. ``device_map`` (instead of ``device``) places the model's units on
+        several devices: ``"auto"`` or a dict such as ``{"vision": "cuda:0", "sam": "cuda:0", "seg_head":
+        "cuda:0", "embed": "cuda:0", "layers.0-15": "cuda:0", "layers.16-31": "cuda:1", "head": "cuda:1"}``
+        (see :mod:`~monai_medplib.modeling.placement`). Both are checked before any weight is read.
         """
         path = resolve_model_path(path)
+        if device_map is not None and device is not None:
+            raise ValueError(f"give device ({device!r}) or device_map, not both")
         device = resolve_device(device)
         model, _, tokenizer = load_medplib(
-            path, dtype=resolve_dtype(dtype, device), device=device, **load_kwargs
+            path,
+            dtype=resolve_dtype(dtype, device),
+            device=device,
+            quantization=quantization,
+            device_map=device_map,
+            **load_kwargs,
         )
         if tokenizer is None:
             raise FileNotFoundError(f"{path} is not a complete MedPLIB checkpoint: no tokenizer.model in it")

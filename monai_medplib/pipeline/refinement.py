@@ -150,7 +150,7 @@ def _decode(
     mask_input: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SAM-Med2D prompt-encoder + mask-decoder pass -> fp32 ``(low_res [1, 64, 64], iou [1])``."""
-    device, dtype = runner.device, runner.dtype
+    device, dtype = runner.placement("sam")
     text_embeds = None if seg_embedding is None else seg_embedding.to(device, dtype).reshape(1, 1, -1)
     clicks = None
     if len(coords):

@@ -23,6 +23,7 @@ import torch
 
 from ..modeling.generation import GenerationOutput
 from ..modeling.medplib import LLMOutput, MedPLIBForCausalLM
+from ..modeling.placement import unit_placement
 from ..processing import (
     SAM_SIZE,
     ImageLike,
@@ -106,6 +107,11 @@ class MedPLIBRunner:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def placement(self, unit: str) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of a model unit (``"vision"``, ``"sam"``, ``"seg_head"``): where its inputs go (with a
+        quantised LLM or a device map they differ from :attr:`device` / :attr:`dtype`)."""
+        return unit_placement(self.model, unit)
 
     # ------------------------------------------------------------------------------------------ primitives
     @property
@@ -200,11 +206,11 @@ class MedPLIBRunner:
         return results
 
     def _clip_batch(self, images: list[np.ndarray]) -> torch.Tensor:
-        return self.model.clip_features(clip_pixels_batch(images).to(self.device, self.dtype))
+        return self.model.clip_features(clip_pixels_batch(images).to(*self.placement("vision")))
 
     def _sam_batch(self, images: list[np.ndarray]) -> torch.Tensor:
         pixels, _ = sam_pixels_batch(images)
-        return self.model.model.visual_model.encode_image(pixels.to(self.device, self.dtype))
+        return self.model.model.visual_model.encode_image(pixels.to(*self.placement("sam")))
 
     def prompt_ids(self, question: str, region: bool = False) -> list[int]:
         """Model ids of the template prompt ending with ``ASSISTANT:`` (``-200`` image, ``-300`` region)."""
@@ -239,10 +245,11 @@ class MedPLIBRunner:
             raise ValueError(
                 f"ImageFeatures {missing} have no CLIP features; encode them with with_clip=True"
             )
-        clip = torch.stack([f.clip_feats.to(self.device) for f in features])
+        vision_device = self.placement("vision")[0]
+        clip = torch.stack([f.clip_feats.to(vision_device) for f in features])
         grids = None
         if region_grids is not None:
-            grids = [[g.to(self.device) for g in sample] for sample in region_grids]
+            grids = [[g.to(vision_device) for g in sample] for sample in region_grids]
         return self.model.build_inputs_embeds(prompts, clip, grids, padding_side="left", generator=generator)
 
     @torch.no_grad()
@@ -299,15 +306,16 @@ class MedPLIBRunner:
         missing = [i for i, f in enumerate(features) if not f.has_sam]
         if missing:
             raise ValueError(f"ImageFeatures {missing} have no sam_embedding; encode them with with_sam=True")
-        embeddings = torch.stack([f.sam_embedding.to(self.device) for f in features])
-        text = text_embeds.to(self.device, self.dtype)[:, None]
+        device, dtype = self.placement("sam")
+        embeddings = torch.stack([f.sam_embedding.to(device) for f in features])
+        text = text_embeds.to(device, dtype)[:, None]
         low_res, iou = self.model.model.visual_model.decode(embeddings, text_embeds=text)
         return low_res.float(), iou.float()
 
     @torch.no_grad()
     def seg_embeddings(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] states ``[N,H]`` -> SAM text prompts ``[N,256]`` (model dtype; ``text_hidden_fcs``)."""
-        return self.model.seg_embeddings(seg_hidden.to(self.device, self.dtype))
+        return self.model.seg_embeddings(seg_hidden.to(*self.placement("seg_head")))
 
     @staticmethod
     def postprocess(low_res: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
