@@ -19,8 +19,8 @@ SHIPPED = {
     "bundle": ("bundle", "configs/metadata.json"),
 }
 SHIPPED_DIR = "_shipped"
-# Run-time folders that MONAI Label (logs, model, bin) and the bundle (eval, models) create beside the sources.
-EXCLUDED = ("logs", "model", "bin", "eval", "models", "__pycache__", "*.pyc", ".*")
+# Run-time folders that MONAI Label (logs, model, bin) and the bundle (eval, models, data) create beside the sources.
+EXCLUDED = ("logs", "model", "bin", "eval", "models", "data", "__pycache__", "*.pyc", ".*")
 # Written into site-packages by the wheel (and by scripts/install.sh for an editable install): pydicom-seg, imported
 # by MONAI Label, needs a module pydicom 3 removed, and MONAI Label imports it before any app code runs, so a
 # plain `monailabel start_server` needs the alias installed at interpreter start. The hook imports nothing until
