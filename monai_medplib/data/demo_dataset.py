@@ -9,7 +9,8 @@ wordings of :mod:`.demo_prompts`:
   (``<SEG><mask>PATH</mask>``) and for structures it cannot show, answered without ``<SEG>`` by a sentence
   (CT asked for white matter, MR asked for the liver, a tumour request on a slice without tumour); in half of the
   training conversations also one demo-only naming round (``NAMING_QUESTIONS``: "<request> Which structure does
-  this request name?" -> the target's name);
+  this request name?" -> the target's name), and per training slice and copy one text-only conversation of such
+  rounds (``text_only``: the model sees no image rows, so the lesson is not diluted by 576 image tokens);
 * closed VQA (``MeCoVQA-Complex.json``): modality (CT / MRI), plane (axial / coronal / sagittal) and
   "is X visible" with "no" as often as "yes" (one question about a structure shown, one about one not shown);
 * region VQA (``MeCoVQA-Region.json``): "what is in <region>?" -> liver / tumour / grey matter / white matter /
@@ -18,7 +19,9 @@ wordings of :mod:`.demo_prompts`:
 
 Training conversations hold 1 to ``max_turns`` rounds about one image (several targets of one image in one
 sequence, so the ``<SEG>`` state must follow the request); ``copies`` conversations per slice and task, with
-fresh random wordings, targets and regions. Test files hold one round per entry (what the release evaluation
+fresh random wordings, targets and regions; in multi-round builds half of them are about a random square crop of
+the slice (45-80 % of its side; a real-pixel augmentation that shows structures without their neighbours). Test
+files hold one round per entry (what the release evaluation
 reads), each with the fields the acceptance report groups by: ``modality``, ``target``, ``question_kind``,
 ``wording`` ("train" or "held_out").
 
@@ -83,7 +86,11 @@ REGION_RADIUS_FRACTION = 0.05  # disc radius as a share of the slice side (6 px 
 REGION_PURITY = 0.75  # share of the disc's bounding square that must be of the region's class
 REGIONS_PER_CLASS = 2  # region prompts kept per class and slice
 NORMAL_QUESTION_SHARE = 0.15  # share of region rounds that ask "is <region> normal?"
-NAMING_SHARE = 0.5  # share of training grounding conversations with one naming round (see demo_prompts)
+NAMING_SHARE = 0.7  # share of training grounding conversations with one naming round (see demo_prompts)
+CROP_SHARE = (
+    0.5  # share of training conversations about a random square crop of the slice instead of all of it
+)
+CROP_SIDE = (0.45, 0.8)  # crop side as a share of the slice side
 
 
 def _save_png(array: np.ndarray, path: Path, rgb: bool = False) -> None:
@@ -138,10 +145,20 @@ def region_masks(
     return out
 
 
-def _conversation(rounds: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+def _random_crop(demo_slice: DemoSlice, copy: int, rng: random.Random) -> DemoSlice:
+    """A random square window of the slice: crops hold a structure without another (the liver without the
+    tumour, grey without white matter) far more often than whole slices, so requests for absent structures of
+    the same modality are taught on real pixels."""
+    height, width = demo_slice.image.shape
+    size = max(16, round(rng.uniform(*CROP_SIDE) * min(height, width)))
+    top, left = rng.randint(0, height - size), rng.randint(0, width - size)
+    return demo_slice.crop(top, left, size, f"crop_{copy}")
+
+
+def _conversation(rounds: Sequence[tuple[str, str]], image: bool = True) -> list[dict[str, str]]:
     turns = []
     for k, (question, answer) in enumerate(rounds):
-        turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+        turns.append({"from": "human", "value": ("<image>\n" if k == 0 and image else "") + question})
         turns.append({"from": "gpt", "value": answer})
     return turns
 
@@ -241,6 +258,15 @@ class _SliceWriter:
                 rounds.insert(rng.randint(0, len(rounds)), self.naming_round(rng.choice(targets)))
             out["grounding"].append(
                 self.base(f"{stem}--grounding_{copy}", conversations=_conversation(rounds))
+            )
+        if max_turns > 1:
+            # text-only naming rounds (no image rows): the cheap, undiluted version of the same reading lesson
+            names = rng.sample(list(TARGETS), rng.randint(2, min(max_turns, len(TARGETS))))
+            rounds = [self.naming_round(t) for t in names]
+            out["grounding"].append(
+                self.base(
+                    f"{stem}--naming_{copy}", text_only=True, conversations=_conversation(rounds, image=False)
+                )
             )
         items = self.closed_items()
         chosen_items = rng.sample(items, min(len(items), rng.randint(1, max_turns)))
@@ -343,7 +369,12 @@ def build_demo_dataset(
         if demo_slice.split == "test":
             parts = [writer.test_entries()]
         else:
-            parts = [writer.train_entries(copy, max_turns) for copy in range(copies)]
+            parts = []
+            for copy in range(copies):
+                view = writer
+                if max_turns > 1 and rng.random() < CROP_SHARE:
+                    view = _SliceWriter(_random_crop(demo_slice, copy, rng), root, modalities, rng)
+                parts.append(view.train_entries(copy, max_turns))
         for part in parts:
             for task, items in part.items():
                 data[demo_slice.split][task].extend(items)

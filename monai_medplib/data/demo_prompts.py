@@ -57,8 +57,8 @@ TARGETS: dict[str, Target] = {
         Target(
             "tumour",
             "CT",
-            ("tumour", "tumor", "lesion", "liver tumour"),
-            ("a tumour", "a tumor", "a lesion", "a liver tumour"),
+            ("tumour", "tumor"),
+            ("a tumour", "a tumor"),
             32,
         ),
         Target("grey matter", "MR", ("grey matter", "gray matter"), ("grey matter", "gray matter"), 64),

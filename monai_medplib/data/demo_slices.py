@@ -125,7 +125,7 @@ class DemoVolume:
 
 @dataclass(frozen=True)
 class DemoSlice:
-    """One slice of a :class:`DemoVolume` and what it shows."""
+    """One slice of a :class:`DemoVolume` (or a square crop of it, ``view``) and what it shows."""
 
     volume: DemoVolume
     plane: str
@@ -133,6 +133,7 @@ class DemoSlice:
     split: str
     image: np.ndarray
     label: np.ndarray
+    view: str = ""
 
     @property
     def modality(self) -> str:
@@ -142,7 +143,16 @@ class DemoSlice:
     def stem(self) -> str:
         """SA-Med2D image stem (x = sagittal, y = coronal, z = axial slices)."""
         letter = {"sagittal": "x", "coronal": "y", "axial": "z"}[self.plane]
-        return f"{self.volume.case_prefix}--{letter}_{self.index:04d}"
+        return f"{self.volume.case_prefix}--{letter}_{self.index:04d}" + (
+            f"--{self.view}" if self.view else ""
+        )
+
+    def crop(self, top: int, left: int, size: int, view: str) -> DemoSlice:
+        """The square ``size`` x ``size`` window at ``(top, left)`` as a slice of its own (training augmentation)."""
+        window = (slice(top, top + size), slice(left, left + size))
+        return DemoSlice(
+            self.volume, self.plane, self.index, self.split, self.image[window], self.label[window], view
+        )
 
     def target_mask(self, target: str) -> np.ndarray:
         """Boolean mask of ``target`` (all False for a target of another modality)."""

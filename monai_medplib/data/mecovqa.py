@@ -89,6 +89,8 @@ class MeCoVQARecord:
         task: ``"grounding"`` if an answer holds ``<SEG>`` or a mask, else ``"region_vqa"`` if a question holds a
             region, else ``"vqa"``.
         answer_type: the entry's ``answer_type`` if it has one.
+        text_only: the entry's ``text_only`` flag (demo data only): its conversation has no ``<image>`` and the
+            model sees no image rows (the image file is still read for the batch tensors).
     """
 
     id: str
@@ -97,6 +99,7 @@ class MeCoVQARecord:
     turns: list[Turn]
     task: TaskType
     answer_type: str | None = None
+    text_only: bool = False
 
     @property
     def region_paths(self) -> list[Path]:
@@ -246,6 +249,7 @@ def _parse_entry(
         turns=turns,
         task=task,
         answer_type=entry.get("answer_type"),
+        text_only=bool(entry.get("text_only", False)),
     )
 
 
@@ -378,7 +382,9 @@ class MeCoVQADataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         conversations = [dict(turn) for turn in record.conversations]
-        if not any(IMAGE_PLACEHOLDER in str(turn.get("value", "")) for turn in conversations):
+        if not record.text_only and not any(
+            IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations
+        ):
             raise ValueError(f"entry {record.id!r}: the first human turn must contain {IMAGE_PLACEHOLDER}")
         ids, labels = build_training_example(conversations, self.tokenizer, self.template)
         grids, region_valid = self._region_grids(record, index)

@@ -53,6 +53,22 @@ def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (length - len(r)) for r in rows], dtype=torch.long)
 
 
+def _clip_features(
+    model: MedPLIBForCausalLM, images: torch.Tensor, ids: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """CLIP features of the batch; rows without an image placeholder (demo text-only rounds) skip the encoder and
+    get zeros, which ``build_inputs_embeds`` never reads."""
+    with_image = [b for b, row in enumerate(ids) if IMAGE_TOKEN_INDEX in row]
+    if len(with_image) == len(ids):
+        return model.clip_features(images)
+    if not with_image:
+        return images.new_zeros(len(ids), 1, model.config.mm_hidden_size)
+    feats = model.clip_features(images[with_image])
+    out = feats.new_zeros(len(ids), *feats.shape[1:])
+    out[with_image] = feats
+    return out
+
+
 def compute_losses(
     model: MedPLIBForCausalLM,
     batch: Mapping[str, object],
@@ -77,7 +93,7 @@ def compute_losses(
     ids: list[list[int]] = batch["input_ids"]  # type: ignore[assignment]
     grids: list[list[torch.Tensor]] = batch.get("region_grids") or [[] for _ in ids]  # type: ignore[assignment]
     device = model.device
-    clip_feats = model.clip_features(batch["images_clip"].to(device, model.dtype))  # type: ignore[union-attr]
+    clip_feats = _clip_features(model, batch["images_clip"].to(device, model.dtype), ids)  # type: ignore[union-attr]
     embeds, attention = model.build_inputs_embeds(ids, clip_feats, grids, padding_side="right")
     expanded = [
         expand_targets(i, lab, clip_feats.shape[1], bool(g))
