@@ -47,3 +47,35 @@ def test_a_read_only_app_is_copied_to_a_writable_cache(tmp_path, monkeypatch):
     assert copy.parent == tmp_path / "cache" and (copy / "main.py").is_file()
     assert not (copy / "logs").exists()  # MONAI Label's run-time folders are not copied
     assert server.app_dir() == copy  # once
+
+
+def test_a_package_installed_apart_that_is_missing_is_named_in_one_line(tmp_path):
+    # the README's --no-deps command installs monailabel and the demo CT package; without it, one line, exit code 2
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('liver_ct_segmentation_package', 'monailabel'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args, expected in (
+        (
+            ["demo", "--out", str(tmp_path / "demo")],
+            "pip install --no-deps liver-ct-segmentation-package==1.6.0",
+        ),
+        (["serve", "--studies", str(tmp_path)], "No module named 'monailabel' (README 'Installation'"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "monai_medplib.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert expected in run.stderr
