@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medplib {args.command}: error: {message}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] == __name__.split(".")[0]:
+        if (err.name or "").split(".")[0] == __package__:
             raise  # a module of this package missing is a bug, not the user's install
         # a package installed apart (README "Installation": monailabel, liver-ct-segmentation-package) is missing
         hint = "" if "pip install" in str(err) else " (README 'Installation' lists what to install)"
