@@ -76,7 +76,9 @@ setup(
         "app": _requirements("app"),
         # the demo data builder reads nilearn's MNI152 files (medplib eval / train on the demo data)
         "demo": _requirements("demo"),
-        "dev": _requirements("dev"),
+        # int8 / int4 weight-only loading (from_pretrained(quantization=...))
+        "quant": _requirements("quant"),
+        "dev": _requirements("dev") + _requirements("quant"),
     },
     entry_points={"console_scripts": ["medplib=monai_medplib.cli:main"]},
     classifiers=[
