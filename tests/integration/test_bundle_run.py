@@ -152,6 +152,17 @@ def test_volume_grounding_keeps_the_input_geometry(tmp_path: Path, pipeline, dat
     assert sum(v["voxels"] for v in targets.values()) == int((values > 0).sum())
 
 
+def test_keyframes_setting_runs_the_llm_on_key_slices(tmp_path: Path, pipeline, data) -> None:
+    prompt = {"image": str(data["nii"]), "text": "Please segment the liver."}
+    (result,) = _infer(tmp_path, pipeline, prompt, keyframes=4).run()[0]
+    paths = result["grounding"]["paths"]
+    by_path = result["grounding"]["targets"]["Please segment the liver."]["slice_paths"]
+    # 6 axial slices, k = 4: keys 0, 4 and 5, plus what the adaptive check adds between 0 and 4
+    assert paths["keyframes"] == 4 and by_path["key"] == 3 and sum(by_path.values()) == 6
+    assert paths["llm_passes"] == 6 - by_path.get("propagated", 0)
+    assert result["resume_key"] != _infer(tmp_path, pipeline, prompt).run()[0][0]["resume_key"]
+
+
 def test_dicom_series_gets_a_dicom_seg(tmp_path: Path, pipeline, data) -> None:
     (result,) = _infer(
         tmp_path, pipeline, {"image": str(data["dicom"]), "text": "liver", "slices": [1]}

@@ -35,6 +35,7 @@ from ...io.outputs import save_mask_png, save_png, write_json
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
 from ...tokenization import grounding_prompt
+from ...user_input import parse_keyframes
 from .prompts import (
     AXES,
     PROMPT_KEYS,
@@ -176,6 +177,8 @@ class BundlePromptRunner:
         force_seg: force ``<SEG></s>`` when grounding (models that never emit ``<SEG>``, e.g. random weights).
         fast_grounding: opt-in one-prefill grounding (checked per slice, generation where ``<SEG>`` is not the
             first token); several texts on a slice then share its prompt prefix.
+        keyframes: opt-in keyframe grounding of volumes: the LLM on every k-th slice (plus the slices the
+            adaptive check adds), the others decoded with their neighbouring keys' prompt; None = exact.
         intensity: volume intensity mapping ("samed2d", "uint8", a CT window preset name).
         batch_size: slices per batch when grounding a volume.
         output_ext: label volume extension (".nii.gz" or ".nii").
@@ -198,6 +201,7 @@ class BundlePromptRunner:
         overwrite: bool = True,
         fast_grounding: bool = False,
         model: str | os.PathLike | None = None,
+        keyframes: int | str | None = None,
     ) -> None:
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
@@ -206,6 +210,7 @@ class BundlePromptRunner:
         self.max_new_tokens = int(max_new_tokens)
         self.force_seg = bool(force_seg)
         self.fast_grounding = bool(fast_grounding)
+        self.keyframes = parse_keyframes(keyframes, "keyframes")
         self.intensity = intensity
         self.batch_size = int(batch_size)
         self.output_ext = output_ext
@@ -220,6 +225,7 @@ class BundlePromptRunner:
             "max_new_tokens": self.max_new_tokens,
             "force_seg": self.force_seg,
             "fast_grounding": self.fast_grounding,
+            "keyframes": self.keyframes,
             "intensity": self.intensity,
             "output_ext": self.output_ext,
             "output_postfix": self.output_postfix,
@@ -371,6 +377,7 @@ class BundlePromptRunner:
                 batch_size=self.batch_size,
                 force_seg=self.force_seg,
                 fast=self.fast_grounding,
+                keyframes=self.keyframes,
                 progress=False,
                 keep_slice_results=False,
                 **gen,
