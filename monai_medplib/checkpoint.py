@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from .io.atomic import atomic_path, atomic_write_text
 from .modeling import placement
 from .modeling import quantization as quantizer
 from .modeling.medplib import MedPLIBForCausalLM
+
+logger = logging.getLogger(__name__)
 
 CLIP_PREFIX = "model.vision_tower.vision_tower."
 SAM_PREFIX = "model.visual_model."
@@ -450,6 +453,8 @@ def load_medplib(
         model.placement_hooks = placement.attach_device_hooks(model, units)
     model.placement = units
     model.quantization = summary
+    if summary is not None and summary.fallbacks:  # never silently: the user asked for another kind
+        logger.warning("quantization %s", summary.describe())
     model.eval()
     tokenizer = None
     if load_tokenizer and (path / "tokenizer.model").is_file():

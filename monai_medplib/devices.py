@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 # torch is imported inside the functions: the CLI lists these names (and fails on bad arguments) before torch loads.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# weight-only quantisation of the LLM (monai_medplib.modeling.quantization does it)
+QUANTIZATION_MODES = ("int8", "int4")
 
 
 def _dtypes() -> dict[str, torch.dtype]:
@@ -84,3 +86,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     if dtype not in names:
         raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPE_NAMES)}")
     return names[dtype]
+
+
+def resolve_quantization(value: str | None) -> str | None:
+    """``None`` / ``"none"`` / ``""`` -> None; ``"int8"`` / ``"int4"`` (any case) -> itself.
+
+    Raises:
+        ValueError: any other value, listing the modes.
+    """
+    if value is None:
+        return None
+    word = str(value).strip().lower()
+    if word in ("", "none"):
+        return None
+    if word not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"quantization {value!r} is not supported; use one of {list(QUANTIZATION_MODES)} or none"
+        )
+    return word

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..devices import DTYPE_NAMES
+from ..devices import DTYPE_NAMES, QUANTIZATION_MODES
 from ..pipeline.options import MAX_NEW_TOKENS
 from ..user_input import USER_ERRORS, UserInputError
 
@@ -30,6 +30,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="vicuna_v1",
         choices=("vicuna_v1", "llava_v1"),
         help="conversation template: vicuna_v1 (official evaluation) or llava_v1 (training / demo)",
+    )
+    group.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_MODES,
+        default=None,
+        help="quantise the LLM's linear layers while loading (needs the quant extra; the LLM then runs in "
+        "bfloat16); default: none",
+    )
+    group.add_argument(
+        "--device-map",
+        default=None,
+        help='instead of --device: "auto" (GPUs in order, then the CPU) or a JSON object of unit -> device, '
+        'e.g. \'{"vision": "cuda:0", "sam": "cuda:0", "seg_head": "cuda:0", "embed": "cuda:0", '
+        '"layers.0-15": "cuda:0", "layers.16-31": "cuda:1", "head": "cuda:1"}\'',
     )
 
 
@@ -52,10 +66,35 @@ def check_model_folder(args: argparse.Namespace) -> None:
 
 
 def check_device(args: argparse.Namespace) -> None:
-    """The device exists (imports torch: run it after the checks that need no library)."""
+    """The device (or every device of ``--device-map``) exists (imports torch: run it after the checks that need
+    no library); ``--device-map`` becomes ``"auto"`` or a dict."""
     from ..devices import resolve_device
 
-    resolve_device(args.device)
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        resolve_device(args.device)
+        return
+    if args.device is not None:
+        raise UserInputError("give --device or --device-map, not both")
+    if device_map.strip().lower() == "auto":
+        args.device_map = "auto"
+        return
+    try:
+        parsed = json.loads(device_map)
+    except json.JSONDecodeError as err:
+        raise UserInputError(
+            f"--device-map must be auto or a JSON object of unit -> device ({err})"
+        ) from None
+    if not isinstance(parsed, dict) or not parsed:
+        raise UserInputError(
+            f"--device-map must be auto or a JSON object of unit -> device, got {device_map!r}"
+        )
+    for unit, device in parsed.items():
+        try:
+            resolve_device(f"cuda:{device}" if isinstance(device, int) else device)
+        except (ValueError, TypeError) as err:
+            raise UserInputError(f"--device-map {unit}: {err}") from None
+    args.device_map = parsed
 
 
 def require_path(path: str | Path, option: str = "") -> Path:
@@ -91,7 +130,12 @@ def load_pipeline(args: argparse.Namespace):
 
     try:
         return MedPLIBPipeline.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, template=args.template
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            template=args.template,
+            quantization=getattr(args, "quantization", None),
+            device_map=getattr(args, "device_map", None),
         )
     except USER_ERRORS as err:
         if not isinstance(err, json.JSONDecodeError):

@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 quantisation of the LLM's linear layers, one weight at a time (torchao 0.18).
 
-The one home of the quantisation modes, of the rule which weights are quantised, of the kernel checks and of the
-only ``import torchao`` of the package.
+The one home of the rule which weights are quantised, of the kernel checks and of the only ``import torchao`` of
+the package (the mode names live in :mod:`monai_medplib.devices`, which the CLI reads before torch loads).
 
 - Quantised: the attention projections ``q/k/v/o_proj``, both experts' ``gate/up/down_proj`` of every MoE layer
   and ``lm_head`` (:func:`is_quantized_key`). Kept as released: the MoE routers (fp32), the token embeddings,
@@ -34,7 +34,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-QUANTIZATION_MODES = ("int8", "int4")
+from ..devices import QUANTIZATION_MODES, resolve_quantization
+
 TORCHAO_VERSION = "0.18.0"
 INSTALL_HINT = "pip install 'monai-medplib[quant]'"
 QUANTIZED_LLM_DTYPE = torch.bfloat16
@@ -88,24 +89,6 @@ def is_quantized_key(key: str) -> bool:
     (True, False)
     """
     return bool(_QUANTIZED_WEIGHT.match(key))
-
-
-def resolve_quantization(value: str | None) -> str | None:
-    """``None`` / ``"none"`` / ``""`` -> None; ``"int8"`` / ``"int4"`` (any case) -> itself.
-
-    Raises:
-        ValueError: any other value, listing the modes.
-    """
-    if value is None:
-        return None
-    word = str(value).strip().lower()
-    if word in ("", "none"):
-        return None
-    if word not in QUANTIZATION_MODES:
-        raise ValueError(
-            f"quantization {value!r} is not supported; use one of {list(QUANTIZATION_MODES)} or none"
-        )
-    return word
 
 
 def mode_for_key(key: str, mode: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from monai.data import MetaTensor
 
-from monai_medplib.devices import resolve_device, resolve_dtype
+from monai_medplib.devices import resolve_device, resolve_dtype, resolve_quantization
 from monai_medplib.io.readers import IMAGE_2D_SUFFIXES, VolumeLimits, VolumeTooLarge, probe_volume
 from monai_medplib.pipeline.cache import DEFAULT_VOLUME_CACHE_BYTES, FeatureCache, VolumeCache
 from monai_medplib.transforms.slicing import plane_along_voxel_axis
@@ -49,6 +49,8 @@ class MedPLIBEngine:
             prefills only its own tokens (figures: ``benchmarks/RESULTS.md``).
         keyframes: opt-in keyframe grounding of whole volumes (the LLM on every k-th slice; None = exact); a
             request's own ``keyframes`` overrides it.
+        quantization: ``"int8"`` / ``"int4"``: quantise the LLM's linear layers while loading (the ``quant``
+            extra); None keeps the released weights.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class MedPLIBEngine:
         volume_cache_bytes: int = DEFAULT_VOLUME_CACHE_BYTES,
         limits: VolumeLimits | None = None,
         keyframes: int | None = None,
+        quantization: str | None = None,
     ) -> None:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
@@ -70,6 +73,10 @@ class MedPLIBEngine:
         except ValueError as err:
             raise ValueError(f"--conf device: {err}") from err
         self.dtype = resolve_dtype(None, self.device)
+        try:
+            self.quantization = resolve_quantization(quantization)
+        except ValueError as err:
+            raise UserInputError(f"--conf quantization: {err}") from None
         self.force_seg = force_seg
         self.fast_grounding = fast_grounding
         self.keyframes = keyframes
@@ -103,6 +110,7 @@ class MedPLIBEngine:
             volume_cache_bytes=parse_int(cache_mb, "--conf volume_cache_mb", minimum=0) * 2**20,
             limits=limits,
             keyframes=parse_keyframes(conf.get("keyframes"), "--conf keyframes"),
+            quantization=conf.get("quantization"),
         )
 
     # -- model -------------------------------------------------------------------------------------
@@ -124,7 +132,11 @@ class MedPLIBEngine:
             # the pipeline keeps as many prepared (normalised) volumes as the engine keeps decoded ones
             prepared = VolumeCache(max_bytes=self._volumes.max_bytes, max_entries=self._volumes.max_entries)
             self._pipeline = MedPLIBPipeline.from_pretrained(
-                self.model, device=self.device, dtype=self.dtype, volume_cache=prepared
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                volume_cache=prepared,
+                quantization=self.quantization,
             )
             self.load_seconds = time.perf_counter() - start
             logger.info(f"MedPLIB model {self.model!r} loaded on {self.device} in {self.load_seconds:.1f} s")
@@ -134,6 +146,7 @@ class MedPLIBEngine:
             "model": self.model,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "quantization": self.quantization or "none",
         }
 
     def stats(self) -> dict[str, int]:

@@ -96,11 +96,13 @@ def load_pipeline(
     template: str = "vicuna_v1",
     clip_path: str | os.PathLike | None = None,
     sam_path: str | os.PathLike | None = None,
+    quantization: str | None = None,
 ) -> MedPLIBPipeline:
     """The bundle's ``network_def``: a :class:`MedPLIBPipeline` with the 2D and the volume methods.
 
     ``clip_path`` / ``sam_path``: separate CLIP ViT-L/14-336 and SAM-Med2D weights (large_files.yml) for a checkpoint
-    that lacks those keys; the release checkpoint holds them.
+    that lacks those keys; the release checkpoint holds them. ``quantization``: ``"int8"`` / ``"int4"`` quantises
+    the LLM while loading (the ``quant`` extra), None keeps the released weights.
     """
     path = resolve_ckpt_path(ckpt_path, bundle_root)
     resolve_model_path(path)  # "demo" without the demo package fails here, with a clear message
@@ -112,7 +114,9 @@ def load_pipeline(
             if not Path(value).exists():
                 raise FileNotFoundError(f"{name}: not found: {value}")
             components[name] = value
-    return MedPLIBPipeline.from_pretrained(path, device=device, dtype=dtype, template=template, **components)
+    return MedPLIBPipeline.from_pretrained(
+        path, device=device, dtype=dtype, template=template, quantization=quantization, **components
+    )
 
 
 def model_dir(ckpt_path: str | os.PathLike = "demo", bundle_root: str | os.PathLike = ".") -> str:
@@ -220,8 +224,10 @@ class BundlePromptRunner:
 
     def settings(self) -> dict[str, Any]:
         """The settings that change a study's outputs (batching does not: batched calls equal single ones)."""
+        quantization = getattr(getattr(self.pipeline, "model", None), "quantization", None)
         return {
             "model": self.model,
+            "quantization": None if quantization is None else quantization.mode,
             "max_new_tokens": self.max_new_tokens,
             "force_seg": self.force_seg,
             "fast_grounding": self.fast_grounding,
