@@ -3,7 +3,7 @@
 # dev extra and the test stack:
 #   1. torch first (the CPU build here; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu on a machine whose
 #      pip would otherwise fetch a CUDA build), so that nothing later swaps it;
-#   2. monai-medplib with its app and demo extras (editable here, from the wheel for users);
+#   2. monai-medplib with its app, demo and quant extras (editable here, from the wheel for users);
 #   3. monailabel, pydicom-seg and the demo CT package without their dependency trees (they would pull torchvision,
 #      sam2, a CUDA torch or torch 1.7).
 # requirements/constraints.txt pins the versions the project is tested with.
@@ -16,8 +16,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip wheel setuptools
 # README step 1
 "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
-# README step 2 (users: pip install "monai_medplib-<version>-py3-none-any.whl[app,demo]")
-"${PIP[@]}" -c requirements/constraints.txt -e ".[app,demo,dev]"
+# README step 2 (users: pip install "monai_medplib-<version>-py3-none-any.whl[app,demo,quant]")
+"${PIP[@]}" -c requirements/constraints.txt -e ".[app,demo,quant,dev]"
 # README step 3
 "${PIP[@]}" -c requirements/constraints.txt --no-deps monailabel==0.8.5 pydicom-seg==0.4.1 \
   liver-ct-segmentation-package==1.6.0
