@@ -27,8 +27,20 @@ def demo_split(folder: str | Path, splits: Sequence[str] = ("test",)) -> str:
     unknown = sorted(set(splits) - set(_MARKERS))
     if unknown:
         raise ValueError(f"splits must be among {sorted(_MARKERS)}, got {unknown}")
-    missing = [s for s in splits if not (root / _MARKERS[s]).is_file()]
+    # a split built alone leaves the other split's files empty ("[]"): an empty marker is a missing split
+    missing = [s for s in splits if not _has_entries(root / _MARKERS[s])]
     if missing:
-        logger.info("building the demo dataset (%s) into %s", ", ".join(splits), root)
-        build_demo_dataset(root, splits=tuple(splits))
+        # keep the splits already there: a build writes every split's files
+        keep = [s for s in _MARKERS if s in splits or _has_entries(root / _MARKERS[s])]
+        logger.info("building the demo dataset (%s) into %s", ", ".join(keep), root)
+        build_demo_dataset(root, splits=tuple(keep))
     return str(root)
+
+
+def _has_entries(path: Path) -> bool:
+    import json
+
+    try:
+        return path.is_file() and bool(json.loads(path.read_text()))
+    except ValueError:  # a damaged file: build again
+        return False
