@@ -51,7 +51,7 @@ def test_demo_model_grounds_the_liver_on_held_out_slices():
 
     from monai_medplib.data.demo_dataset import slab_split
     from monai_medplib.data.lits import load_lits_case
-    from monai_medplib.inference import MedPLIBPipeline
+    from monai_medplib.pipeline import MedPLIBPipeline
     from monai_medplib.transforms.intensity import SAMed2DNormalize
     from monai_medplib.transforms.slicing import ExtractSlice
 
@@ -79,7 +79,7 @@ def test_demo_model_meets_the_acceptance_on_held_out_slabs(tmp_path_factory: pyt
     import torch
 
     from monai_medplib.commands.eval import demo_data_root
-    from monai_medplib.inference import MedPLIBPipeline
+    from monai_medplib.pipeline import MedPLIBPipeline
 
     torch.set_num_threads(2)
     root = demo_data_root(tmp_path_factory.mktemp("demo") / "demo_data")
