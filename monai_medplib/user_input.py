@@ -64,16 +64,23 @@ def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return number
 
 
-def parse_keyframes(value: Any, name: str = "keyframes") -> int | None:
+def parse_keyframes(value: Any, name: str = "keyframes", *, allow_off: bool = True) -> int | None:
     """Keyframe spacing of volume grounding: ``None`` / ``""`` / ``"off"`` / ``0`` -> None (exact, the release's
     way), else a whole number >= 1 (the LLM runs on every k-th slice).
+
+    Args:
+        value: what the user gave.
+        name: the key or flag named in the error.
+        allow_off: False where leaving the setting out is the way to say "exact" (a CLI flag): then only a whole
+            number >= 1 is accepted.
 
     Raises:
         UserInputError: anything else, naming ``name``.
     """
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none", "exact")):
+    off_word = isinstance(value, str) and value.strip().lower() in ("", "off", "none", "exact")
+    if allow_off and (value is None or off_word):
         return None
-    k = parse_int(value, name, minimum=0)
+    k = parse_int(value, name, minimum=0 if allow_off else 1)
     return None if k == 0 else k
 
 

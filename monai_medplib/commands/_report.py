@@ -46,6 +46,16 @@ def volume_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def passes_line(summary: Mapping[str, Any]) -> str:
+    """How many prompts ran the language model, of how many (slices x texts), and whether keyframes were used."""
+    paths = summary.get("paths", {})
+    slices, texts = len(summary["slices"]), len(summary["targets"])
+    k = paths.get("keyframes")
+    how = "exact: every slice" if k is None else f"keyframes every {k} slices"
+    per = f"{slices} slice{'s' * (slices != 1)} x {texts} text{'s' * (texts != 1)}"
+    return f"language model passes: {paths.get('llm_passes', 0)} for {per} ({how})"
+
+
 def image_lines(summary: Mapping[str, Any]) -> list[str]:
     """Lines for the 2D summary of ``medplib ground``."""
     lines = []

@@ -5,6 +5,10 @@ PNG of representative slices (a colour per text, with a legend) and a JSON repor
 (:meth:`~monai_medplib.pipeline.results.VolumeGroundingResult.summary`); prints per text whether it was found,
 where, how much (voxels, mL) and what the model said. Several texts share one label volume: a voxel goes to the
 text with the highest probability where that probability passes the release threshold 0.1.
+
+``--keyframes K`` (opt-in, beyond the release) runs the language model on key slices only
+(:mod:`~monai_medplib.pipeline.keyframes`); the command prints how many language-model passes ran and the JSON
+report holds them (``paths.llm_passes``, ``paths.keyframes``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from ..transforms.planes import AXES
-from ..user_input import UserInputError, parse_slice_selection
+from ..user_input import UserInputError, parse_keyframes, parse_slice_selection
 from ._common import (
     add_model_arguments,
     check_device,
@@ -23,7 +27,7 @@ from ._common import (
     require_path,
     split_texts,
 )
-from ._report import print_report, volume_lines
+from ._report import passes_line, print_report, volume_lines
 
 NAME = "ground-volume"
 HELP = "ground one or several structures in a volume (NIfTI, NRRD, DICOM folder) -> NIfTI / DICOM-SEG"
@@ -45,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="slice indices or ranges along --axis: 60 61 | 60-67 (default: all)",
     )
     parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
+    parser.add_argument(
+        "--keyframes",
+        metavar="K",
+        default=None,
+        help="opt-in: run the language model on every K-th slice (plus the range's ends and the slices the "
+        "adaptive check adds) and decode the others with their neighbouring key's <SEG> prompt "
+        "(default: off, every slice, the release's way)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_model_arguments(parser)
@@ -55,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     require_path(args.volume)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    keyframes = (
+        None if args.keyframes is None else parse_keyframes(args.keyframes, "--keyframes", allow_off=False)
+    )
     out = check_out_dir(args.out)
     check_model_folder(args)
     check_device(args)
@@ -75,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     )
     pipeline = load_pipeline(args)
     result = pipeline.ground_volume(
-        volume, texts, axis=args.axis, slices=slices, fast=args.fast, batch_size=args.batch_size
+        volume,
+        texts,
+        axis=args.axis,
+        slices=slices,
+        fast=args.fast,
+        batch_size=args.batch_size,
+        keyframes=keyframes,
     )
     names = result.label_names
     stem = source.name.split(".")[0] or "volume"
@@ -97,5 +118,5 @@ def run(args: argparse.Namespace) -> int:
         "overlay_slices": shown,
     }
     write_json(report_path, report)
-    print_report(volume_lines(report), report, args.json)
+    print_report([*volume_lines(report), passes_line(report)], report, args.json)
     return 0

@@ -116,6 +116,37 @@ def test_ground_volume_reports_each_text_and_draws_a_legend(ct_file, tmp_path, c
     assert overlay.shape[0] > 128  # slices, then the legend
 
 
+def test_ground_volume_keyframes_runs_fewer_language_model_passes(lits, ct_file, tmp_path, capsys):
+    """``--keyframes 4`` on 17 slices: the LLM runs on the keys (50, 54, 58, 62, 66) and the slices the check
+    adds, not on all 17; the label has the exact run's grid, and on the initial keys (the exact path) the same
+    mask. Weight-agnostic: it holds whatever the demo model finds."""
+    common = ["ground-volume", str(ct_file), "liver", "--slices", "50-66"]
+    assert main([*common, "--out", str(tmp_path / "exact")]) == 0
+    exact_out = capsys.readouterr().out
+    assert main([*common, "--keyframes", "4", "--out", str(tmp_path / "kf")]) == 0
+    kf_out = capsys.readouterr().out
+    exact = json.loads((tmp_path / "exact" / "ct_medplib.json").read_text())
+    kf = json.loads((tmp_path / "kf" / "ct_medplib.json").read_text())
+
+    assert exact["paths"]["llm_passes"] == 17 and "keyframes" not in exact["paths"]
+    assert "language model passes: 17 for 17 slices x 1 text (exact: every slice)" in exact_out
+    passes = kf["paths"]["llm_passes"]
+    assert kf["paths"]["keyframes"] == 4
+    paths = kf["targets"]["liver"]["slice_paths"]
+    assert sum(paths.values()) == 17 and paths.get("key") == 5  # every slice has a path; 5 initial keys
+    assert passes == paths["key"] + paths.get("bisected", 0) < 17  # one LLM pass per key slice only
+    assert f"language model passes: {passes} for 17 slices x 1 text (keyframes every 4 slices)" in kf_out
+
+    exact_nii, kf_nii = (nib.load(r["outputs"]["nifti"]) for r in (exact, kf))
+    assert kf_nii.shape == exact_nii.shape == lits.image.shape
+    np.testing.assert_allclose(kf_nii.affine, exact_nii.affine, atol=1e-6)
+    np.testing.assert_allclose(kf_nii.affine, lits.affine, atol=1e-5)
+    exact_label, kf_label = np.asarray(exact_nii.dataobj), np.asarray(kf_nii.dataobj)
+    assert set(np.flatnonzero(kf_label.any(axis=(0, 1)))) <= set(range(50, 67))
+    for key in (50, 54, 58, 62, 66):  # the same LLM pass and SAM decode as exact (batching may move a pixel)
+        assert (kf_label[:, :, key] != exact_label[:, :, key]).mean() <= 0.005, key
+
+
 @pytest.mark.slow
 def test_demo_job_grounds_the_liver(lits, tmp_path):
     """The README's main command on the embedded demo model, in a fresh process as a user runs it."""
