@@ -7,17 +7,20 @@ Release optimiser (DeepSpeed config of the scripts): AdamW betas (0.9, 0.95), we
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..user_input import UserInputError
 from .absent_masks import AbsentMasks
 from .click_prompts import ClickTraining
 from .distributed import DistContext, all_reduce_mean, barrier, wrap_ddp
@@ -25,6 +28,7 @@ from .forward import compute_losses
 from .losses import LossWeights
 
 CHECKPOINT_FILE = "train_state.pt"
+STATE_FORMAT = 2  # 2: only tensors and plain values (loadable with weights_only=True); 1 held numpy objects
 CLOCKS = {"wall": time.time, "cpu": time.process_time}  # what a stage's time budget counts
 
 
@@ -102,13 +106,42 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's legacy global RNG state as a tensor and plain values (the safe unpickler refuses ndarrays)."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "algorithm": str(algorithm),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state(
+        (
+            str(state["algorithm"]),
+            state["keys"].numpy().astype(np.uint32),
+            int(state["pos"]),
+            int(state["has_gauss"]),
+            float(state["cached_gaussian"]),
+        )
+    )
+
+
 def save_train_state(
     path: Path, model: nn.Module, optimizer, step: int, elapsed: float, history: list
 ) -> None:
-    """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history and RNG states."""
+    """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history and RNG states.
+
+    Everything is a tensor or a plain Python value, so :func:`load_train_state` reads it with
+    ``torch.load(weights_only=True)``. Written to a temporary file and renamed: a crash leaves the previous state.
+    """
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
+            "format": STATE_FORMAT,
             "model": _trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "step": step,
@@ -117,12 +150,58 @@ def save_train_state(
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
             },
         },
         tmp,
     )
     tmp.replace(path)
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """Read a :func:`save_train_state` file with the safe unpickler (``weights_only=True``): a file holding
+    anything but tensors and plain values (an older version's state, or a crafted pickle) is refused and nothing
+    in it runs.
+
+    Raises:
+        UserInputError: the file cannot be read safely, is damaged, or is not a training state of this version;
+            the message names the file and says to start over with ``--no-resume``.
+    """
+
+    def refuse(why: str) -> UserInputError:
+        return UserInputError(
+            f"{path}: {why}; start over with --no-resume (the bundle's resume: false) or move the file away"
+        )
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise refuse(
+            "not a training state this version loads (only tensors and plain values are read: this file holds "
+            "other objects or is damaged, e.g. an older medplib's state or a file from elsewhere; nothing in it "
+            "was run)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise refuse(f"damaged or not a training state ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format", "none") if isinstance(state, dict) else type(state).__name__
+        raise refuse(f"not a training state of this version (format {found}, expected {STATE_FORMAT})")
+    missing = sorted({"model", "optimizer", "step", "elapsed", "history", "rng"} - set(state))
+    if missing:
+        raise refuse(f"training state without {', '.join(missing)}")
+    rng = state["rng"]
+    numpy_rng = rng.get("numpy") if isinstance(rng, dict) else None
+    if not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("torch"), torch.Tensor)
+        and isinstance(rng.get("python"), tuple)
+        and isinstance(numpy_rng, dict)
+        and isinstance(numpy_rng.get("keys"), torch.Tensor)
+        and {"algorithm", "pos", "has_gauss", "cached_gaussian"} <= set(numpy_rng)
+    ):
+        raise refuse("training state with a damaged random-generator record")
+    return state
 
 
 def train(
@@ -153,13 +232,13 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, elapsed, history = 0, 0.0, []
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_train_state(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         log(f"resumed from {ckpt_path} at step {step}")
     ddp_model = wrap_ddp(LossModule(model, seg_token_id, loss_weights, cfg.clicks, cfg.absent_masks), ctx)
     order = BatchOrder(len(dataset), cfg.batch_size, ctx, cfg.seed)
