@@ -82,7 +82,12 @@ def test_info_lists_tasks_with_config_labels_dimension(server, slicer, demo_dir)
         model = info["models"][name]
         assert (model["type"], model["dimension"]) == (kind, dim)
         assert isinstance(model["config"][field], str) and model["config"][field]
-        assert model["medplib"] == {"model": demo_dir, "device": "cpu", "dtype": "float32", "quantization": "none"}
+        assert model["medplib"] == {
+            "model": demo_dir,
+            "device": "cpu",
+            "dtype": "float32",
+            "quantization": "none",
+        }
     assert info["datastore"]["total"] == 2
     assert server.startup_seconds < 120
 
