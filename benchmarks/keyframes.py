@@ -66,9 +66,11 @@ def targets() -> list[tuple[str, MetaTensor, np.ndarray]]:
     ]
 
 
-def quality(pipe: MedPLIBPipeline) -> list[dict]:
+def quality(pipe: MedPLIBPipeline, texts: list[str] | None = None) -> list[dict]:
     rows = []
     for text, volume, reference in targets():
+        if texts and text not in texts:
+            continue
         for axis in AXES:
             slice_dim = slice_geometry(volume_affine_ras(volume), volume.shape[1:], axis).slice_dim
             exact = pipe.ground_volume(volume, text, axis=axis, progress=False, keep_slice_results=False)
@@ -142,6 +144,10 @@ def main() -> None:
     parser.add_argument("--release-slices", type=int, default=33, help="0 skips the full-size model")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--texts", nargs="*", help="quality table for these targets only (several runs in parallel)"
+    )
+    parser.add_argument("--skip-demo-speed", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,8 +159,9 @@ def main() -> None:
     }
     demo = MedPLIBPipeline.from_pretrained("demo", device="cpu")
     if not args.skip_quality:
-        results["quality"] = quality(demo)
-    results["demo_speed"] = speed(demo, lits_volume(128), "liver", 8, fast=True)
+        results["quality"] = quality(demo, args.texts)
+    if not args.skip_demo_speed:
+        results["demo_speed"] = speed(demo, lits_volume(128), "liver", 8, fast=True)
     if args.release_slices:
         model = build_random_release_model("cpu", torch.float32, share_llm_layers=True)
         tokenizer = MedPLIBTokenizer.from_pretrained(TINY)  # its ids are valid in the 32k release vocabulary

@@ -43,15 +43,18 @@ from common import (
     TEXTS,
     TINY,
     PeakRSS,
+    dice,
     lits_volume,
     network_floor,
     original_way,
     synthetic_ct,
     timed,
+    zero_prompt_label,
 )
 
 from monai_medplib.checkpoint import load_medplib
 from monai_medplib.pipeline import MedPLIBPipeline
+from monai_medplib.pipeline.keyframes import RECOMMENDED_KEYFRAMES
 
 
 def bench_volume(
@@ -138,6 +141,25 @@ def bench_volume(
         "peak_rss_increase_mb_original": round(mem.increase_mb, 1),
         "labels_agree_with_original": round(agree, 6),
         "paths": paths,
+    }
+
+
+def bench_keyframes(pipe: MedPLIBPipeline, grounding: dict, num_slices: int = 128) -> dict:
+    """Keyframe grounding (issue 18) at the recommended k on the LiTS CT, axial: speed and Dice vs exact grounding
+    in one run, and the control (a zero prompt embedding on every slice: no LLM) vs exact, which says how much
+    of the agreement the text prompt explains (see benchmarks/keyframes.py for the full table)."""
+    from keyframes import speed
+
+    volume = lits_volume(num_slices)
+    row = speed(pipe, volume, "liver", RECOMMENDED_KEYFRAMES, **grounding)
+    exact = pipe.ground_volume(volume, "liver", progress=False, keep_slice_results=False, **grounding)
+    control = zero_prompt_label(pipe, volume, "axial")
+    return {
+        "keyframe_k": RECOMMENDED_KEYFRAMES,
+        "keyframe_speedup": row["speedup"],
+        "keyframe_llm_passes": row["llm_passes"],
+        "keyframe_dice_vs_exact": row["dice_vs_exact"],
+        "zero_prompt_dice_vs_exact": round(dice(exact.label[0].numpy() > 0, control), 4),
     }
 
 
@@ -287,6 +309,7 @@ def main() -> None:
     results.update(bench_volume(pipe, args.batch_size, counts, baseline, grounding))
     results.update(bench_cache(pipe, grounding))
     results.update(bench_large_volume_prompt(pipe, grounding))
+    results.update(bench_keyframes(pipe, grounding, 32 if args.quick else 128))
     load_model = load_rss(path)
     with tempfile.TemporaryDirectory(prefix="medplib_bench_") as tmp:
         synthetic = synthetic_checkpoint(Path(tmp) / "synthetic", TINY)

@@ -31,9 +31,19 @@ from .options import GroundingOptions
 from .results import GroundingResult, PathCounts
 from .runner import MedPLIBRunner
 
-__all__ = ["INTERPOLATIONS", "KeyframeGrounding", "SLICE_PATHS", "ground_keyframes", "key_positions"]
+__all__ = [
+    "INTERPOLATIONS",
+    "RECOMMENDED_KEYFRAMES",
+    "KeyframeGrounding",
+    "SLICE_PATHS",
+    "ground_keyframes",
+    "key_positions",
+]
 
 INTERPOLATIONS = ("nearest", "linear")
+# the k to use when turning keyframes on, chosen from benchmarks/keyframes.py (benchmarks/RESULTS.md, issue 18);
+# off (exact, the release's way) stays the default everywhere
+RECOMMENDED_KEYFRAMES = 8
 SLICE_PATHS = ("key", "bisected", "propagated")
 
 
