@@ -19,12 +19,20 @@ def ranges(indices: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+MAX_SAID = 80  # characters of one answer shown on a report line (the JSON report keeps it whole)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_SAID else text[: MAX_SAID - 3].rstrip() + "..."
+
+
 def _said(answers: Mapping[str, int] | str) -> str:
     if isinstance(answers, str):
-        return f'the model said "{answers}"' if answers else "the model said nothing but <SEG>"
+        return f'the model said "{_short(answers)}"' if answers else "the model said nothing but <SEG>"
     if not answers:
         return "the model said nothing but <SEG>"
-    words = "; ".join(f'"{text}" ({n} slice{"s" if n != 1 else ""})' for text, n in list(answers.items())[:3])
+    shown = list(answers.items())[:3]
+    words = "; ".join(f'"{_short(text)}" ({n} slice{"s" if n != 1 else ""})' for text, n in shown)
     return f"the model said {words}" + (" ..." if len(answers) > 3 else "")
 
 

@@ -148,8 +148,12 @@ def test_ground_volume_keyframes_runs_fewer_language_model_passes(lits, ct_file,
 
 
 @pytest.mark.slow
-def test_demo_job_grounds_the_liver(lits, tmp_path):
-    """The README's main command on the embedded demo model, in a fresh process as a user runs it."""
+def test_demo_job_grounds_by_name_in_ct_and_mr(lits, tmp_path):
+    """The README's main command on the embedded demo model, in a fresh process as a user runs it: liver and
+    tumour in the CT (one two-label volume, NIfTI + DICOM-SEG on the CT's series), grey and white matter in the
+    MR, an absent liver in the MR reported as not found, and each 3D Dice recomputed here from the files."""
+    from monai_medplib.data.mni import load_mni_case
+
     out = tmp_path / "demo"
     run = subprocess.run(
         [sys.executable, "-m", "monai_medplib.cli", "demo", "--out", str(out)],
@@ -159,16 +163,26 @@ def test_demo_job_grounds_the_liver(lits, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert "3D Dice" in run.stdout
-    mask = nib.load(report["outputs"]["nifti"])
-    np.testing.assert_allclose(mask.affine, lits.affine, atol=1e-5)
-    grounded = np.asarray(mask.dataobj) > 0
-    liver = lits.label >= 1
-    dice = 2 * (grounded & liver).sum() / (grounded.sum() + liver.sum())
-    assert report["dice_3d"] == pytest.approx(dice, abs=1e-6)
-    assert dice >= 0.8
-    seg = hd.seg.segread(report["outputs"]["dicom_seg"])
+    references = {
+        "ct": (lits, {"liver": (1, 2), "tumour": (2,)}),
+        "mr": (load_mni_case(), {"grey matter": (1,), "white matter": (2,)}),
+    }
+    for key, (case, reference) in references.items():
+        mask = nib.load(report["outputs"][f"{key}_label"])
+        np.testing.assert_allclose(mask.affine, case.affine, atol=1e-5)
+        label = np.asarray(mask.dataobj)
+        targets = report["volumes"][key]["targets"]
+        for text, values in reference.items():
+            grounded, truth = label == targets[text]["label"], np.isin(case.label, values)
+            dice = 2 * (grounded & truth).sum() / (grounded.sum() + truth.sum())
+            assert targets[text]["dice_3d"] == pytest.approx(dice, abs=1e-6), (key, text)
+            assert f"3D Dice ({text} vs the reference label): {dice:.4f}" in run.stdout
+        assert (out / f"{key}_overlay.png").is_file()
+    ct, mr = report["volumes"]["ct"]["targets"], report["volumes"]["mr"]["targets"]
+    assert ct["liver"]["dice_3d"] >= 0.85 and ct["tumour"]["dice_3d"] >= 0.5
+    assert mr["white matter"]["dice_3d"] >= 0.8 and mr["grey matter"]["dice_3d"] >= 0.6
+    assert not mr["liver"]["found"] and "liver: not found" in run.stdout  # there is no liver in a brain
+    seg = hd.seg.segread(report["outputs"]["ct_dicom_seg"])
     series_uid = pydicom.dcmread(next((out / "lits_117_dicom").iterdir())).SeriesInstanceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-    assert seg.SegmentSequence[0].SegmentLabel == "liver"
-    assert (out / "liver_overlay.png").is_file()
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver", "tumour"]

@@ -183,8 +183,16 @@ def test_medplib_demo_outside_the_clone(installed):
     venv, work = installed["venv"], installed["work"]
     _run([venv.bin("medplib"), "demo", "--out", "demo"], cwd=work)
     report = json.loads((work / "demo" / "report.json").read_text())
-    assert report["dice_3d"] > 0.8
-    for key in ("ct_nifti", "ct_dicom_series", "overlay"):
+    assert report["volumes"]["ct"]["targets"]["liver"]["dice_3d"] > 0.8
+    for key in (
+        "ct_image",
+        "ct_dicom_series",
+        "ct_label",
+        "ct_overlay",
+        "mr_image",
+        "mr_label",
+        "mr_overlay",
+    ):
         assert (work / report["outputs"][key]).exists(), key
     seg = next((work / "demo").glob("*_seg.dcm"))
     dciodvfy = shutil.which("dciodvfy")  # tests/integration/test_dicom_conformance.py requires it in CI
