@@ -197,15 +197,16 @@ def build_random_release_model(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     share_llm_layers: bool = False,
+    config: MedPLIBConfig | None = None,
 ) -> nn.Module:
-    """The release architecture with random weights created tensor by tensor on ``device`` (never on the CPU
-    unless it is the device).
+    """The release architecture (or ``config``) with random weights created tensor by tensor on ``device`` (never
+    on the CPU unless it is the device).
 
     ``device="meta"`` allocates nothing. MoE routers stay fp32 (as DeepSpeed keeps them); norm weights are ones,
     biases zeros. ``share_llm_layers``: LLM decoder layers 1-31 reuse layer 0's parameter tensors (each keeps
     its own module, index and KV-cache slot): the same computation with 1/32 of the LLM weights in memory.
     """
-    model = build_empty_model(MedPLIBConfig.release_7b_2e())
+    model = build_empty_model(config or MedPLIBConfig.release_7b_2e())
     generator = None if str(device) == "meta" else torch.Generator(device=device).manual_seed(seed)
     routers = {id(gate.wg) for gate in model.modules() if isinstance(gate, TopOneGate)}
     layers = model.model.layers

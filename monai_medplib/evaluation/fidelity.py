@@ -116,9 +116,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _agreement(ref: list[torch.Tensor], cand: list[torch.Tensor], same_tokens: bool) -> tuple[int, int]:
     """(agreeing, compared) top-1 choices of one request: the prompt's calls (one per MoE layer) always, the
-    decoding steps only when both models produced the same tokens (otherwise they route different tokens)."""
+    decoding steps only when both models produced the same tokens (otherwise they route different tokens).
+
+    One model may have run only the question on its cached image prefix while the other ran the whole prompt
+    (their caches hold different byte sizes): then the rows both ran, the prompt's last ones, are compared."""
     layers = sum(1 for call in ref if call.shape == ref[0].shape) if not same_tokens else len(ref)
-    pairs = list(zip(ref[:layers], cand[:layers]))
+    pairs = []
+    for a, b in zip(ref[:layers], cand[:layers]):
+        rows = min(len(a), len(b))
+        pairs.append((a[len(a) - rows :], b[len(b) - rows :]))
     return sum(int((a == b).sum()) for a, b in pairs), sum(a.numel() for a, _ in pairs)
 
 
