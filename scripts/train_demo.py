@@ -68,7 +68,7 @@ def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "demo_training")
-    p.add_argument("--minutes", type=float, default=72.0, help="budget of the four stages together")
+    p.add_argument("--minutes", type=float, default=60.0, help="budget of the four stages together")
     p.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

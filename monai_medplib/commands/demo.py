@@ -36,10 +36,16 @@ class DemoCase:
     texts: tuple[str, ...]
     reference: dict[str, tuple[int, ...]]  # text -> reference label values (texts not listed are absent)
     window: str | None  # overlay display: a CT window preset, or None for the model's own normalisation
+    # True: each text lies inside the one before (LiTS: the tumour inside the liver); each is grounded on its own and
+    # painted over the previous one, as LiTS labels them (1 liver, 2 tumour; the liver is every labelled voxel).
+    # False: disjoint structures in one call, one label map by the most-probable rule.
+    nested: bool = False
 
 
 CASES = (
-    DemoCase("ct", "lits_117_ct", ("liver", "tumour"), {"liver": (1, 2), "tumour": (2,)}, "abdomen"),
+    DemoCase(
+        "ct", "lits_117_ct", ("liver", "tumour"), {"liver": (1, 2), "tumour": (2,)}, "abdomen", nested=True
+    ),
     DemoCase(
         "mr",
         "mni152_t1",
@@ -97,27 +103,28 @@ def _ground_case(
 
     volume = load_volume(image_path)
     started = time.perf_counter()
-    result = pipeline.ground_volume(volume, list(case.texts), axis=args.axis, fast=args.fast)
+    label, label_names, summary, masks = _ground(pipeline, volume, case, args)
     seconds = time.perf_counter() - started
-    paths = write_label_volume(result.label, result.label_names, out, f"{case.key}_label", dicom_source=dicom)
-    # the reference in the grounded label's values: each text's reference voxels get that text's value
+    paths = write_label_volume(label, label_names, out, f"{case.key}_label", dicom_source=dicom)
+    # the reference in the grounded label's values (nested texts painted in order, as the label is)
     ref = np.zeros(reference.shape, dtype=np.uint8)
-    for text, values in case.reference.items():
-        ref[np.isin(reference, values)] = result.label_names[text]
-    dice = dice_3d(result.label, ref, labels={t: result.label_names[t] for t in case.reference})
+    for text in case.texts:
+        if text in case.reference:
+            ref[np.isin(reference, case.reference[text])] = label_names[text]
+    for text, target in summary["targets"].items():
+        truth = np.isin(reference, case.reference.get(text, ()))
+        # None: the volume has no such structure
+        target["dice_3d"] = dice_3d(masks[text], truth, labels=[1])["1"] if text in case.reference else None
+        target["in_reference"] = text in case.reference
     overlay, shown = save_overlay_montage(
         volume,
-        result.label,
+        label,
         out / f"{case.key}_overlay.png",
         axis=args.axis,
         reference=MetaTensor(torch.from_numpy(ref[None]), affine=volume.affine),
         window=case.window,
-        label_names=result.label_names,
+        label_names=label_names,
     )
-    summary = result.summary()
-    for text, target in summary["targets"].items():
-        target["dice_3d"] = dice.get(text)  # None: the volume has no such structure
-        target["in_reference"] = text in case.reference
     files = {
         f"{case.key}_image": str(image_path),
         **({f"{case.key}_dicom_series": str(dicom)} if dicom is not None else {}),
@@ -125,6 +132,51 @@ def _ground_case(
         f"{case.key}_overlay": str(overlay),
     }
     return {**summary, "seconds": round(seconds, 2), "overlay_slices": shown}, files
+
+
+def _ground(pipeline: Any, volume: Any, case: DemoCase, args: argparse.Namespace):
+    """``(label volume, {text: value}, summary, {text: bool mask})``; each summary target also names the label
+    values that make up its mask (``label_values``)."""
+    import numpy as np
+
+    if not case.nested:
+        result = pipeline.ground_volume(volume, list(case.texts), axis=args.axis, fast=args.fast)
+        summary = result.summary()
+        label = np.asarray(result.label[0])
+        for target in summary["targets"].values():
+            target["label_values"] = [target["label"]]
+        masks = {text: label == value for text, value in result.label_names.items()}
+        return result.label, dict(result.label_names), summary, masks
+    label_names = {text: value for value, text in enumerate(case.texts, start=1)}
+    results = {t: pipeline.ground_volume(volume, t, axis=args.axis, fast=args.fast) for t in case.texts}
+    first = results[case.texts[0]]
+    label = first.label.clone()
+    label.zero_()
+    for text, result in results.items():
+        label[result.label > 0] = label_names[text]
+    # each text is what the written label says it is: its value and the values painted over it
+    array, per_voxel_ml = np.asarray(label[0]), first.voxel_ml()
+    slice_dim = first.geometry.slice_dim
+    other = tuple(d for d in range(3) if d != slice_dim)
+    summary = {**first.summary(), "targets": {}, "paths": {}}
+    masks = {}
+    for text, result in results.items():
+        values = [v for v in label_names.values() if v >= label_names[text]]
+        masks[text] = region = np.isin(array, values)
+        voxels = int(region.sum())
+        target = result.summary()["targets"][text]
+        target.update(
+            label=label_names[text],
+            label_values=values,
+            found=voxels > 0,
+            voxels=voxels,
+            volume_ml=round(voxels * per_voxel_ml, 3),
+            slices_with_mask=[int(i) for i in np.flatnonzero(region.any(axis=other))],
+        )
+        summary["targets"][text] = target
+        for key, count in result.paths.items():
+            summary["paths"][key] = summary["paths"].get(key, 0) + count
+    return label, label_names, summary, masks
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The committed demo model: release layout, size budget, liver grounding on held-out LiTS slices, and, slow,
-the MeCoVQA evaluator on the demo held-out split (the issue's acceptance: liver mDice >= 0.85, closed VQA
-accuracy >= 0.90)."""
+the MeCoVQA evaluator on the demo dataset's held-out split (issue 13's grounding thresholds per target). Text
+control, absent structures, VQA and clicks: test_demo_model_quality.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 from monai_medplib.demo_model import DEMO_MODEL_DIR
 from monai_medplib.evaluation import evaluate_mecovqa
 
+# issue 13's acceptance (held-out slices)
+MIN_MDICE = {"liver": 0.85, "tumour": 0.50, "white matter": 0.80, "brain": 0.90, "grey matter": 0.60}
 RELEASE_FILES = (
     "config.json",
     "model.safetensors",
@@ -75,7 +77,11 @@ def test_demo_model_grounds_the_liver_on_held_out_slices():
 
 
 @pytest.mark.slow
-def test_demo_model_meets_the_acceptance_on_held_out_slabs(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_demo_model_meets_the_grounding_acceptance_on_held_out_slabs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``medplib eval``'s evaluator on the demo dataset's held-out split (LiTS CT and MNI152 MR, every plane):
+    issue 13's grounding thresholds per target, and <SEG> on nearly every request for a shown structure."""
     import torch
 
     from monai_medplib.commands.eval import demo_data_root
@@ -86,8 +92,9 @@ def test_demo_model_meets_the_acceptance_on_held_out_slabs(tmp_path_factory: pyt
     report, table, rows = evaluate_mecovqa(MedPLIBPipeline.from_pretrained("demo", device="cpu"), root)
     print(table)
     g = report["grounding"]
-    assert g["per_target"]["liver"]["n"] == 78 and g["n_without_seg"] == 0
-    assert g["per_target"]["liver"]["mdice"] >= 0.85  # issue 5 acceptance (model card: 89.6)
-    closed = report["vqa"]["per_task"]["vqa"]["closed"]
-    assert closed["n"] == 234 and closed["accuracy"] >= 0.90  # issue 5 acceptance (model card: 91.0)
-    assert len(rows) == report["samples"] == 156 + 234 + 234
+    for target, minimum in MIN_MDICE.items():
+        assert g["per_target"][target]["mdice"] >= minimum, (target, g["per_target"][target])
+    assert g["per_target"]["liver"]["n"] == 78 and g["n_without_seg"] <= 0.02 * g["n"]
+    assert (
+        len(rows) == report["samples"] == g["n"] + report["vqa"]["closed"]["n"] + report["vqa"]["open"]["n"]
+    )
