@@ -60,7 +60,7 @@ def targets() -> list[tuple[str, MetaTensor, np.ndarray]]:
     mr = MetaTensor(torch.from_numpy(mni.image)[None], affine=torch.from_numpy(mni.affine))
     return [
         ("liver", ct, lits_label >= 1),
-        ("liver tumour", ct, lits_label == 2),
+        ("tumour", ct, lits_label == 2),
         ("grey matter", mr, mni.label == 1),
         ("white matter", mr, mni.label == 2),
     ]
@@ -148,6 +148,9 @@ def main() -> None:
         "--texts", nargs="*", help="quality table for these targets only (several runs in parallel)"
     )
     parser.add_argument("--skip-demo-speed", action="store_true")
+    parser.add_argument(
+        "--model", default="demo", help="model folder of the quality table (default: the demo model)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +160,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    demo = MedPLIBPipeline.from_pretrained("demo", device="cpu")
+    demo = MedPLIBPipeline.from_pretrained(args.model, device="cpu")
     if not args.skip_quality:
         results["quality"] = quality(demo, args.texts)
     if not args.skip_demo_speed:
