@@ -54,7 +54,7 @@ from common import (
 
 from monai_medplib.checkpoint import load_medplib
 from monai_medplib.pipeline import MedPLIBPipeline
-from monai_medplib.pipeline.keyframes import RECOMMENDED_KEYFRAMES
+from monai_medplib.user_input import RECOMMENDED_KEYFRAMES
 
 
 def bench_volume(

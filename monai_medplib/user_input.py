@@ -64,6 +64,11 @@ def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     return number
 
 
+# The k to use when turning keyframe grounding on, chosen from benchmarks/keyframes.py (benchmarks/RESULTS.md,
+# "Keyframe grounding", issue 18). Off (exact, the release's way) stays the default everywhere.
+RECOMMENDED_KEYFRAMES = 8
+
+
 def parse_keyframes(value: Any, name: str = "keyframes", *, allow_off: bool = True) -> int | None:
     """Keyframe spacing of volume grounding: ``None`` / ``""`` / ``"off"`` / ``0`` -> None (exact, the release's
     way), else a whole number >= 1 (the LLM runs on every k-th slice).

@@ -33,7 +33,6 @@ from .runner import MedPLIBRunner
 
 __all__ = [
     "INTERPOLATIONS",
-    "RECOMMENDED_KEYFRAMES",
     "KeyframeGrounding",
     "SLICE_PATHS",
     "ground_keyframes",
@@ -41,9 +40,6 @@ __all__ = [
 ]
 
 INTERPOLATIONS = ("nearest", "linear")
-# the k to use when turning keyframes on, chosen from benchmarks/keyframes.py (benchmarks/RESULTS.md, issue 18);
-# off (exact, the release's way) stays the default everywhere
-RECOMMENDED_KEYFRAMES = 8
 SLICE_PATHS = ("key", "bisected", "propagated")
 
 
