@@ -98,32 +98,11 @@ def test_dicom_seg_output_is_valid_and_accepted_by_orthanc(pacs, tmp_path):
     assert len(_seg_series(orthanc)) == before + 1
 
 
-def test_final_label_is_saved_back_to_orthanc_as_dicom_seg(pacs):
-    orthanc, server, series_uid, volume = pacs
-    before = {s["MainDicomTags"]["SeriesInstanceUID"] for s in _seg_series(orthanc)}
-    params = {"text": "liver", "slice": 6, "save_label": True, "label_tag": "final"}
-    reply = requests.post(
-        f"{server.url}/infer/medplib_grounding",
-        params={"image": series_uid, "output": "json"},
-        data={"params": json.dumps(params)},
-        timeout=120,
-    )
-    assert reply.status_code == 200, reply.text[:2000]
-    voxels = reply.json()["medplib"]["targets"]["liver"]["voxels"]
-    new = [s for s in _seg_series(orthanc) if s["MainDicomTags"]["SeriesInstanceUID"] not in before]
-    assert len(new) == 1, new
-    raw = orthanc.get_bytes(f"/instances/{new[0]['Instances'][0]}/file")
-    seg = pydicom.dcmread(io.BytesIO(raw))
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-    assert seg.SegmentSequence[0].SegmentLabel == "liver"  # named from the result's label_names
-    assert int(np.count_nonzero(seg.pixel_array)) == voxels > 500  # the liver, about 1000 voxels on a slice
-
-
-def test_saved_dicom_seg_codes_each_label_in_snomed_ct(pacs):
-    # PACS index segments by their codes: MONAI Label's default would code every segment as Spleen (78961009)
+def _ground_and_save_final(pacs, text: str) -> tuple[dict, pydicom.Dataset]:
+    """Ground ``text`` on slice 6 with ``save_label``; the reply and the one new DICOM-SEG in Orthanc."""
     orthanc, server, series_uid, _ = pacs
     before = {s["MainDicomTags"]["SeriesInstanceUID"] for s in _seg_series(orthanc)}
-    params = {"text": "liver, tumour", "slice": 6, "save_label": True, "label_tag": "final"}
+    params = {"text": text, "slice": 6, "save_label": True, "label_tag": "final"}
     reply = requests.post(
         f"{server.url}/infer/medplib_grounding",
         params={"image": series_uid, "output": "json"},
@@ -134,6 +113,20 @@ def test_saved_dicom_seg_codes_each_label_in_snomed_ct(pacs):
     new = [s for s in _seg_series(orthanc) if s["MainDicomTags"]["SeriesInstanceUID"] not in before]
     assert len(new) == 1, new
     seg = pydicom.dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{new[0]['Instances'][0]}/file")))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    return reply.json(), seg
+
+
+def test_final_label_is_saved_back_to_orthanc_as_dicom_seg(pacs):
+    reply, seg = _ground_and_save_final(pacs, "liver")
+    voxels = reply["medplib"]["targets"]["liver"]["voxels"]
+    assert seg.SegmentSequence[0].SegmentLabel == "liver"  # named from the result's label_names
+    assert int(np.count_nonzero(seg.pixel_array)) == voxels > 500  # the liver, about 1000 voxels on a slice
+
+
+def test_saved_dicom_seg_codes_each_label_in_snomed_ct(pacs):
+    # PACS index segments by their codes: MONAI Label's default would code every segment as Spleen (78961009)
+    _, seg = _ground_and_save_final(pacs, "liver, tumour")
     codes = {
         s.SegmentLabel: (
             s.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
