@@ -101,8 +101,11 @@ def quality(pipe: MedPLIBPipeline, texts: list[str] | None = None) -> list[dict]
     return rows
 
 
-def speed(pipe: MedPLIBPipeline, volume: MetaTensor, text: str, k: int, **grounding) -> dict:
-    """Exact vs keyframe grounding of ``volume`` with empty caches, in one process."""
+def speed(
+    pipe: MedPLIBPipeline, volume: MetaTensor, text: str, k: int, labels: dict | None = None, **grounding
+) -> dict:
+    """Exact vs keyframe grounding of ``volume`` with empty caches, in one process; ``labels`` (if given) receives
+    the two bool label volumes as ``"exact"`` and ``"keyframe"``."""
     pipe.feature_cache.clear()
     pipe.volume_cache.clear()
     exact_s, exact = timed(lambda: pipe.ground_volume(volume, text, progress=False, **grounding))
@@ -110,6 +113,8 @@ def speed(pipe: MedPLIBPipeline, volume: MetaTensor, text: str, k: int, **ground
     pipe.volume_cache.clear()
     keyed_s, keyed = timed(lambda: pipe.ground_volume(volume, text, progress=False, keyframes=k, **grounding))
     a, b = exact.label[0].numpy() > 0, keyed.label[0].numpy() > 0
+    if labels is not None:
+        labels.update(exact=a, keyframe=b)
     return {
         "slices": len(exact.slices),
         "k": k,
