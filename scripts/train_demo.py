@@ -29,12 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+_MASKS = ["--click-prompts", "--absent-masks"]
 # stage -> (budget share of --minutes, max steps, per-process batch, peak lr, task oversampling, extra flags)
 STAGE_PLAN = {
-    "stage0": (0.62, 6000, 4, 1e-3, ["grounding=2"], ["--click-prompts", "--absent-masks"]),
-    "stage2": (0.08, 1500, 4, 1e-4, [], []),
-    "stage3": (0.12, 1500, 4, 3e-4, [], ["--click-prompts", "--absent-masks"]),
-    "stage4": (0.18, 2000, 4, 3e-4, ["grounding=2"], ["--click-prompts", "--absent-masks"]),
+    "stage0": (0.60, 8000, 4, 1e-3, ["grounding=2", "closed=2", "region=2"], [*_MASKS, "--null-prompt"]),
+    "stage2": (0.12, 2500, 4, 3e-4, [], []),
+    "stage3": (0.12, 1500, 4, 3e-4, [], [*_MASKS, "--null-prompt"]),
+    "stage4": (0.16, 2500, 4, 3e-4, ["grounding=2"], [*_MASKS, "--null-prompt"]),
 }
 DATA_COPIES = 6  # training conversations per slice and task
 DATA_MAX_TURNS = 5  # rounds per training conversation: 1..5
@@ -68,7 +69,7 @@ def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "demo_training")
-    p.add_argument("--minutes", type=float, default=60.0, help="budget of the four stages together")
+    p.add_argument("--minutes", type=float, default=75.0, help="budget of the four stages together")
     p.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu", help="what --minutes counts")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

@@ -231,8 +231,11 @@ class _SliceWriter:
         return _region_question(self.rng.choice(REGION_QUESTIONS), rel), cls
 
     def closed_items(self) -> list[tuple[str, str | None]]:
-        """Closed question slots of the slice: modality, plane, one shown and one not-shown structure."""
-        items: list[tuple[str, str | None]] = [("modality", None), ("plane", None)]
+        """Closed question slots of the slice: modality, plane, one shown and one not-shown structure. Crops get
+        no plane question: a window of the slice hides the body outline that tells the plane."""
+        items: list[tuple[str, str | None]] = [("modality", None)]
+        if not self.s.view:
+            items.append(("plane", None))
         if self.present:
             items.append(("visible", self.rng.choice(self.present)))
         if self.absent:

@@ -78,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="demo-only: decode the states of absent-structure answers towards empty masks (not in the release)",
     )
     p.add_argument(
+        "--null-prompt",
+        action="store_true",
+        help="demo-only, with --absent-masks: also decode an all-zero text prompt per image towards an empty mask",
+    )
+    p.add_argument(
         "--click-prompts",
         action="store_true",
         help="demo-only: also train SAM-Med2D point / box prompt chains on every mask (not in the release)",
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             resume=not args.no_resume,
             absent_masks=args.absent_masks,
+            null_prompt=args.null_prompt,
         )
         summary = run_stage(run, ctx, log=print if ctx.is_main else (lambda _msg: None))
         if ctx.is_main:

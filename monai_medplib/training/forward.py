@@ -88,7 +88,8 @@ def compute_losses(
     ``clicks`` (demo-only, None in the release recipe) adds SAM-Med2D-style point / box prompt chains per mask
     (:mod:`.click_prompts`); their BCE / Dice, weighted like the text masks', enter the total as
     ``clicks.weight * click``. ``absent`` (demo-only) decodes the states that start an absent-structure answer
-    towards an empty mask (:mod:`.absent_masks`), adding ``absent.weight * weights.bce * absent``.
+    towards an empty mask (:mod:`.absent_masks`; with ``absent.null_prompt`` also an all-zero prompt per image with a
+    mask), adding ``absent.weight * weights.bce * absent``.
     """
     ids: list[list[int]] = batch["input_ids"]  # type: ignore[assignment]
     grids: list[list[torch.Tensor]] = batch.get("region_grids") or [[] for _ in ids]  # type: ignore[assignment]
@@ -127,6 +128,7 @@ def compute_losses(
                 weights,
                 clicks,
                 absent_positions,
+                absent is not None and absent.null_prompt,
             )
         )
     total = (
@@ -144,7 +146,7 @@ def compute_losses(
 
 
 def _mask_losses(
-    model, batch, hidden, seg_positions, masks, weights, clicks, absent_positions=None
+    model, batch, hidden, seg_positions, masks, weights, clicks, absent_positions=None, null_prompt=False
 ) -> dict[str, torch.Tensor]:
     device = model.device
     wanted = seg_positions if absent_positions is None else seg_positions | absent_positions
@@ -179,6 +181,15 @@ def _mask_losses(
         dice = dice + mask_dice_loss(pred, gt[:n]) * n
         focal = focal + focal_loss(pred, gt[:n]) * n
         count += n
+        if null_prompt:  # the unconditional decode: an all-zero prompt segments nothing
+            low, _ = model.model.visual_model.decode(
+                image_embeddings[k : k + 1], text_embeds=torch.zeros_like(prompts[:1, None])
+            )
+            logits = postprocess_mask_logits(low.float(), batch["resizes"][b], batch["original_sizes"][b])[
+                :, 0
+            ]
+            absent_bce = absent_bce + mask_bce_loss(logits, torch.zeros_like(logits))
+            absent_count += 1
         if clicks is not None:
             chain_bce, chain_dice, steps = click_chain_losses(
                 model.model.visual_model,

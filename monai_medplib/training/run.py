@@ -55,6 +55,7 @@ class StageRun:
         max_length: token truncation of the collator (release: 2048 in II, 1024 in IV).
         resume: continue from ``out_dir/train_state.pt`` when it exists.
         absent_masks: demo-only: decode absent-structure answers towards empty masks (:mod:`.absent_masks`).
+        null_prompt: demo-only, with ``absent_masks``: also decode an all-zero prompt towards an empty mask.
     """
 
     stage: str
@@ -69,6 +70,7 @@ class StageRun:
     max_length: int | None = 2048
     resume: bool = True
     absent_masks: bool = False
+    null_prompt: bool = False
 
 
 def stage_dataset(
@@ -123,7 +125,7 @@ def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = prin
     dataset = stage_dataset(spec, run.data_root, tokenizer, run.task_repeat)
     cfg = run.train
     if run.absent_masks and spec.loss.bce:
-        cfg = dataclasses.replace(cfg, absent_masks=absent_masks_for(tokenizer))
+        cfg = dataclasses.replace(cfg, absent_masks=absent_masks_for(tokenizer, null_prompt=run.null_prompt))
     start = time.time()
     history = train(
         model,

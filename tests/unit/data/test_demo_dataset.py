@@ -121,6 +121,20 @@ def test_closed_vqa_is_balanced_and_held_out_wordings_stay_out_of_training(built
     assert all(len(e["conversations"]) == 2 for e in test)  # one round per test entry
 
 
+def test_plane_questions_are_asked_about_whole_slices_only(built):
+    _, _, load = built
+    plane_questions = {q for sets in [CLOSED_QUESTIONS["plane"]] for q in sets["train"]}
+    about = [
+        e["image"]
+        for e in load("train/MeCoVQA-Complex.json")
+        for t in e["conversations"][::2]
+        if t["value"].replace("<image>\n", "") in plane_questions
+    ]
+    crops = [e for e in load("train/MeCoVQA-Complex.json") if "--crop_" in e["image"]]
+    assert about and crops  # both kinds exist, and no plane question is about a crop
+    assert not [image for image in about if "--crop_" in image]
+
+
 def test_regions_cover_the_five_classes_and_lie_inside_their_class(volumes, built):
     import random
 

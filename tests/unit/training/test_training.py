@@ -172,3 +172,35 @@ def test_seg_loss_uses_the_state_before_seg(tiny_data):
             expected.append(sigmoid_bce_loss(pred, batch["masks"][b]))
     assert float(losses["num_masks"]) == 2
     assert float(losses["loss"]) == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+
+
+def test_null_prompt_trains_the_all_zero_prompt_towards_an_empty_mask(tiny_data):
+    from monai_medplib.data.mecovqa import MeCoVQADataset, collate_mecovqa, read_mecovqa
+    from monai_medplib.processing import postprocess_mask_logits
+    from monai_medplib.training.absent_masks import AbsentMasks
+
+    data, _, tok = tiny_data
+    torch.manual_seed(0)
+    model = MedPLIBForCausalLM(tiny_config(len(tok))).eval()
+    records = read_mecovqa(data / "train" / "MeCoVQA-Grounding.json", data)[:2]
+    batch = collate_mecovqa([MeCoVQADataset(records, tok)[i] for i in range(2)])
+    weights = LossWeights(ce=0.0, dice=0.0, bce=1.0)
+    no_absent_token = -7  # no label equals it: only the null-prompt decodes enter "absent"
+    with torch.no_grad():
+        plain = compute_losses(model, batch, tok.seg_id, weights, absent=AbsentMasks(no_absent_token))
+        null = compute_losses(
+            model,
+            batch,
+            tok.seg_id,
+            weights,
+            absent=AbsentMasks(no_absent_token, weight=2.0, null_prompt=True),
+        )
+        expected = []
+        for b in range(2):  # independent expectation: decode a zero prompt, BCE against an empty mask
+            emb = model.model.visual_model.encode_image(batch["images_sam"][b : b + 1])
+            low, _ = model.model.visual_model.decode(emb, text_embeds=torch.zeros(1, 1, 256))
+            pred = postprocess_mask_logits(low, batch["resizes"][b], batch["original_sizes"][b])[:, 0]
+            expected.append(sigmoid_bce_loss(pred, torch.zeros_like(pred)))
+    assert float(plain["absent"]) == 0.0
+    assert float(null["absent"]) == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+    assert float(null["loss"]) == pytest.approx(float(plain["loss"]) + 2.0 * float(null["absent"]), rel=1e-5)
