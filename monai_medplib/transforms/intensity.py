@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RepeatChannel, ScaleIntensityRange, Transform
+from monai.transforms import MapTransform, RepeatChannel, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
 __all__ = [
@@ -70,20 +70,74 @@ def window_bounds(
     return level - window / 2.0, level + window / 2.0
 
 
+def _scale_to_uint8(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``high > low``: MONAI ``ScaleIntensityRange(low, high, 0, 255, clip=True)``'s arithmetic, op for op and in
+    float32 (so bit-identical to it), then round, NaN -> 0, cast; in place on one temporary instead of a
+    MetaTensor per op (about 2x faster on a 512 x 512 x 128 CT)."""
+    scaled = (values - low) / (high - low)
+    scaled.mul_(255.0).add_(0.0).clamp_(0.0, 255.0).round_()
+    return torch.nan_to_num_(scaled, nan=0.0).to(torch.uint8)
+
+
 def _to_uint8(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Clip to [low, high], rescale to 0-255 (MONAI ScaleIntensityRange), round, NaN -> 0, cast to uint8."""
+    values = img.as_tensor() if isinstance(img, MetaTensor) else img
     if high <= low:
-        out = torch.zeros_like(img, dtype=torch.uint8)
+        out = torch.zeros_like(values, dtype=torch.uint8)
     else:
-        scaled = ScaleIntensityRange(
-            a_min=low, a_max=high, b_min=0.0, b_max=255.0, clip=True, dtype=torch.float32
-        )(img)
-        out = torch.nan_to_num(torch.round(scaled), nan=0.0).to(torch.uint8)
+        out = _scale_to_uint8(values.to(torch.float32), low, high)
+    return _with_meta_of(img, out)
+
+
+def _with_meta_of(img: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if isinstance(img, MetaTensor):
-        out = MetaTensor(out.as_tensor() if isinstance(out, MetaTensor) else out, meta=dict(img.meta))
+        out = MetaTensor(out, meta=dict(img.meta))
         out.affine = img.affine
         out.applied_operations = list(img.applied_operations)
     return out
+
+
+# An integer-valued volume spanning at most this many values (CT in HU, most MR) takes the exact histogram path.
+_HISTOGRAM_MAX_RANGE = 1 << 16
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's linear-interpolation step of ``percentile`` (``method="linear"``): float32 bounds, float64 weight,
+    numpy's order of operations, so that the histogram path returns numpy's value bit for bit."""
+    a32, b32, t64 = np.float32(a), np.float32(b), np.float64(t)
+    diff = np.subtract(b32, a32)
+    return float(np.subtract(b32, diff * (1 - t64)) if t64 >= 0.5 else np.add(a32, diff * t64))
+
+
+def _integer_levels(values: torch.Tensor) -> tuple[int, torch.Tensor, np.ndarray] | None:
+    """``(lowest value, value - lowest as int32, voxels per value)`` of an integer-valued float tensor, or None
+    when it holds a non-integer, NaN or infinity, or spans :data:`_HISTOGRAM_MAX_RANGE` values or more."""
+    lowest, highest = float(values.min()), float(values.max())
+    if not (np.isfinite(lowest) and np.isfinite(highest)) or highest - lowest >= _HISTOGRAM_MAX_RANGE:
+        return None
+    if lowest != np.floor(lowest) or not torch.equal(values, torch.floor(values)):
+        return None
+    index = (values - lowest).to(torch.int32)
+    return int(lowest), index, torch.bincount(index.reshape(-1)).numpy()
+
+
+def _histogram_percentiles(lowest: int, counts: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(values, qs)`` (linear) from the exact histogram of integer values: the order statistics
+    around each virtual index are read off the cumulative counts instead of partitioning the volume."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+
+    def order_statistic(k: int) -> float:
+        return float(lowest + int(np.searchsorted(cumulative, k, side="right")))
+
+    out = []
+    for q in qs:
+        virtual = (n - 1) * np.true_divide(q, 100.0)
+        previous = min(max(int(np.floor(virtual)), 0), n - 1)
+        following = min(previous + 1, n - 1)
+        gamma = float(virtual - previous) if previous < n - 1 else 0.0
+        out.append(_lerp(order_statistic(previous), order_statistic(following), gamma))
+    return out[0], out[1]
 
 
 class SAMed2DNormalize(Transform):
@@ -103,7 +157,19 @@ class SAMed2DNormalize(Transform):
 
     def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor:
         img = convert_to_tensor(img, track_meta=True, dtype=torch.float32)
-        values = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu().numpy()
+        tensor = (img.as_tensor() if isinstance(img, MetaTensor) else img).detach().cpu()
+        levels = _integer_levels(tensor) if tensor.numel() else None
+        if levels is not None:
+            # integer-valued volumes (CT in HU, most MR): exact percentiles from the histogram and the uint8 of
+            # each distinct value computed once; the general path's result in a fraction of its time
+            lowest, index, counts = levels
+            low, high = _histogram_percentiles(lowest, counts, (self.lower, self.upper))
+            if high <= low:
+                return _to_uint8(img, low, high)
+            grey = torch.arange(lowest, lowest + len(counts), dtype=torch.float32)
+            table = _scale_to_uint8(grey, low, high).numpy()
+            return _with_meta_of(img, torch.from_numpy(table[index.numpy()]))
+        values = tensor.numpy()
         if np.isnan(values).all():
             raise ValueError(f"image of shape {tuple(values.shape)} is all NaN; nothing to normalise")
         low, high = np.nanpercentile(values, [self.lower, self.upper])

@@ -36,6 +36,51 @@ def test_samed2d_on_real_ct_matches_numpy_percentiles():
     assert torch.equal(out.affine, torch.eye(4, dtype=torch.float64) * 2)
 
 
+def _monai_samed2d(values: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """The normalisation as first written: numpy's nanpercentile and MONAI's ScaleIntensityRange on MetaTensors."""
+    from monai.transforms import ScaleIntensityRange
+
+    low, high = (float(v) for v in np.nanpercentile(values.numpy(), [lower, upper]))
+    if high <= low:
+        return torch.zeros_like(values, dtype=torch.uint8)
+    scaled = ScaleIntensityRange(low, high, 0.0, 255.0, clip=True, dtype=torch.float32)(MetaTensor(values))
+    return torch.nan_to_num(torch.round(scaled.as_tensor()), nan=0.0).to(torch.uint8)
+
+
+def _random_values(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "hu":
+        return rng.integers(-1024, 3072, n)
+    if kind == "narrow":
+        return np.round(rng.normal(40, rng.uniform(0.3, 30), n))
+    if kind == "two levels":
+        return rng.integers(0, 2, n) * int(rng.integers(1, 4000)) - 1000
+    if kind == "constant":
+        return np.full(n, float(rng.integers(-50, 50)))
+    if kind == "float":
+        return rng.normal(0, 100, n)
+    return np.where(rng.random(n) < 0.1, np.nan, rng.normal(0, 100, n))
+
+
+@pytest.mark.parametrize("kind", ["hu", "narrow", "two levels", "constant", "float", "float with nan"])
+def test_samed2d_fast_paths_are_bit_identical_to_numpy_and_monai(kind):
+    # integer-valued volumes take the histogram + lookup-table path, others the in-place float path: both must give
+    # exactly what nanpercentile + ScaleIntensityRange give, for random sizes, ranges, ties and percentiles
+    rng = np.random.default_rng(
+        ["hu", "narrow", "two levels", "constant", "float", "float with nan"].index(kind)
+    )
+    for _ in range(25):
+        n = int(rng.integers(1, 3000))
+        values = _random_values(kind, n, rng)
+        if kind == "float with nan" and np.isnan(values).all():
+            continue
+        volume = torch.from_numpy(values.astype(np.float32)).reshape(1, -1, 1, 1)
+        lower, upper = (
+            (float(rng.uniform(0, 5)), float(rng.uniform(95, 100))) if rng.random() < 0.5 else (0.5, 99.5)
+        )
+        out = SAMed2DNormalize(lower, upper)(MetaTensor(volume))
+        assert torch.equal(out.as_tensor(), _monai_samed2d(volume, lower, upper)), (n, lower, upper)
+
+
 def test_ct_window_presets_by_hand():
     assert CT_WINDOWS["liver"] == (150.0, 30.0) and window_bounds("lung") == (-1350.0, 150.0)
     hu = torch.tensor([[[-1000.0, -45.0, 30.0, 105.0, 2000.0]]])
