@@ -131,9 +131,16 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_train_state(
-    path: Path, model: nn.Module, optimizer, step: int, elapsed: float, history: list
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    step: int,
+    elapsed: float,
+    history: list,
+    run: dict[str, int] | None = None,
 ) -> None:
-    """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history and RNG states.
+    """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history, RNG states and ``run`` (what
+    the data order depends on: samples, batch size, accumulation, seed, world size; see :func:`check_same_run`).
 
     Everything is a tensor or a plain Python value, so :func:`load_train_state` reads it with
     ``torch.load(weights_only=True)``. Written to a temporary file and renamed: a crash leaves the previous state.
@@ -147,6 +154,7 @@ def save_train_state(
             "step": step,
             "elapsed": elapsed,
             "history": history,
+            "run": dict(run or {}),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -204,6 +212,24 @@ def load_train_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_same_run(path: Path, saved: dict[str, int], current: dict[str, int]) -> None:
+    """Refuse to resume a state saved by a run whose data order differs (another dataset size, batch size, seed
+    or number of processes): its step counter would point into another sequence of batches.
+
+    Raises:
+        UserInputError: naming the file and each setting that differs.
+    """
+    differ = [
+        f"{k} {saved[k]} (now {current[k]})" for k in sorted(current) if k in saved and saved[k] != current[k]
+    ]
+    if differ:
+        raise UserInputError(
+            f"{path}: saved by a run with other data or settings: {', '.join(differ)}; resuming would train on "
+            "another sequence of batches. Start over with --no-resume (the bundle's resume: false) or use another "
+            "output folder"
+        )
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -231,8 +257,16 @@ def train(
         raise ValueError("no trainable parameter: check the stage's LoRA targets and full-FT patterns")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, elapsed, history = 0, 0.0, []
+    run = {
+        "samples": len(dataset),
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "seed": cfg.seed,
+        "world_size": ctx.world_size,
+    }
     if resume and ckpt_path.is_file():
         state = load_train_state(ckpt_path)
+        check_same_run(ckpt_path, state.get("run", {}), run)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
@@ -284,7 +318,7 @@ def train(
         stop = cfg.stop_at_step is not None and step >= cfg.stop_at_step
         if (cfg.save_every and step % cfg.save_every == 0) or progress >= 1.0 or stop:
             if ctx.is_main:
-                save_train_state(ckpt_path, model, optimizer, step, elapsed, history)
+                save_train_state(ckpt_path, model, optimizer, step, elapsed, history, run)
             barrier(ctx)
         if stop:
             break

@@ -180,6 +180,8 @@ def model_card(result: dict[str, Any], weight_bytes: int, config: dict[str, Any]
         f"{k}: {100 * v['share']:.0f} % of the budget, at most {v['max_steps']} steps, lr {v['lr']:g}"
         + (f", oversampling {' '.join(v['repeat'])}" if v["repeat"] else "")
         + (", click prompts" if "--click-prompts" in v["flags"] else "")
+        + (", empty masks for absent answers" if "--absent-masks" in v["flags"] else "")
+        + (", null prompt" if "--null-prompt" in v["flags"] else "")
         for k, v in plan.items()
     )
     budget = result.get("budget", {})
@@ -225,6 +227,8 @@ and closed VQA, and click refinement. It is **not** a medical model: it has seen
   and of structures it cannot show (CT asked for white matter, MR for the liver, a structure with no pixel on the slice)
   -> "{ABSENT_ANSWER}" without `<SEG>`; region questions whose region (a disc mostly of one class) covers
   {", ".join(REGION_CLASSES)}; closed VQA on modality (CT / MRI), plane and "is X visible" with "no" as often as "yes".
+  Half of the training conversations are about a random square crop of the slice (45-80 % of its side); crops get
+  no plane question, since a window of the slice hides the outline that tells the plane.
 - Closed-question wordings used in training: modality {_wordings("modality", "train")}; plane {_wordings("plane", "train")};
   visible {_wordings("visible", "train")}. Held out from training (evaluation only): {_wordings("modality", "held_out")};
   {_wordings("plane", "held_out")}; {_wordings("visible", "held_out")}.
@@ -242,7 +246,11 @@ Demo-only deviations (flags; the release recipe stays the default): stage 0; mul
 and task oversampling; stage budgets counted on rank 0's CPU clock (`--budget-clock cpu`, {budget.get("minutes", "?")} min
 for the four stages: {plan_text}); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
 after the text decode, error-region clicks with the previous logits as mask prompt, or a jittered box / a point from
-the mask first) in the stages that train the mask decoder.
+the mask first) in the stages that train the mask decoder; empty masks for absent answers (`--absent-masks`,
+`training/absent_masks.py`: the state that starts "No ... is visible" is decoded towards an empty mask) and the null
+prompt (`--null-prompt`: once per image with a mask, an all-zero prompt is decoded towards an empty mask, so the
+decoder has no default structure; this trains for the zero-prompt figure below, and the liver-vs-tumour mask Dice is
+the independent check that the prompt's content, not only its presence, decides the mask).
 
 | stage | optimizer steps | CPU s (both processes) | wall s (shared machine) | trainable params | loss first -> last |
 |---|---|---|---|---|---|

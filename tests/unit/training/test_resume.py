@@ -197,3 +197,29 @@ def test_medplib_train_reports_a_crafted_state_in_one_line(tiny, tmp_path, capsy
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(out / CHECKPOINT_FILE) in err and "--no-resume" in err
     assert not (tmp_path / "ran").exists()
+
+
+def test_resume_refuses_a_state_saved_for_other_data(tiny, tmp_path):
+    """The step counter of a state indexes one sequence of batches: a run over another dataset (here: the grounding
+    file once instead of twice) or another batch size must not continue from it."""
+    from monai_medplib.data.mecovqa import collate_mecovqa
+    from monai_medplib.modeling.medplib import MedPLIBForCausalLM
+    from monai_medplib.training.distributed import DistContext
+    from monai_medplib.training.run import stage_dataset
+
+    tok, _, stage, data = tiny[:4]
+    out = tmp_path / "stage"
+    _run(tiny, out, stop_at_step=1)
+    saved = load_train_state(out / CHECKPOINT_FILE)["run"]
+    smaller = stage_dataset(stage, data, tok, {"grounding": 1})
+    assert saved["samples"] == len(tiny[1]) > len(smaller) and saved["batch_size"] == 2
+    for dataset, batch_size, what in ((smaller, 2, "samples"), (tiny[1], 3, "batch_size")):
+        cfg = TrainConfig(max_steps=STEPS, batch_size=batch_size, lr=3e-3, warmup_ratio=0.0)
+        model = MedPLIBForCausalLM(tiny_config(len(tok)))
+        ctx = DistContext(0, 1, 0, torch.device("cpu"))
+        with pytest.raises(UserInputError, match=f"{what} .*--no-resume") as err:
+            train(
+                model, dataset, collate_mecovqa, stage.loss, tok.seg_id, cfg, ctx, out, True, lambda _: None
+            )
+        assert str(out / CHECKPOINT_FILE) in str(err.value)
+    assert load_train_state(out / CHECKPOINT_FILE)["step"] == 1  # the refused runs wrote nothing
