@@ -146,15 +146,21 @@ def test_demo_tokenizer_and_dataset_layout(tiny_data):
     assert split["split"]["ct"]["axial"]["test"] == [4, 5]  # 10 slices: 2 held out, 1 gap slice each side
 
 
-def test_seg_loss_uses_the_state_before_seg(tiny_data):
+def _grounding_batch(tiny_data):
+    """A seeded tiny model, a batch of the first two grounding conversations, and the tokenizer."""
     from monai_medplib.data.mecovqa import MeCoVQADataset, collate_mecovqa, read_mecovqa
-    from monai_medplib.processing import postprocess_mask_logits
 
     data, _, tok = tiny_data
     torch.manual_seed(0)
     model = MedPLIBForCausalLM(tiny_config(len(tok))).eval()
     records = read_mecovqa(data / "train" / "MeCoVQA-Grounding.json", data)[:2]
-    batch = collate_mecovqa([MeCoVQADataset(records, tok)[i] for i in range(2)])
+    return model, collate_mecovqa([MeCoVQADataset(records, tok)[i] for i in range(2)]), tok
+
+
+def test_seg_loss_uses_the_state_before_seg(tiny_data):
+    from monai_medplib.processing import postprocess_mask_logits
+
+    model, batch, tok = _grounding_batch(tiny_data)
     weights = LossWeights(ce=0.0, dice=0.0, bce=1.0)
     with torch.no_grad():
         losses = compute_losses(model, batch, tok.seg_id, weights)
@@ -175,15 +181,10 @@ def test_seg_loss_uses_the_state_before_seg(tiny_data):
 
 
 def test_null_prompt_trains_the_all_zero_prompt_towards_an_empty_mask(tiny_data):
-    from monai_medplib.data.mecovqa import MeCoVQADataset, collate_mecovqa, read_mecovqa
     from monai_medplib.processing import postprocess_mask_logits
     from monai_medplib.training.absent_masks import AbsentMasks
 
-    data, _, tok = tiny_data
-    torch.manual_seed(0)
-    model = MedPLIBForCausalLM(tiny_config(len(tok))).eval()
-    records = read_mecovqa(data / "train" / "MeCoVQA-Grounding.json", data)[:2]
-    batch = collate_mecovqa([MeCoVQADataset(records, tok)[i] for i in range(2)])
+    model, batch, tok = _grounding_batch(tiny_data)
     weights = LossWeights(ce=0.0, dice=0.0, bce=1.0)
     no_absent_token = -7  # no label equals it: only the null-prompt decodes enter "absent"
     with torch.no_grad():
