@@ -3,9 +3,9 @@
 A small but spread sample: a few slices of every plane's held-out slab of both volumes (LiTS CT, MNI MR). The
 expectations are the real labels of those slices and the acceptance thresholds of issue 13; the Dice and the
 balanced accuracies are computed here, independently of ``monai_medplib.evaluation``. The controls check that the
-text matters: the "liver" and "tumour" masks differ, and a zero ``<SEG>`` prompt loses the tumour and most of the
-tissue classes. Where the model falls short of the issue (region VQA, plane and held-out modality wordings, the
-mean zero-prompt drop) the tests assert what it does and say so; the model card lists the misses.
+text matters: the "liver" and "tumour" masks differ, and a zero ``<SEG>`` prompt (no LLM at all) segments nothing.
+Where the model falls short of the issue (region VQA, the plane question) the tests assert what it does and say so;
+the model card lists the misses.
 """
 
 from __future__ import annotations
@@ -107,11 +107,10 @@ def test_text_controls_liver_vs_tumour_and_zero_prompt(pipe, groundings):
         zeroed.setdefault(t, []).append(dice(z, s.target_mask(t)))
     drops = {t: float(np.mean(normal[t]) - np.mean(zeroed[t])) for t in normal}
     print("zero-prompt Dice drop per target", drops)
-    # Without the prompt the decoder falls back to each modality's large structure (liver on CT, brain on MR):
-    # the text is what turns it into the tumour or a tissue class. The issue's goal, a 0.3 drop of the mean over
-    # all targets, is not met (model card: 0.156); the targets the text must select drop clearly.
-    assert drops["tumour"] >= 0.3 and drops["white matter"] >= 0.15 and drops["grey matter"] >= 0.05, drops
-    assert abs(drops["liver"]) < 0.1 and abs(drops["brain"]) < 0.1, drops
+    # the issue's goal: the mean over the targets drops by >= 0.3; the decoder has no default structure (trained
+    # with --null-prompt), so every target drops, the large ones (liver, brain) included
+    assert np.mean(list(drops.values())) >= 0.3 and min(drops.values()) >= 0.3, drops
+    assert np.mean([z.mean() for z in zero_masks]) < 0.01  # the zero prompt segments (almost) nothing
 
 
 def test_region_vqa_names_the_tissue_under_the_region(pipe, slices):
@@ -121,18 +120,17 @@ def test_region_vqa_names_the_tissue_under_the_region(pipe, slices):
     answers = pipe.answer_region_batch(
         [s.image for s, _, _ in items], ["What is inside this region?"] * len(items), [m for _, _, m in items]
     )
-    # chance is 0.20; the issue's goal of 0.80 is not met (model card: 0.521 on the whole held-out split)
-    assert balanced([(cls, norm(a) == cls) for (_, cls, _), a in zip(items, answers)]) >= 0.40
+    # chance is 0.20; the issue's goal of 0.80 is not met (model card: 0.717 on the whole held-out split)
+    assert balanced([(cls, norm(a) == cls) for (_, cls, _), a in zip(items, answers)]) >= 0.55
 
 
-def test_closed_vqa_visible_on_held_out_wordings_and_modality_on_trained_ones(pipe, slices):
-    """ "Is X visible" on wordings no training conversation used, with "no" as often as "yes"; the modality on the
-    trained wordings. Not asserted, because the model does not do them (model card, issue 13 left open): the
-    modality on held-out wordings (0.50) and the plane on any wording (0.34, chance)."""
+def test_closed_vqa_modality_and_visible_on_held_out_wordings(pipe, slices):
+    """The modality and "is X visible" on wordings no training conversation used, with "no" as often as "yes". Not
+    asserted, because the model does not do it (model card, issue 13 left open): the plane, on any wording (chance)."""
     items = []
     for n, s in enumerate(slices):
         modality = "ct" if s.modality == "CT" else "mri"
-        items.append(("modality", CLOSED_QUESTIONS["modality"]["train"][n % 3], s, modality))
+        items.append(("modality", CLOSED_QUESTIONS["modality"]["held_out"][n % 2], s, modality))
         shown = [t for t, p in s.presence.items() if p]
         hidden = [t for t, p in s.presence.items() if p is False]
         for targets, answer in ((shown, "yes"), (hidden, "no")):
@@ -165,7 +163,7 @@ def test_a_click_on_the_largest_error_improves_the_mask(pipe, groundings):
 
     gains = []
     for s, target, shown, result in groundings:
-        if not shown or target not in ("tumour", "grey matter"):
+        if not shown:
             continue
         truth = s.target_mask(target)
         missed, extra = truth & ~result.mask, result.mask & ~truth
