@@ -145,6 +145,15 @@ def compute_losses(
     return losses
 
 
+def _empty_mask_bce(model, image_embedding, prompts, batch, b) -> torch.Tensor:
+    """Summed BCE of decoding ``prompts [P,1,C]`` on one image towards an empty mask (P prompts)."""
+    low, _ = model.model.visual_model.decode(
+        image_embedding.expand(prompts.shape[0], -1, -1, -1), text_embeds=prompts
+    )
+    logits = postprocess_mask_logits(low.float(), batch["resizes"][b], batch["original_sizes"][b])[:, 0]
+    return mask_bce_loss(logits, torch.zeros_like(logits)) * prompts.shape[0]
+
+
 def _mask_losses(
     model, batch, hidden, seg_positions, masks, weights, clicks, absent_positions=None, null_prompt=False
 ) -> dict[str, torch.Tensor]:
@@ -158,14 +167,10 @@ def _mask_losses(
     for k, b in enumerate(rows):
         if absent_positions is not None and absent_positions[b].any():
             states = hidden[b][absent_positions[b]]
-            low, _ = model.model.visual_model.decode(
-                image_embeddings[k : k + 1].expand(states.shape[0], -1, -1, -1),
-                text_embeds=model.seg_embeddings(states)[:, None],
+            said_absent = model.seg_embeddings(states)[:, None]
+            absent_bce = absent_bce + _empty_mask_bce(
+                model, image_embeddings[k : k + 1], said_absent, batch, b
             )
-            logits = postprocess_mask_logits(low.float(), batch["resizes"][b], batch["original_sizes"][b])[
-                :, 0
-            ]
-            absent_bce = absent_bce + mask_bce_loss(logits, torch.zeros_like(logits)) * states.shape[0]
             absent_count += states.shape[0]
         seg_hidden = hidden[b][seg_positions[b]]
         gt = masks[b].to(device, torch.float32)
@@ -182,13 +187,8 @@ def _mask_losses(
         focal = focal + focal_loss(pred, gt[:n]) * n
         count += n
         if null_prompt:  # the unconditional decode: an all-zero prompt segments nothing
-            low, _ = model.model.visual_model.decode(
-                image_embeddings[k : k + 1], text_embeds=torch.zeros_like(prompts[:1, None])
-            )
-            logits = postprocess_mask_logits(low.float(), batch["resizes"][b], batch["original_sizes"][b])[
-                :, 0
-            ]
-            absent_bce = absent_bce + mask_bce_loss(logits, torch.zeros_like(logits))
+            zero = torch.zeros_like(prompts[:1, None])
+            absent_bce = absent_bce + _empty_mask_bce(model, image_embeddings[k : k + 1], zero, batch, b)
             absent_count += 1
         if clicks is not None:
             chain_bce, chain_dice, steps = click_chain_losses(
