@@ -205,3 +205,47 @@ def test_null_prompt_trains_the_all_zero_prompt_towards_an_empty_mask(tiny_data)
     assert float(plain["absent"]) == 0.0
     assert float(null["absent"]) == pytest.approx(float(sum(expected) / 2), rel=1e-5)
     assert float(null["loss"]) == pytest.approx(float(plain["loss"]) + 2.0 * float(null["absent"]), rel=1e-5)
+
+
+def test_absent_answers_are_decoded_towards_an_empty_mask(tiny_data, tmp_path):
+    from monai_medplib.data.demo_prompts import absent_answer
+    from monai_medplib.data.mecovqa import MeCoVQADataset, collate_mecovqa, read_mecovqa
+    from monai_medplib.processing import postprocess_mask_logits
+    from monai_medplib.training.absent_masks import absent_state_positions, for_tokenizer
+
+    data, _, tok = tiny_data
+    entries = json.loads((data / "train" / "MeCoVQA-Grounding.json").read_text())[:2]
+    for entry in entries:  # the synthetic slices all show both targets: make the answers "absent" ones
+        entry["conversations"][1]["value"] = absent_answer("liver")
+    entries[0]["conversations"] += [  # two absent answers on one image: each counts once in the mean
+        {"from": "human", "value": "Please segment the tumour."},
+        {"from": "gpt", "value": absent_answer("tumour")},
+    ]
+    (tmp_path / "absent.json").write_text(json.dumps(entries))
+    records = read_mecovqa(tmp_path / "absent.json", data)
+    torch.manual_seed(0)
+    model = MedPLIBForCausalLM(tiny_config(len(tok))).eval()
+    batch = collate_mecovqa([MeCoVQADataset(records, tok)[i] for i in range(len(records))])
+    absent = for_tokenizer(tok)
+    weights = LossWeights(ce=0.0, dice=0.0, bce=1.0)
+    with torch.no_grad():
+        losses = compute_losses(model, batch, tok.seg_id, weights, absent=absent)
+        # independent expectation: the state before each absent answer's first token, decoded, BCE vs empty
+        feats = model.clip_features(batch["images_clip"])
+        embeds, attn = model.build_inputs_embeds(batch["input_ids"], feats, None)
+        hidden = model.llm_forward(embeds, attn).hidden_states[:, :-1]
+        expected, count = 0.0, 0
+        for b, labels in enumerate(batch["labels"]):
+            full_labels = torch.tensor([IGNORE_INDEX] * 575 + list(labels))[None]  # the 575 extra image rows
+            where = absent_state_positions(full_labels, absent.first_token_id)[0]
+            states = hidden[b, : where.shape[0]][where]
+            emb = model.model.visual_model.encode_image(batch["images_sam"][b : b + 1])
+            for state in states:
+                low, _ = model.model.visual_model.decode(
+                    emb, text_embeds=model.seg_embeddings(state[None])[:, None]
+                )
+                pred = postprocess_mask_logits(low, batch["resizes"][b], batch["original_sizes"][b])[:, 0]
+                expected += float(sigmoid_bce_loss(pred, torch.zeros_like(pred)))
+                count += 1
+    assert count == 3
+    assert float(losses["absent"]) == pytest.approx(expected / count, rel=1e-4)
