@@ -203,9 +203,37 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
     return next(iter(series.values()))
 
 
+# slabs of the last axis per copy in :func:`_c_order_float32`: source and destination both stay in cache
+_SLAB = 16
+
+
+def _c_order_float32(array: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(array, dtype=np.float32)``, value for value, about twice as fast for Fortran-order data.
+
+    A NIfTI volume decodes in Fortran order (x fastest) and MONAI hands it on in C order (z fastest): one big
+    transposing copy walks one of the two arrays with a stride of a whole plane. Copying slabs of a few
+    last-axis planes keeps both sides in cache; each element goes through numpy's own cast, as before.
+    """
+    if array.ndim < 2 or array.flags.c_contiguous:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    out = np.empty(array.shape, dtype=np.float32)
+    for start in range(0, array.shape[-1], _SLAB):
+        out[..., start : start + _SLAB] = array[..., start : start + _SLAB]
+    return out
+
+
+class _NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader`` returning the float32 C-order array that ``LoadImage(dtype=float32)`` would make
+    from it (same values and metadata), by :func:`_c_order_float32`: a cold server request waits on this copy."""
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        return data if self.to_gpu else _c_order_float32(data)
+
+
 def _loader(reader: str | None, path: Path) -> LoadImage:
     name = reader or ("NibabelReader" if path.name.lower().endswith(NIFTI_SUFFIXES) else "ITKReader")
-    readers = {"ITKReader": ITKReader, "NibabelReader": NibabelReader, "PydicomReader": PydicomReader}
+    readers = {"ITKReader": ITKReader, "NibabelReader": _NiftiReader, "PydicomReader": PydicomReader}
     if name not in readers:
         raise ValueError(f"unknown reader {name!r}; expected one of {sorted(readers)}")
     return LoadImage(reader=readers[name](), image_only=True, ensure_channel_first=True, dtype=np.float32)

@@ -190,3 +190,46 @@ def test_dicom_seg_segments_carry_a_display_colour(tmp_path):
     assert len(colours) == 2 and colours[0] != colours[1]
     r, g, b = hd.color.CIELabColor.from_dicom_value(colours[0]).to_rgb()
     assert r > 2 * max(g, b)  # segment 1 is shown red
+
+
+@pytest.mark.parametrize(
+    "dtype, slope, shape",
+    [
+        (
+            np.int16,
+            None,
+            (70, 41, 37),
+        ),  # a CT as stored: Fortran-order integers, last axis not a slab multiple
+        (np.uint8, None, (33, 20, 16)),
+        (np.int16, (0.5, -1024.0), (29, 31, 19)),  # scl_slope / scl_inter: nibabel scales to floats
+        (np.float64, None, (17, 18, 40)),  # float64 -> float32 rounding
+    ],
+)
+def test_nifti_volumes_load_exactly_as_monai_loads_them(tmp_path, dtype, slope, shape):
+    """Our NIfTI loader copies to C order in slabs; values, dtype, layout and metadata equal stock MONAI's."""
+    from monai.data import NibabelReader
+    from monai.transforms import LoadImage
+
+    rng = np.random.default_rng(len(shape) + shape[0])
+    if np.issubdtype(dtype, np.integer):
+        data = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    else:
+        data = rng.normal(0, 1e3, shape).astype(dtype)
+    image = nib.Nifti1Image(data, np.diag([0.7, 0.8, 2.5, 1.0]))
+    if slope is not None:
+        image.header.set_slope_inter(*slope)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(image, str(path))
+
+    ours = load_volume(path)
+    stock = LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32)(
+        str(path)
+    )
+    assert ours.dtype == stock.dtype == torch.float32
+    assert ours.is_contiguous() and stock.is_contiguous()
+    assert torch.equal(ours.as_tensor(), stock.as_tensor())
+    assert torch.equal(ours.affine, stock.affine)
+    assert sorted(ours.meta) == sorted(stock.meta)
+    # independent of MONAI: the file's voxels, scaled the NIfTI way, in the (1, X, Y, Z) layout
+    expected = data.astype(np.float64) * (slope[0] if slope else 1.0) + (slope[1] if slope else 0.0)
+    np.testing.assert_allclose(ours[0].numpy(), expected.astype(np.float32), rtol=1e-6)
