@@ -137,3 +137,49 @@ def test_keyframes_conf_and_request_parameter(lits):
     assert paths["key"] == 5 and sum(paths.values()) == 33
     with pytest.raises(ValueError, match="--conf keyframes"):
         MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "keyframes": "every other"})
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_decode_slots_bound_the_volumes_decoded_at_once(tmp_path, monkeypatch, slots):
+    """Eight requests for four new images: each image is decoded once, never more than ``decode_slots`` at a time."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nibabel as nib
+
+    sys.path.insert(0, str(APP_DIR))
+    import lib.engine as engine_module
+
+    paths = []
+    for n in range(4):
+        data = np.random.default_rng(n).integers(-100, 100, (24, 20, 6)).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"v{n}.nii.gz"))
+        paths.append(str(tmp_path / f"v{n}.nii.gz"))
+    engine = engine_module.MedPLIBEngine.from_conf(
+        {"model": "demo", "device": "cpu", "decode_slots": str(slots)}
+    )
+    engine.load()
+    lock, running, seen, decoded = threading.Lock(), [0], [], []
+    real_load = engine_module.load_volume
+
+    def counting_load(path, limits=None):
+        with lock:
+            running[0] += 1
+            seen.append(running[0])
+            decoded.append(path)
+        time.sleep(0.3)  # long enough that the four decodes would overlap without the bound
+        try:
+            return real_load(path, limits)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(engine_module, "load_volume", counting_load)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        volumes = list(pool.map(lambda n: engine.volume(paths[n % 4]), range(8)))
+    assert sorted(decoded) == sorted(paths)  # one decode per image
+    assert max(seen) == slots
+    assert [tuple(v.shape) for v in volumes] == [(1, 24, 20, 6)] * 8
+    with pytest.raises(ValueError, match="--conf decode_slots"):
+        engine_module.MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "decode_slots": "0"})

@@ -51,6 +51,8 @@ class MedPLIBEngine:
             request's own ``keyframes`` overrides it.
         quantization: ``"int8"`` / ``"int4"``: quantise the LLM's linear layers while loading (the ``quant``
             extra); None keeps the released weights.
+        decode_slots: how many volumes may be decoded at the same time (each needs a few times its decoded size
+            while it decodes).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class MedPLIBEngine:
         limits: VolumeLimits | None = None,
         keyframes: int | None = None,
         quantization: str | None = None,
+        decode_slots: int = 2,
     ) -> None:
         if model != "demo" and not Path(model).is_dir():
             raise FileNotFoundError(f"--conf model {model!r} is neither 'demo' nor a model directory")
@@ -84,6 +87,7 @@ class MedPLIBEngine:
         self._model_lock = threading.RLock()  # one model, one caller at a time (threads share it)
         self.limits = limits or VolumeLimits()
         self._volumes = VolumeCache(max_bytes=volume_cache_bytes, max_entries=cache_volumes)
+        self._decode_slots = threading.Semaphore(decode_slots)
         self._groundings = FeatureCache(
             GROUNDING_CACHE_BYTES
         )  # (image, axis, slice, text) -> refinement prior
@@ -92,7 +96,7 @@ class MedPLIBEngine:
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> MedPLIBEngine:
         """Build from MONAI Label ``--conf`` strings (``model``, ``device``, ``force_seg``, ``fast_grounding``,
-        ``max_voxels``, ``max_volume_mb``, ``volume_cache_mb``; the app README lists them)."""
+        ``max_voxels``, ``max_volume_mb``, ``volume_cache_mb``, ``decode_slots``; the app README lists them)."""
         defaults = VolumeLimits()
         limits = VolumeLimits(
             max_voxels=parse_int(conf.get("max_voxels", defaults.max_voxels), "--conf max_voxels", minimum=1),
@@ -111,6 +115,7 @@ class MedPLIBEngine:
             limits=limits,
             keyframes=parse_keyframes(conf.get("keyframes"), "--conf keyframes"),
             quantization=conf.get("quantization"),
+            decode_slots=parse_int(conf.get("decode_slots", 2), "--conf decode_slots", minimum=1),
         )
 
     # -- model -------------------------------------------------------------------------------------
@@ -161,8 +166,16 @@ class MedPLIBEngine:
         caches recognise it)."""
         if not path or not os.path.exists(path):
             raise bad_request(f"image not found: {Path(path).name!r}", status=404)
-        volume = self._volumes.get(path, lambda: load_volume(path, self.limits))
-        self.pipeline.prepare_volume(volume)  # normalised outside the model lock, once under concurrency
+        volume = self._volumes.get(path, lambda: self._decode(path))
+        self.pipeline.prepare_volume(volume)  # again only if the pipeline has dropped it meanwhile
+        return volume
+
+    def _decode(self, path: str) -> MetaTensor:
+        # At most ``decode_slots`` volumes decode at once: requests for many different images cannot hold many
+        # decodes' peak memory (a few times the volume each) at the same time. Outside the model lock.
+        with self._decode_slots:
+            volume = load_volume(path, self.limits)
+            self.pipeline.prepare_volume(volume)
         return volume
 
     @staticmethod

@@ -70,27 +70,30 @@ def infer_router() -> Any:
                 raise rejected(400, f"params 'label' is the segment name (text), got {params['label']!r}")
             save = parse_bool(params.get("save_label", False), "params 'save_label'")
             tag = names.label_tag(str(params.get("label_tag") or DEFAULT_LABEL_TAG))
-            datastore = instance.datastore()
-            image_id, image_path = await run_in_threadpool(
-                _resolve_image, instance, form, query.get("image") or "", query.get("session_id") or ""
-            )
-            if save and not image_id:
-                raise rejected(400, "save_label needs an image from the datastore (?image=ID)")
-            if output == "dicom_seg":
-                _check_dicom_seg(datastore, params)
             task = tasks[model]
-            req: dict[str, Any] = {**task.config(), **params, "model": model, "image": image_path}
-            req["result_dir"] = str(folder)
-            label = form.file("label")
-            if label is not None:
-                req["label_upload"] = await run_in_threadpool(_label_path, label, image_path, folder)
-            result_path, result = await run_in_threadpool(task, req)
-            if save and result_path:
-                info = {"model": model, "params": result}
-                await run_in_threadpool(datastore.save_label, image_id, result_path, tag, info)
-            reply, keep = await run_in_threadpool(
-                _reply, output, result_path, result, datastore, image_id, params, folder, model
-            )
+
+            def work() -> tuple[Any, bool]:
+                datastore = instance.datastore()
+                image_id, image_path = _resolve_image(
+                    instance, form, query.get("image") or "", query.get("session_id") or ""
+                )
+                if save and not image_id:
+                    raise rejected(400, "save_label needs an image from the datastore (?image=ID)")
+                if output == "dicom_seg":
+                    _check_dicom_seg(datastore, params)
+                req: dict[str, Any] = {**task.config(), **params, "model": model, "image": image_path}
+                req["result_dir"] = str(folder)
+                label = form.file("label")
+                if label is not None:
+                    req["label_upload"] = _label_path(label, image_path, folder)
+                result_path, result = task(req)
+                if save and result_path:
+                    datastore.save_label(image_id, result_path, tag, {"model": model, "params": result})
+                return _reply(output, result_path, result, datastore, image_id, params, folder, model)
+
+            # one worker-thread hop per request: a request that has its result never queues for a thread again
+            # behind requests still waiting for their volume or the model
+            reply, keep = await run_in_threadpool(work)
             return reply
         finally:
             if not keep:
