@@ -8,6 +8,7 @@ For DICOM, X runs along the image columns, Y along the rows and Z across the sli
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Hashable, Mapping
@@ -18,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
-from isal.igzip import decompress as gunzip  # ISA-L: twice zlib's speed, the same bytes
+from isal import igzip  # ISA-L: twice zlib's speed, the same bytes
 from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform, Transform
@@ -231,9 +232,9 @@ class _NiftiReader(NibabelReader):
     """MONAI's ``NibabelReader`` returning the float32 C-order array that ``LoadImage(dtype=float32)`` would make
     from it (same values and metadata), faster: a cold server request waits on this read.
 
-    A ``.nii.gz`` is inflated in one call, by ISA-L (nibabel streams it through zlib in thousands of small
-    reads), and nibabel scales the voxels from the inflated bytes as it would from the file; then
-    :func:`_c_order_float32`.
+    A ``.nii.gz`` is inflated in one call, by ISA-L, up to the end of its voxels (nibabel streams it through
+    zlib in thousands of small reads); nibabel scales the voxels from the inflated bytes as it would from the
+    file; then :func:`_c_order_float32`.
     """
 
     def _get_array_data(self, img, filename):
@@ -241,8 +242,11 @@ class _NiftiReader(NibabelReader):
             return super()._get_array_data(img, filename)
         whole = isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and not self.as_closest_canonical
         if whole and str(filename).lower().endswith(".gz"):
-            with open(filename, "rb") as handle:
-                img = type(img).from_bytes(gunzip(handle.read()))
+            # inflate only what the header declares (header, extensions, voxels), as nibabel does: whatever
+            # follows in the stream is never expanded, so a small header cannot smuggle in a huge payload
+            size = img.dataobj.offset + math.prod(img.shape) * img.get_data_dtype().itemsize
+            with igzip.open(filename, "rb") as handle:
+                img = type(img).from_bytes(handle.read(size))
         return _c_order_float32(np.asanyarray(img.dataobj))
 
 

@@ -233,3 +233,26 @@ def test_nifti_volumes_load_exactly_as_monai_loads_them(tmp_path, dtype, slope, 
     # independent of MONAI: the file's voxels, scaled the NIfTI way, in the (1, X, Y, Z) layout
     expected = data.astype(np.float64) * (slope[0] if slope else 1.0) + (slope[1] if slope else 0.0)
     np.testing.assert_allclose(ours[0].numpy(), expected.astype(np.float32), rtol=1e-6)
+
+
+def test_bytes_after_the_declared_voxels_are_never_inflated(tmp_path):
+    """A small header followed by a huge compressed payload: only the declared voxels are expanded."""
+    import gzip
+    import tracemalloc
+
+    data = np.arange(8 * 6 * 4, dtype=np.int16).reshape(8, 6, 4)
+    plain = nib.Nifti1Image(data, np.eye(4)).to_bytes()
+    path = tmp_path / "smuggled.nii.gz"
+    trailer = 256 * 2**20  # 256 MiB of zeros after the voxels, about 0.25 MiB once compressed
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(plain)
+        block = bytes(2**20)
+        for _ in range(trailer // len(block)):
+            out.write(block)
+    assert path.stat().st_size < 2 * 2**20
+    tracemalloc.start()
+    volume = load_volume(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(volume[0].numpy(), data.astype(np.float32))
+    assert peak < 16 * 2**20, f"reading a 192-voxel volume took {peak / 2**20:.0f} MiB"
