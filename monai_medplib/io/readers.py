@@ -208,6 +208,8 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
 
 # slabs of the last axis per copy in :func:`_c_order_float32`: source and destination both stay in cache
 _SLAB = 16
+# deflate's densest stream inflates about 1032-fold (258 bytes from 2 bits); gzip framing only adds bytes
+_DEFLATE_MAX_RATIO = 1032
 
 
 def _c_order_float32(array: np.ndarray) -> np.ndarray:
@@ -245,6 +247,12 @@ class _NiftiReader(NibabelReader):
             # inflate only what the header declares (header, extensions, voxels), as nibabel does: whatever
             # follows in the stream is never expanded, so a small header cannot smuggle in a huge payload
             size = img.dataobj.offset + math.prod(img.shape) * img.get_data_dtype().itemsize
+            stored = os.path.getsize(filename)
+            if size > stored * _DEFLATE_MAX_RATIO:  # refused before allocating what the header claims
+                raise OSError(
+                    f"{Path(filename).name}: the header declares {size} bytes of image, more than a {stored}-byte "
+                    "gzip file can inflate to: the file is truncated or its header is wrong"
+                )
             with igzip.open(filename, "rb") as handle:
                 img = type(img).from_bytes(handle.read(size))
         return _c_order_float32(np.asanyarray(img.dataobj))

@@ -256,3 +256,18 @@ def test_bytes_after_the_declared_voxels_are_never_inflated(tmp_path):
     tracemalloc.stop()
     np.testing.assert_array_equal(volume[0].numpy(), data.astype(np.float32))
     assert peak < 16 * 2**20, f"reading a 192-voxel volume took {peak / 2**20:.0f} MiB"
+
+
+def test_a_header_claiming_more_than_the_file_can_hold_is_refused_before_allocating(tmp_path):
+    """A 4096^3 int16 header (128 GiB) over a few bytes of voxels: refused by name, nothing of that size allocated."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((4096, 4096, 4096))
+    header["vox_offset"] = 352
+    raw = header.binaryblock + bytes(4) + bytes(64)  # vox_offset 352: the 348-byte header, 4 extension bytes
+    path = tmp_path / "liar.nii.gz"
+    import gzip
+
+    path.write_bytes(gzip.compress(raw))
+    with pytest.raises(OSError, match="liar.nii.gz: the header declares 137438953824 bytes"):
+        load_volume(path)
