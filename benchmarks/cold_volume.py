@@ -1,8 +1,8 @@
 """The two CPU steps a cold server request waits on, for one 512 x 512 x 128 CT-like volume: reading the NIfTI
 and the SA-Med2D normalisation, each against its first implementation in the same process.
 
-1. **Read** (``read``): ``load_volume`` (slab-wise C-order float32 copy) against stock MONAI
-   ``LoadImage(NibabelReader(), dtype=float32)`` on the same int16 ``.nii.gz``.
+1. **Read** (``read``): ``load_volume`` (one bounded ISA-L inflate, slab-wise C-order float32 copy) against stock
+   MONAI ``LoadImage(NibabelReader(), dtype=float32)`` on the same int16 ``.nii.gz``.
 2. **Normalise**: the fast exact paths against ``np.nanpercentile`` + MONAI ``ScaleIntensityRange`` on a
    MetaTensor, for the integer-valued volume a CT NIfTI decodes to (histogram + lookup-table path, ``integer``) and
    the same volume plus 0.5 (not integers: the in-place float path, ``float``).

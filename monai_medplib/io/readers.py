@@ -242,8 +242,8 @@ class _NiftiReader(NibabelReader):
     def _get_array_data(self, img, filename):
         if self.to_gpu:
             return super()._get_array_data(img, filename)
-        whole = isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and not self.as_closest_canonical
-        if whole and str(filename).lower().endswith(".gz"):
+        as_stored = isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and not self.as_closest_canonical
+        if as_stored and str(filename).lower().endswith(".gz"):
             # inflate only what the header declares (header, extensions, voxels), as nibabel does: whatever
             # follows in the stream is never expanded, so a small header cannot smuggle in a huge payload
             size = img.dataobj.offset + math.prod(img.shape) * img.get_data_dtype().itemsize
