@@ -11,8 +11,9 @@ process's CPU seconds, so a machine shared with other jobs trains the same numbe
 thread per process a machine of its own takes about that many wall seconds), capped by step counts.
 
 Demo-only deviations from the release recipe, all named in the model card: stage 0 (from scratch), task
-oversampling, the CPU budget clock, and SAM-Med2D point / box prompt chains (``--click-prompts``) in the stages
-that train the mask decoder.
+oversampling, the CPU budget clock, SAM-Med2D point / box prompt chains (``--click-prompts``) in the stages
+that train the mask decoder, a tissue-contrast step of the CLIP tower after stage 0 (``tissue``, see
+``monai_medplib/training/tissue_contrast.py``) and a short second stage 0 from it (``stage0b``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ _MASKS = ["--click-prompts", "--absent-masks"]
 # stage -> (budget share of --minutes, max steps, per-process batch, peak lr, task oversampling, extra flags)
 STAGE_PLAN = {
     "stage0": (0.60, 8000, 4, 1e-3, ["grounding=2", "closed=2", "region=2"], [*_MASKS, "--null-prompt"]),
+    # stage 0 again, from the tissue-contrast model, region VQA x3: the LLM learns to read the sharpened region
+    # tokens (stage II's LoRA cannot: measured, a CT region token moves no answer probability after stage II)
+    "stage0b": (0.08, 1000, 4, 3e-4, ["region=3"], [*_MASKS, "--null-prompt"]),
     "stage2": (0.12, 2500, 4, 3e-4, [], []),
     "stage3": (0.12, 1500, 4, 3e-4, [], [*_MASKS, "--null-prompt"]),
     "stage4": (0.16, 2500, 4, 3e-4, ["grounding=2"], [*_MASKS, "--null-prompt"]),
 }
+TISSUE_CPU_S = 240.0  # demo-only tissue-contrast step of the CLIP tower between stage 0 and stage II
+STEP_STAGE = {"stage0b": "stage0"}  # plan step -> training stage it runs
 DATA_COPIES = 6  # training conversations per slice and task
 DATA_MAX_TURNS = 5  # rounds per training conversation: 1..5
 
@@ -49,6 +55,7 @@ def _children_cpu() -> float:
 def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
     share, steps, batch, lr, repeat, flags = STAGE_PLAN[stage]
     out = args.work / stage
+    stage = STEP_STAGE.get(stage, stage)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     cmd += ["-m", "monai_medplib.training", "--stage", stage, "--data-root", str(args.work / "data")]
     cmd += ["--out", str(out), "--steps", str(steps), "--batch-size", str(batch), "--device", "cpu"]
@@ -66,6 +73,27 @@ def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
     return summary
 
 
+def run_tissue_contrast(args: argparse.Namespace) -> dict:
+    """The demo-only tissue-contrast step of the stage-0 CLIP tower (rerun only when asked, else its summary)."""
+    out = args.work / "tissue"
+    if "tissue" not in args.stages and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    import torch
+
+    from monai_medplib.data.demo_slices import demo_volumes, iter_slices
+    from monai_medplib.training.tissue_contrast import TissueContrastConfig, train_tissue_contrast
+
+    torch.set_num_threads(max(1, args.nproc * args.threads))
+    start = time.time()
+    slices = list(iter_slices(demo_volumes(), ("train",)))
+    cfg = TissueContrastConfig(budget_s=TISSUE_CPU_S, seed=args.seed)
+    summary = train_tissue_contrast(args.work / "stage0" / "hf", out / "hf", slices, cfg)
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    torch.set_num_threads(max(1, args.threads))
+    return summary
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "demo_training")
@@ -74,7 +102,7 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--stages", nargs="*", default=list(STAGE_PLAN))
+    p.add_argument("--stages", nargs="*", default=["stage0", "tissue", *list(STAGE_PLAN)[1:]])
     p.add_argument("--install", action="store_true", help="write the result to monai_medplib/demo_model/")
     p.add_argument("--skip-eval", action="store_true", help="stop after saving the bf16 model")
     args = p.parse_args()
@@ -110,11 +138,14 @@ def main() -> int:
     summaries = {}
     stage_args = {
         "stage0": ["--config", str(work / "demo_config.json"), "--tokenizer", str(tok_dir)],
-        "stage2": ["--init", str(work / "stage0" / "hf")],
+        "stage0b": ["--init", str(work / "tissue" / "hf")],
+        "stage2": ["--init", str(work / "stage0b" / "hf")],
         "stage3": ["--init", str(work / "stage2" / "hf")],
         "stage4": ["--init", str(work / "stage2" / "hf"), "--grounding-init", str(work / "stage3" / "hf")],
     }
     for stage in STAGE_PLAN:
+        if stage == "stage0b":
+            summaries["tissue"] = run_tissue_contrast(args)
         if stage in args.stages:
             summaries[stage] = run_stage(args, stage, stage_args[stage])
         elif (work / stage / "summary.json").is_file():  # trained by an earlier call of this script

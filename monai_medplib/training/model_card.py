@@ -250,7 +250,12 @@ the mask first) in the stages that train the mask decoder; empty masks for absen
 `training/absent_masks.py`: the state that starts "No ... is visible" is decoded towards an empty mask) and the null
 prompt (`--null-prompt`: once per image with a mask, an all-zero prompt is decoded towards an empty mask, so the
 decoder has no default structure; this trains for the zero-prompt figure below, and the liver-vs-tumour mask Dice is
-the independent check that the prompt's content, not only its presence, decides the mask).
+the independent check that the prompt's content, not only its presence, decides the mask); a tissue-contrast step of
+the CLIP tower between stage 0 and stage II (`training/tissue_contrast.py`: the tower alone, on the training slices,
+with a throw-away head predicting each patch's tissue class, class-balanced, and an anchor to its stage-0 features;
+it stands in for the release CLIP's pretraining, without which a region token cannot tell the tumour from the liver),
+then a short stage 0 again from that model with region VQA x3 (`stage0b`): stage II's LoRA does not learn to read the
+sharpened CT region tokens (measured: after stage II a CT region token moved no answer probability at all).
 
 | stage | optimizer steps | CPU s (both processes) | wall s (shared machine) | trainable params | loss first -> last |
 |---|---|---|---|---|---|

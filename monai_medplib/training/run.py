@@ -86,6 +86,11 @@ def stage_dataset(
 
 def _prepare_model(run: StageRun, spec: StageSpec) -> tuple[MedPLIBForCausalLM, MedPLIBConfig, Path]:
     """Initial (dense or MoE) model of the stage and the folder its tokenizer comes from."""
+    if spec.name == "stage0" and run.init is not None:  # demo: stage 0 continued from a saved dense model
+        model, config, _ = load_medplib(run.init)
+        if config.moe_enable:
+            raise ValueError(f"stage0 trains the dense model: {run.init} is a MoE model")
+        return model, config, Path(run.init)
     if spec.name == "stage0":
         if run.config is None or run.tokenizer_dir is None:
             raise ValueError("stage0 trains from scratch: give a config and a tokenizer_dir")
