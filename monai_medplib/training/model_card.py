@@ -157,8 +157,29 @@ def limits(acceptance: dict[str, Any]) -> str:
             " questions, and question wordings far from the trained ones (see the held-out figures) may fail.",
             "- Region questions were trained on discs lying mostly inside one tissue; a region straddling several"
             " tissues gets one of their names.",
+            *_region_misses(acceptance["region"]),
         ]
     )
+
+
+def _region_misses(region: dict[str, Any]) -> list[str]:
+    """The held-out region VQA confusions and the "is <region> normal?" figure, as limitation lines."""
+    lines = []
+    if region.get("confusions"):
+        worst = sorted(region["confusions"].items(), key=lambda kv: -kv[1])
+        lines.append(
+            "- Region VQA mistakes on the held-out slices (class -> answer: count): "
+            + "; ".join(f"{k}: {n}" for k, n in worst[:4])
+            + "."
+        )
+    normal = region.get("normal", {})
+    if normal.get("n") and (normal.get("balanced_accuracy") or 0) < 0.9:
+        answers = ", ".join(f'"{a}" {_num(v)}' for a, v in normal.get("per_answer", {}).items())
+        lines.append(
+            f'- "Is <region> normal?" is not learned: balanced accuracy {_num(normal["balanced_accuracy"])}'
+            f" (per expected answer: {answers}; a tumour region is the only abnormal one)."
+        )
+    return lines
 
 
 def _wordings(kind: str, which: str) -> str:
@@ -244,16 +265,16 @@ linear decay, batch 4 per process, grad clip 1.
 
 Demo-only deviations (flags; the release recipe stays the default): stage 0; multi-round conversations about one image
 and task oversampling; stage budgets counted on rank 0's CPU clock (`--budget-clock cpu`, {budget.get("minutes", "?")} min
-for the four stages: {plan_text}); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
+for the training stages: {plan_text}); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
 after the text decode, error-region clicks with the previous logits as mask prompt, or a jittered box / a point from
 the mask first) in the stages that train the mask decoder; empty masks for absent answers (`--absent-masks`,
 `training/absent_masks.py`: the state that starts "No ... is visible" is decoded towards an empty mask) and the null
 prompt (`--null-prompt`: once per image with a mask, an all-zero prompt is decoded towards an empty mask, so the
 decoder has no default structure; this trains for the zero-prompt figure below, and the liver-vs-tumour mask Dice is
 the independent check that the prompt's content, not only its presence, decides the mask); a tissue-contrast step of
-the CLIP tower between stage 0 and stage II (`training/tissue_contrast.py`: the tower alone, on the training slices,
-with a throw-away head predicting each patch's tissue class, class-balanced, and an anchor to its stage-0 features;
-it stands in for the release CLIP's pretraining, without which a region token cannot tell the tumour from the liver),
+the CLIP tower between stage 0 and stage II (`training/tissue_contrast.py`: the tower and the region adapter, on the
+training slices, with a throw-away cosine head predicting each patch's tissue class, class-balanced, and an anchor to
+the stage-0 features; it stands in for the release CLIP's pretraining, without which a region token cannot tell the tumour from the liver),
 then a short stage 0 again from that model with region VQA x3 (`stage0b`): stage II's LoRA does not learn to read the
 sharpened CT region tokens (measured: after stage II a CT region token moved no answer probability at all).
 

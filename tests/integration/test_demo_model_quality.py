@@ -4,7 +4,7 @@ A small but spread sample: a few slices of every plane's held-out slab of both v
 expectations are the real labels of those slices and the acceptance thresholds of issue 13; the Dice and the
 balanced accuracies are computed here, independently of ``monai_medplib.evaluation``. The controls check that the
 text matters: the "liver" and "tumour" masks differ, and a zero ``<SEG>`` prompt (no LLM at all) segments nothing.
-Where the model falls short of the issue (region VQA, the plane question) the tests assert what it does and say so;
+Where the model falls short of the issue (the plane question) the tests assert what it does and say so;
 the model card lists the misses.
 """
 
@@ -120,8 +120,11 @@ def test_region_vqa_names_the_tissue_under_the_region(pipe, slices):
     answers = pipe.answer_region_batch(
         [s.image for s, _, _ in items], ["What is inside this region?"] * len(items), [m for _, _, m in items]
     )
-    # chance is 0.20; the issue's goal of 0.80 is not met (model card: 0.717 on the whole held-out split)
-    assert balanced([(cls, norm(a) == cls) for (_, cls, _), a in zip(items, answers)]) >= 0.55
+    rows = [(cls, norm(a) == cls) for (_, cls, _), a in zip(items, answers)]
+    # the issue's goal (chance 0.20; a model reading the image but not the region, "liver" on every CT region and
+    # one tissue name on every MR region, would score 0.40); the tumour is what the tissue-contrast step is for
+    assert balanced(rows) >= 0.80, rows
+    assert np.mean([ok for cls, ok in rows if cls == "tumour"]) >= 0.8, rows
 
 
 def test_closed_vqa_modality_and_visible_on_held_out_wordings(pipe, slices):
