@@ -152,7 +152,8 @@ def _label_values(label_path: str) -> list[int]:
     import numpy as np
     import SimpleITK as sitk
 
-    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))) if v != 0]
+    image = sitk.ReadImage(label_path)  # held: a view of a temporary image reads freed memory once it is collected
+    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v != 0]
 
 
 def coded_label_info(label_path: str, label_info: Any) -> list[dict[str, Any]]:
