@@ -152,7 +152,9 @@ def _label_values(label_path: str) -> list[int]:
     import numpy as np
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(label_path)  # held: a view of a temporary image reads freed memory once it is collected
+    image = sitk.ReadImage(
+        label_path
+    )  # held: a view of a temporary image reads freed memory once it is collected
     return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v != 0]
 
 
