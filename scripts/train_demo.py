@@ -74,10 +74,8 @@ def run_stage(args: argparse.Namespace, stage: str, extra: list[str]) -> dict:
 
 
 def run_tissue_contrast(args: argparse.Namespace) -> dict:
-    """The demo-only tissue-contrast step of the stage-0 CLIP tower (rerun only when asked, else its summary)."""
+    """The demo-only tissue-contrast step of the stage-0 CLIP tower."""
     out = args.work / "tissue"
-    if "tissue" not in args.stages and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
     import torch
 
     from monai_medplib.data.demo_slices import demo_volumes, iter_slices
@@ -144,8 +142,11 @@ def main() -> int:
         "stage4": ["--init", str(work / "stage2" / "hf"), "--grounding-init", str(work / "stage3" / "hf")],
     }
     for stage in STAGE_PLAN:
-        if stage == "stage0b":
-            summaries["tissue"] = run_tissue_contrast(args)
+        if stage == "stage0b":  # the tissue step sits between stage 0 and stage0b
+            if "tissue" in args.stages:
+                summaries["tissue"] = run_tissue_contrast(args)
+            elif (work / "tissue" / "summary.json").is_file():  # run by an earlier call of this script
+                summaries["tissue"] = json.loads((work / "tissue" / "summary.json").read_text())
         if stage in args.stages:
             summaries[stage] = run_stage(args, stage, stage_args[stage])
         elif (work / stage / "summary.json").is_file():  # trained by an earlier call of this script
