@@ -157,9 +157,23 @@ def limits(acceptance: dict[str, Any]) -> str:
             " questions, and question wordings far from the trained ones (see the held-out figures) may fail.",
             "- Region questions were trained on discs lying mostly inside one tissue; a region straddling several"
             " tissues gets one of their names.",
+            *_plane_miss(acceptance["checks"]),
             *_region_misses(acceptance["region"]),
         ]
     )
+
+
+def _plane_miss(checks: dict[str, bool]) -> list[str]:
+    """Why the plane question fails, when it does (measured while fixing it; see the closing notes of issue 13)."""
+    if all(ok for name, ok in checks.items() if name.startswith("closed plane")):
+        return []
+    return [
+        "- The slice plane is guessed, so do not ask it. The plane shows in the slice's layout (where the outline and"
+        " the spine lie); the LLM did not learn to read it from the order of the image tokens, and this small CLIP,"
+        " trained from scratch inside the training budget, does not put the layout into each token (a probe on the mean image"
+        " token is at chance too). Stage 0's plane questions did not teach it, nor did a few minutes more of"
+        " plane-only training of the tower or of the whole model. The release model (a pretrained CLIP) was not measured on this."
+    ]
 
 
 def _region_misses(region: dict[str, Any]) -> list[str]:
