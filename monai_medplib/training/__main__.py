@@ -83,6 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="demo-only, with --absent-masks: also decode an all-zero text prompt per image towards an empty mask",
     )
     p.add_argument(
+        "--freeze",
+        nargs="*",
+        default=[],
+        metavar="REGEX",
+        help="keep the parameters whose names match these regexes frozen although the stage trains them",
+    )
+    p.add_argument(
         "--click-prompts",
         action="store_true",
         help="demo-only: also train SAM-Med2D point / box prompt chains on every mask (not in the release)",
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             absent_masks=args.absent_masks,
             null_prompt=args.null_prompt,
+            freeze=tuple(args.freeze),
         )
         summary = run_stage(run, ctx, log=print if ctx.is_main else (lambda _msg: None))
         if ctx.is_main:

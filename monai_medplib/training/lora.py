@@ -49,16 +49,21 @@ def merge_lora(wrapped: LoraModel) -> nn.Module:
     return wrapped.merge_and_unload()
 
 
-def set_trainable(model: nn.Module, full_ft_patterns: Sequence[str]) -> list[str]:
-    """Unfreeze every parameter whose name matches one of ``full_ft_patterns`` (regex ``search``) and LoRA weights.
+def set_trainable(
+    model: nn.Module, full_ft_patterns: Sequence[str], frozen_patterns: Sequence[str] = ()
+) -> list[str]:
+    """Unfreeze every parameter whose name matches one of ``full_ft_patterns`` (regex ``search``) and LoRA weights,
+    except those matching one of ``frozen_patterns`` (which win).
 
     Returns the names of the trainable parameters (sorted), for logging and tests.
     """
     compiled = [re.compile(p) for p in full_ft_patterns]
+    frozen = [re.compile(p) for p in frozen_patterns]
     names = []
     for name, param in model.named_parameters():
         clean = name.replace(".base_layer", "")
         train = "lora_" in name or any(p.search(clean) for p in compiled)
+        train = train and not any(p.search(clean) for p in frozen)
         param.requires_grad_(train)
         if train:
             names.append(clean)

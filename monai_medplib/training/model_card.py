@@ -157,9 +157,6 @@ def limits(acceptance: dict[str, Any]) -> str:
             " questions, and question wordings far from the trained ones (see the held-out figures) may fail.",
             "- Region questions were trained on discs lying mostly inside one tissue; a region straddling several"
             " tissues gets one of their names.",
-            "- The recipe does not yet reproduce this model reliably: a second, uninterrupted run of"
-            " `scripts/train_demo.py` (same seed and data) called every held-out tumour region liver, as models before"
-            " the tissue-contrast step did, and took about 103 min end to end on 2 otherwise idle cores.",
             *_plane_miss(acceptance["checks"]),
             *_region_misses(acceptance["region"]),
         ]
@@ -220,11 +217,12 @@ def model_card(result: dict[str, Any], weight_bytes: int, config: dict[str, Any]
     cpu = sum(s.get("cpu_seconds", 0) for s in stages.values())
     plan = result.get("plan", {})
     plan_text = "; ".join(
-        f"{k}: {100 * v['share']:.0f} % of the budget, at most {v['max_steps']} steps, lr {v['lr']:g}"
+        f"{k}: {v['steps']} steps, lr {v['lr']:g}"
         + (f", oversampling {' '.join(v['repeat'])}" if v["repeat"] else "")
         + (", click prompts" if "--click-prompts" in v["flags"] else "")
         + (", empty masks for absent answers" if "--absent-masks" in v["flags"] else "")
         + (", null prompt" if "--null-prompt" in v["flags"] else "")
+        + (", CLIP tower and region adapter frozen" if "--freeze" in v["flags"] else "")
         for k, v in plan.items()
     )
     budget = result.get("budget", {})
@@ -286,8 +284,8 @@ CE 1, Dice 0.5, BCE 2), then LoRA merged and saved in the release layout. AdamW 
 linear decay, batch 4 per process, grad clip 1.
 
 Demo-only deviations (flags; the release recipe stays the default): stage 0; multi-round conversations about one image
-and task oversampling; stage budgets counted on rank 0's CPU clock (`--budget-clock cpu`, {budget.get("minutes", "?")} min
-for the training stages: {plan_text}); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
+and task oversampling; stage lengths as step counts, so that the same seed gives the same weights ({plan_text};
+tissue step {budget.get("tissue_steps", "?")} steps); SAM-Med2D point / box prompt chains (`--click-prompts`, `training/click_prompts.py`:
 after the text decode, error-region clicks with the previous logits as mask prompt, or a jittered box / a point from
 the mask first) in the stages that train the mask decoder; empty masks for absent answers (`--absent-masks`,
 `training/absent_masks.py`: the state that starts "No ... is visible" is decoded towards an empty mask) and the null
@@ -297,8 +295,10 @@ the independent check that the prompt's content, not only its presence, decides 
 the CLIP tower between stage 0 and stage II (`training/tissue_contrast.py`: the tower and the region adapter, on the
 training slices, with a throw-away cosine head predicting each patch's tissue class, class-balanced, and an anchor to
 the stage-0 features; it stands in for the release CLIP's pretraining, without which a region token cannot tell the tumour from the liver),
-then a short stage 0 again from that model with region VQA x3 (`stage0b`): stage II's LoRA does not learn to read the
-sharpened CT region tokens (measured: after stage II a CT region token moved no answer probability at all).
+then a short stage 0 again from that model with region VQA x3 and the tower and region adapter frozen (`stage0b`,
+`--freeze`): stage II's LoRA does not learn to read the sharpened CT region tokens (measured: after stage II a CT region
+token moved no answer probability at all), and a `stage0b` that trained the tower blurred them again (liver and tumour
+region centroids at cosine 0.94 after it, 0.77 before; every tumour region then answered "liver").
 
 | stage | optimizer steps | CPU s (both processes) | wall s | trainable params | loss first -> last |
 |---|---|---|---|---|---|
@@ -307,6 +307,8 @@ sharpened CT region tokens (measured: after stage II a CT region token moved no 
 Total: {cpu / 60:.1f} CPU minutes over the 2 processes and {wall / 60:.1f} min of wall time (the two processes wait on
 each other, so the wall time is well above half the CPU time); dataset + tokenizer:
 {result["timings"].get("data_and_tokenizer_s", 0):.0f} s, the evaluation {_eval_minutes(result):.1f} min.
+Repeatable: every stage length is a step count and every random choice is seeded, so a second run with the same seed
+on one machine ends with the same weights (checked on `stage0b`: run twice from the same model, bit-identical).
 
 ## Acceptance figures (held-out slices, `medplib eval`; `monai_medplib.evaluation.acceptance`)
 {acceptance["slices"]} held-out slices; greedy decoding, `sigmoid > 0.1` masks, a request answered without `<SEG>`

@@ -56,6 +56,7 @@ class StageRun:
         resume: continue from ``out_dir/train_state.pt`` when it exists.
         absent_masks: demo-only: decode absent-structure answers towards empty masks (:mod:`.absent_masks`).
         null_prompt: demo-only, with ``absent_masks``: also decode an all-zero prompt towards an empty mask.
+        freeze: regexes of parameter names kept frozen although the stage trains them (empty: the stage's own set).
     """
 
     stage: str
@@ -71,6 +72,7 @@ class StageRun:
     resume: bool = True
     absent_masks: bool = False
     null_prompt: bool = False
+    freeze: tuple[str, ...] = ()
 
 
 def stage_dataset(
@@ -124,7 +126,7 @@ def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = prin
         if spec.lora_targets
         else None
     )
-    trainable = set_trainable(model, spec.full_ft)
+    trainable = set_trainable(model, spec.full_ft, run.freeze)
     n_train, n_total = count_parameters(model)
     log(f"{spec.name}: {n_train:,} of {n_total:,} parameters trainable ({len(trainable)} tensors)")
     dataset = stage_dataset(spec, run.data_root, tokenizer, run.task_repeat)

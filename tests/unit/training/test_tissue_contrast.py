@@ -42,9 +42,9 @@ def test_only_the_tower_changes_and_tissue_loss_falls(tmp_path):
     config = tiny_config(len(tokenizer))
     init = save_medplib(MedPLIBForCausalLM(config), config, tok_dir, tmp_path / "stage0")
     slices = list(iter_slices([ct_volume_from_planes(synthetic_planes())], ("train",)))
-    cfg = TissueContrastConfig(budget_s=4.0, batch_size=4, lr=3e-3)
+    cfg = TissueContrastConfig(steps=25, batch_size=4, lr=3e-3)
     summary = train_tissue_contrast(init, tmp_path / "tissue", slices, cfg, log=lambda _: None)
-    assert summary["steps"] >= 20
+    assert summary["steps"] == 25
     assert summary["last_loss"] < summary["first_loss"]
     before = load_medplib(init, dtype=torch.float32)[0].state_dict()
     after = load_medplib(tmp_path / "tissue", dtype=torch.float32)[0].state_dict()
@@ -81,3 +81,37 @@ def test_stage0_continues_from_a_saved_dense_model_and_refuses_a_moe_one(tmp_pat
             StageRun("stage0", data, tmp_path / "x", train_cfg, init=moe, resume=False),
             init_distributed("cpu"),
         )
+
+
+def test_stage0b_keeps_the_frozen_tower_and_region_adapter_and_trains_the_rest(tmp_path):
+    """``--freeze`` (StageRun.freeze), as scripts/train_demo.py's stage0b uses it to keep the tissue features."""
+    from monai_medplib.training.__main__ import build_parser
+    from monai_medplib.training.distributed import init_distributed
+    from monai_medplib.training.loop import TrainConfig
+    from monai_medplib.training.run import StageRun, run_stage
+
+    data, tok_dir, tokenizer = build_tiny_data(tmp_path)
+    torch.manual_seed(0)
+    config = tiny_config(len(tokenizer))
+    init = save_medplib(MedPLIBForCausalLM(config), config, tok_dir, tmp_path / "stage0")
+    argv = ["--stage", "0", "--data-root", "d", "--out", "o"]
+    frozen = build_parser().parse_args(
+        [*argv, "--freeze", r"^model\.vision_tower\.", r"^model\.region_fea_adapter\."]
+    )
+    train_cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-3, log_every=1)
+    run = StageRun(
+        "stage0", data, tmp_path / "b", train_cfg, init=init, resume=False, freeze=tuple(frozen.freeze)
+    )
+    summary = run_stage(run, init_distributed("cpu"), log=lambda _: None)
+    before = load_medplib(init, dtype=torch.float32)[0].state_dict()
+    after = load_medplib(tmp_path / "b" / "hf", dtype=torch.float32)[0].state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    kept = ("model.vision_tower.", "model.region_fea_adapter.")
+    assert not {k for k in changed if k.startswith(kept)}
+    assert any(k.startswith("model.layers.") for k in changed) and any(
+        k.startswith("model.mm_projector.") for k in changed
+    )
+    everything = sum(p.numel() for p in load_medplib(init)[0].parameters())
+    tower = sum(v.numel() for k, v in before.items() if k.startswith(kept))
+    assert summary["trainable_parameters"] == everything - tower
+    assert build_parser().parse_args(argv).freeze == []  # the stage's own set by default
