@@ -58,16 +58,28 @@ def set_trainable(
     Returns the names of the trainable parameters (sorted), for logging and tests.
     """
     compiled = [re.compile(p) for p in full_ft_patterns]
-    frozen = [re.compile(p) for p in frozen_patterns]
-    names = []
+    frozen = [_frozen_pattern(p) for p in frozen_patterns]
+    names, froze = [], set()
     for name, param in model.named_parameters():
         clean = name.replace(".base_layer", "")
         train = "lora_" in name or any(p.search(clean) for p in compiled)
-        train = train and not any(p.search(clean) for p in frozen)
+        hits = {p.pattern for p in frozen if p.search(clean)} if train else set()
+        froze |= hits
+        train = train and not hits
         param.requires_grad_(train)
         if train:
             names.append(clean)
+    idle = [p.pattern for p in frozen if p.pattern not in froze]
+    if idle:
+        raise ValueError(f"frozen pattern(s) {idle} match no parameter this stage trains")
     return sorted(names)
+
+
+def _frozen_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"frozen pattern {pattern!r} is not a regular expression: {err}") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

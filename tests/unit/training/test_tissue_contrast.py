@@ -9,6 +9,7 @@ import torch
 from monai_medplib.checkpoint import load_medplib, save_medplib
 from monai_medplib.data.demo_slices import ct_volume_from_planes, iter_slices
 from monai_medplib.modeling.medplib import MedPLIBForCausalLM
+from monai_medplib.training.lora import set_trainable
 from monai_medplib.training.tissue_contrast import (
     TISSUE_CLASSES,
     TissueContrastConfig,
@@ -115,3 +116,12 @@ def test_stage0b_keeps_the_frozen_tower_and_region_adapter_and_trains_the_rest(t
     tower = sum(v.numel() for k, v in before.items() if k.startswith(kept))
     assert summary["trainable_parameters"] == everything - tower
     assert build_parser().parse_args(argv).freeze == []  # the stage's own set by default
+    model = load_medplib(init)[0]
+    with pytest.raises(ValueError, match="is not a regular expression") as err:
+        set_trainable(model, (r".",), (r"model\.(",))
+    assert repr(r"model\.(") in str(err.value)  # names the pattern
+    with pytest.raises(ValueError, match="match no parameter this stage trains") as err:
+        set_trainable(
+            model, (r"^lm_head\.",), (r"^model\.vision_tower",)
+        )  # a typo or a part the stage leaves
+    assert "vision_tower" in str(err.value)
