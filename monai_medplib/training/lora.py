@@ -59,20 +59,19 @@ def set_trainable(
     """
     compiled = [re.compile(p) for p in full_ft_patterns]
     frozen = [_frozen_pattern(p) for p in frozen_patterns]
-    names, froze = [], set()
+    decisions, froze = [], set()
     for name, param in model.named_parameters():
         clean = name.replace(".base_layer", "")
         train = "lora_" in name or any(p.search(clean) for p in compiled)
         hits = {p.pattern for p in frozen if p.search(clean)} if train else set()
         froze |= hits
-        train = train and not hits
-        param.requires_grad_(train)
-        if train:
-            names.append(clean)
+        decisions.append((clean, param, train and not hits))
     idle = [p.pattern for p in frozen if p.pattern not in froze]
-    if idle:
+    if idle:  # checked before any flag changes, so a refused call leaves the model as it was
         raise ValueError(f"frozen pattern(s) {idle} match no parameter this stage trains")
-    return sorted(names)
+    for _, param, train in decisions:
+        param.requires_grad_(train)
+    return sorted(clean for clean, _, train in decisions if train)
 
 
 def _frozen_pattern(pattern: str) -> re.Pattern[str]:

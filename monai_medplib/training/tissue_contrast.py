@@ -60,6 +60,11 @@ class TissueContrastConfig:
     max_class_weight: float = 50.0
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TissueContrastConfig.{name} must be >= 1, got {getattr(self, name)}")
+
 
 def patch_tissue_labels(label: np.ndarray, modality: str) -> torch.Tensor:
     """Tissue class (index into :data:`TISSUE_CLASSES`) of each of the 24x24 CLIP patches of a square slice.

@@ -189,8 +189,13 @@ def test_eos_stops_generation(model, tensors, cases):
 def test_eager_attention_is_exact(public_fixture, tensors, cases):
     eager, _, _ = load_medplib(public_fixture / "model", attn_implementation="eager")
     exp, _, embeds, mask = _prefill(eager, tensors, cases, "a_vqa")
-    assert maxabs(embeds, exp["inputs_embeds"]) <= 1e-6
-    assert maxabs(eager.llm_forward(embeds, mask).logits, exp["prefill_logits"]) <= 1e-5
+    # The image rows pass through CLIP's matmuls, whose summation order follows the CPU's kernels (0 on one machine,
+    # 2.3e-6 on an AVX2-only EPYC): the fixture's own tolerance there.
+    assert maxabs(embeds, exp["inputs_embeds"]) <= TOL
+    # Fed the original's own embeddings, the eager LLM matches its logits 10x tighter than TOL (2.6e-6 measured
+    # on that EPYC).
+    exact = exp["inputs_embeds"].to(embeds.dtype)
+    assert maxabs(eager.llm_forward(exact, mask).logits, exp["prefill_logits"]) <= 1e-5
 
 
 def test_placeholder_errors(model, tensors):

@@ -117,6 +117,7 @@ def test_stage0b_keeps_the_frozen_tower_and_region_adapter_and_trains_the_rest(t
     assert summary["trainable_parameters"] == everything - tower
     assert build_parser().parse_args(argv).freeze == []  # the stage's own set by default
     model = load_medplib(init)[0]
+    flags = {k: v.requires_grad for k, v in model.named_parameters()}
     with pytest.raises(ValueError, match="is not a regular expression") as err:
         set_trainable(model, (r".",), (r"model\.(",))
     assert repr(r"model\.(") in str(err.value)  # names the pattern
@@ -125,3 +126,7 @@ def test_stage0b_keeps_the_frozen_tower_and_region_adapter_and_trains_the_rest(t
             model, (r"^lm_head\.",), (r"^model\.vision_tower",)
         )  # a typo or a part the stage leaves
     assert "vision_tower" in str(err.value)
+    # a refused call changes nothing
+    assert {k: v.requires_grad for k, v in model.named_parameters()} == flags
+    with pytest.raises(ValueError, match=r"TissueContrastConfig.steps must be >= 1, got 0"):
+        TissueContrastConfig(steps=0)
