@@ -168,11 +168,16 @@ def _plane_miss(checks: dict[str, bool]) -> list[str]:
     if all(ok for name, ok in checks.items() if name.startswith("closed plane")):
         return []
     return [
-        "- The slice plane is guessed, so do not ask it. The plane shows in the slice's layout (where the outline and"
-        " the spine lie); the LLM did not learn to read it from the order of the image tokens, and this small CLIP,"
-        " trained from scratch inside the training budget, does not put the layout into each token (a probe on the mean image"
-        " token is at chance too). Stage 0's plane questions did not teach it, nor did a few minutes more of"
-        " plane-only training of the tower or of the whole model. The release model (a pretrained CLIP) was not measured on this."
+        "- The slice plane is guessed, so do not ask it. The plane shows in the slice's layout (where the outline"
+        " and the spine lie). The image tokens carry it only by where they sit (a linear probe on a 4 x 4 grid of"
+        " pooled tokens reads it, one on their mean does not), and the 2-layer LLM did not learn to read token"
+        " positions. Stage 0's plane questions did not teach it, nor did a few minutes more of plane-only training"
+        " of the tower or of the whole model; 300 steps of plane questions alone in the final model's LoRA raised"
+        " its balanced accuracy on training slices from 0.38 to 0.59 and left the held-out slabs at chance (0.35):"
+        " it learns which slice it sees, not the layout. Even a linear reader of the pixels themselves (24 x 24"
+        " thumbnails) reaches only 0.75-0.93 held-out balanced accuracy, depending on its regularisation: two"
+        " volumes show few layouts, and the central held-out slabs look unlike the training slices on either side."
+        " The release model (a pretrained CLIP) was not measured on this."
     ]
 
 
