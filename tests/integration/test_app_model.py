@@ -183,3 +183,36 @@ def test_decode_slots_bound_the_volumes_decoded_at_once(tmp_path, monkeypatch, s
     assert [tuple(v.shape) for v in volumes] == [(1, 24, 20, 6)] * 8
     with pytest.raises(ValueError, match="--conf decode_slots"):
         engine_module.MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "decode_slots": "0"})
+
+
+def test_refine_after_the_image_file_is_replaced_grounds_the_new_image(lits, tmp_path):
+    """A refinement starts from the last grounding of the same image: a file replaced under the same path
+    (``PUT /datastore/image`` with the same id) is a new image, whose grounding is run again."""
+    import os
+
+    import nibabel as nib
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.engine import MedPLIBEngine
+
+    _, case = lits
+    path = tmp_path / "study.nii.gz"
+    nib.save(nib.Nifti1Image(case.image, case.affine), str(path))
+    engine = MedPLIBEngine.from_conf({"model": "demo", "device": "cpu"})
+    groundings = []
+    ground = engine.ground
+    engine.ground = lambda *args, **kw: groundings.append(1) or ground(*args, **kw)
+    inside = np.argwhere(case.label[:, :, 64] == 1)[0].tolist()
+
+    def refine() -> np.ndarray:
+        return engine.refine(engine.volume(str(path)), 64, [(*inside, 64)], [], "axial", "liver")
+
+    first = refine()
+    refine()
+    assert len(groundings) == 1  # the second refinement of the same file starts from the cached grounding
+    flat = np.full(case.image.shape, -1000, dtype=case.image.dtype)  # air only: no liver to ground
+    nib.save(nib.Nifti1Image(flat, case.affine), str(path))
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
+    refine()
+    assert len(groundings) == 2
+    assert first.any()

@@ -163,15 +163,22 @@ def test_slicer_region_vqa_clicks(studies, slicer):
     assert result["medplib"]["region_voxels"] == int(label.sum())
 
 
-def test_slicer_region_vqa_roi_with_swapped_corners(slicer):
-    # getROIPointsXYZ interleaves (min, max) per axis after RAS->IJK; a flipped axis swaps them
+@pytest.mark.parametrize("sent_slice", [None, 285, 0, 5], ids=["no-slice", "mm-offset", "off-roi", "in-roi"])
+def test_slicer_region_vqa_roi_with_swapped_corners(slicer, sent_slice):
+    # getROIPointsXYZ interleaves (min, max) per axis after RAS->IJK; a flipped axis swaps them. For an ROI
+    # without clicks Slicer sends slice = round(abs(red view offset in mm)): not a slice index, so a value the
+    # ROI does not cover is not used (285 is past the 12 slices, 0 is in the volume but not in the ROI)
     _, client = slicer
     params = {"label": "region", "foreground": [], "background": [], "roi": [30, 10, 25, 5, 2, 7]}
     params["question"] = "What is in the box?"
+    if sent_slice is not None:
+        params["slice"] = sent_slice
     path, result = slicer_infer(client, "medplib_region_vqa", "ct1", params)
     label, _ = read_result(path)
     k = result["medplib"]["slice"]
     assert 2 <= k <= 7 and result["medplib"]["prompt"] == "roi"
+    if sent_slice == 5:
+        assert k == 5
     expected = np.zeros_like(label)
     expected[10:31, 5:26, k] = 1
     np.testing.assert_array_equal(label, expected)
@@ -302,10 +309,16 @@ BAD_REQUESTS = [
         "empty",
     ),
     (
-        "ROI off the slice",
-        dict(model="medplib_region_vqa", params={"question": "q", "roi": [3, 9, 5, 9, 1, 2], "slice": 8}),
+        "clicks off the slice",
+        dict(model="medplib_region_vqa", params={"question": "q", "foreground": [[5, 5, 1]], "slice": 8}),
         400,
-        "no region",
+        "no foreground clicks on slice 8",
+    ),
+    (
+        "ROI, slice not a number",
+        dict(model="medplib_region_vqa", params={"question": "q", "roi": [3, 9, 5, 9, 1, 2], "slice": "top"}),
+        400,
+        "'slice' must be a whole number",
     ),
     ("no region", dict(model="medplib_region_vqa", params={"question": "q"}), 400, "no region"),
     ("empty question", dict(model="medplib_vqa", params={"question": " "}), 400, "'question'"),
@@ -317,6 +330,12 @@ BAD_REQUESTS = [
     (
         "bad extension",
         dict(model="medplib_vqa", params={"question": "q", "result_extension": ".exe"}),
+        400,
+        "result_extension",
+    ),
+    (
+        "two-file result format",
+        dict(model="medplib_grounding", params={"text": "liver", "result_extension": ".mhd"}),
         400,
         "result_extension",
     ),

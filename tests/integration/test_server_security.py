@@ -312,6 +312,18 @@ CASES = [
     ),
     Case(
         7,
+        "bomb as infer upload with an OHIF .bin label",
+        infer(
+            "medplib_region_vqa",
+            {"question": "q"},
+            image=None,
+            files={"file": ("bomb.nii.gz", _bomb), "label": ("scribble.bin", b"\1")},
+        ),
+        413,
+        "max_voxels",
+    ),
+    Case(
+        7,
         "body over the upload limit",
         put_image("big.nii", _too_big_body),
         413,
@@ -385,6 +397,28 @@ CASES = [
     # 13: 4xx instead of 500
     Case(13, "NaN in roi", infer("medplib_region_vqa", '{"roi": [NaN, 5, 1, 9, 1, 2]}'), 400, "'roi'"),
     Case(13, "infinite roi", infer("medplib_region_vqa", '{"roi": [1, Infinity, 1, 9, 1, 2]}'), 400, "'roi'"),
+    Case(
+        13,
+        "scribble label_info id not a number",
+        infer(
+            "medplib_region_vqa",
+            {
+                "question": "q",
+                "label_info": [{"name": "tumour", "id": "tumour"}],
+                "selected_label_name": "tumour",
+            },
+            files={"label": ("s.nii.gz", _GOOD_LABEL)},
+        ),
+        400,
+        "'label_info' id of 'tumour' must be a whole number",
+    ),
+    Case(
+        13,
+        "image id that reads like a mask",
+        put_image("x.nii.gz", _SMALL_CT, image="abdomen_label_study"),
+        400,
+        "reads like a mask file name",
+    ),
     Case(13, "label for an unknown image", put_label("l.nii.gz", _GOOD_LABEL, image="nope"), 404, "'nope'"),
     Case(
         13, "delete an unknown image", call("DELETE", "/datastore/image", params={"id": "nope"}), 404, "nope"

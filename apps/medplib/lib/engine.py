@@ -185,7 +185,11 @@ class MedPLIBEngine:
 
     @staticmethod
     def image_key(volume: MetaTensor) -> str:
-        return str(volume.meta.get("filename_or_obj", id(volume)))
+        """The key of the image a volume was read from: its path with the file's mtime and size, so a grounding
+        of a file that was since replaced (``PUT /datastore/image`` with the same id) is not refined."""
+        source = volume.meta.get("filename_or_obj")
+        key = VolumeCache.key_of(source) if isinstance(source, str) else None
+        return repr(key) if key is not None else str(id(volume))
 
     # -- model calls (serialised); volumes come back as (X, Y, Z) arrays ----------------------------
     def ground(

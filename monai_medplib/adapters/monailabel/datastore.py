@@ -128,22 +128,31 @@ def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeL
         )
 
 
-def binary_label_to_nifti(image_path: str | Path, upload: Path, work: Path) -> Path:
+def binary_label_to_nifti(
+    image_path: str | Path, upload: Path, work: Path, limits: VolumeLimits | None = None
+) -> Path:
     """An OHIF ``.bin`` label (one uint8 per voxel, Fortran order) as a NIfTI on the image's grid, in ``work``.
+
+    The image's header is checked against ``limits`` and the byte count against its voxel count before the image is
+    decoded: a request's upload must not make the server decode a volume it would refuse.
 
     Raises:
         UserInputError: the byte count does not match the image's voxel count.
+        VolumeTooLarge: the image is over ``limits``.
     """
     import nibabel as nib
 
-    image = load_volume(image_path)
-    shape = tuple(int(n) for n in image.shape[1:])
-    expected = int(np.prod(shape))
+    header = probe_volume(image_path)
+    (limits or VolumeLimits()).check(header, Path(image_path).name)
+    spatial = _spatial(header)
+    expected = int(np.prod(spatial))
     if upload.stat().st_size != expected:
         raise UserInputError(
             f"label {upload.name!r} has {upload.stat().st_size:,} bytes; a raw label of its image "
-            f"({_size(shape)}) has {expected:,} (one byte per voxel)"
+            f"({_size(spatial)}) has {expected:,} (one byte per voxel)"
         )
+    image = load_volume(image_path)
+    shape = tuple(int(n) for n in image.shape[1:])
     values = np.fromfile(upload, dtype=np.uint8).reshape(shape, order="F")
     affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
     out = work / f"{upload.name[: -len(BINARY_LABEL_SUFFIX)]}.nii.gz"
@@ -241,6 +250,12 @@ class GuardedLocalDatastore(LocalDatastore):
                 f"{upload.name!r} is not a volume file; the server stores {', '.join(STORED_SUFFIXES)}"
             )
         image_id = names.image_id(image_id or upload.name[: -len(suffix)])
+        if not self._list_masks and looks_like_mask(image_id + suffix):
+            # the listing hides mask-named files, so such an image (and its labels) would vanish at the next refresh
+            raise UserInputError(
+                f"image id {image_id!r} reads like a mask file name ({', '.join(sorted(MASK_WORDS))}); the server "
+                "does not list such files as studies (conf list_masks=false): give the image another id"
+            )
         check_image_file(upload, upload.name, self._limits)
         folder = self._datastore.image_path()
         name = self._filename(image_id, suffix)
@@ -275,7 +290,7 @@ class GuardedLocalDatastore(LocalDatastore):
         upload = Path(label_filename)
         with self._staging.folder() as work:
             if upload.name.lower().endswith(BINARY_LABEL_SUFFIX):
-                upload = binary_label_to_nifti(self.get_image_uri(image_id), upload, work)
+                upload = binary_label_to_nifti(self.get_image_uri(image_id), upload, work, self._limits)
             suffix = volume_suffix(upload.name)
             if suffix is None:
                 raise UserInputError(

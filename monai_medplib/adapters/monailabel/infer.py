@@ -85,7 +85,8 @@ def infer_router() -> Any:
                 req["result_dir"] = str(folder)
                 label = form.file("label")
                 if label is not None:
-                    req["label_upload"] = _label_path(label, image_path, folder)
+                    limits = getattr(instance, "volume_limits", None)
+                    req["label_upload"] = _label_path(label, image_path, folder, limits)
                 result_path, result = task(req)
                 if save and result_path:
                     datastore.save_label(image_id, result_path, tag, {"model": model, "params": result})
@@ -126,12 +127,13 @@ def _resolve_image(instance: Any, form: Any, image: str, session_id: str) -> tup
     return image, uri
 
 
-def _label_path(label: Any, image_path: str, folder: Path) -> str:
-    """The uploaded scribble label as a file the task can read (OHIF's raw ``.bin`` converted)."""
+def _label_path(label: Any, image_path: str, folder: Path, limits: Any) -> str:
+    """The uploaded scribble label as a file the task can read (OHIF's raw ``.bin`` converted; the image's header
+    checked against the app's ``limits`` before anything is decoded)."""
     from .datastore import BINARY_LABEL_SUFFIX, binary_label_to_nifti
 
     if label.name.lower().endswith(BINARY_LABEL_SUFFIX):
-        return str(binary_label_to_nifti(image_path, label.path, folder))
+        return str(binary_label_to_nifti(image_path, label.path, folder, limits))
     return str(label.path)
 
 

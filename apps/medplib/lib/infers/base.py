@@ -18,7 +18,8 @@ from ..prompts import bad_request
 
 logger = logging.getLogger(__name__)
 
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
+# single-file formats only: a result is sent back as one file (.mhd would leave its voxels in a .zraw beside it)
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 
 
 class MedPLIBInferTask(InferTask):

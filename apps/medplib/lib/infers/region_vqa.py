@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_medplib.user_input import UserInputError, parse_int
+
 from ..engine import MedPLIBEngine, load_label
 from ..prompts import bad_request, clicks, json_value, question_text, roi_box, slice_index
 from .base import MedPLIBInferTask
@@ -22,7 +24,8 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
     * OHIF v3: ``foreground`` / ``background`` (deepgrow type) or ``points`` + ``point_labels``.
 
     The question is asked on one slice: Slicer's ``slice``, else the clicks' slice, else the middle slice of
-    the ROI or of the scribble. Whatever is given on that slice (foreground clicks, the ROI's box, the
+    the ROI or of the scribble. Without foreground clicks, a ``slice`` that misses the ROI and the scribble is
+    not used: for an ROI alone Slicer sends the red view's offset in millimetres there, not a slice index. Whatever is given on that slice (foreground clicks, the ROI's box, the
     scribble) makes one region; background clicks do not mark a region. The answer is ``result["answer"]``;
     the region the model was given comes back as label 1 on its slice.
     """
@@ -45,7 +48,7 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         scribble = scribble_mask(request, shape, self.engine.limits)
         if scribble is None and roi is None and not fg:
             raise bad_request("no region given: add foreground clicks, an ROI or a scribble label")
-        index = slice_index(request, shape, fg)
+        index = region_slice(request, shape, fg, roi, scribble)
         points = [p for p in fg if p[2] == index]
         if not points and roi is None and scribble is None:
             raise bad_request(f"no foreground clicks on slice {index}")
@@ -71,6 +74,32 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
         }
 
 
+def region_slice(
+    request: dict[str, Any],
+    shape: tuple[int, ...],
+    fg: list,
+    roi: tuple[int, ...] | None,
+    scribble: np.ndarray | None,
+) -> int | None:
+    """The slice of a region question (``None``: the middle of the ROI or scribble, chosen by the pipeline).
+
+    With foreground clicks this is :func:`slice_index`. Without them, ``slice`` is used only when the ROI or the
+    scribble has that slice: 3D Slicer fills it, for an ROI alone, with ``round(abs(red view offset in mm))``.
+    """
+    if fg or (roi is None and scribble is None):
+        return slice_index(request, shape, fg)
+    value = request.get("slice")
+    if value in (None, "", "auto"):
+        return None
+    try:
+        k = parse_int(value, "'slice'")
+    except UserInputError as e:
+        raise bad_request(f"{e} (a slice index)") from e
+    inside_roi = roi is not None and roi[4] <= k <= roi[5]
+    inside_scribble = scribble is not None and 0 <= k < shape[2] and bool(scribble[..., k].any())
+    return k if inside_roi or inside_scribble else None
+
+
 def scribble_mask(request: dict[str, Any], shape: tuple[int, ...], limits: Any = None) -> np.ndarray | None:
     """The uploaded scribble label (``label_upload``, set by the server) as a boolean volume, or None.
 
@@ -84,12 +113,20 @@ def scribble_mask(request: dict[str, Any], shape: tuple[int, ...], limits: Any =
     info = json_value(request, "label_info") or []
     info = [i for i in info if isinstance(i, dict) and "id" in i] if isinstance(info, list) else []
     selected = request.get("selected_label_name")
-    ids = [int(i["id"]) for i in info if selected and i.get("name") == selected]
+    ids = [_segment_id(i) for i in info if selected and i.get("name") == selected]
     if ids:
         mask = np.isin(values, ids)
     else:
-        background = [int(i["id"]) for i in info if "background" in str(i.get("name", "")).lower()]
+        background = [_segment_id(i) for i in info if "background" in str(i.get("name", "")).lower()]
         mask = (values > 0) & ~np.isin(values, background)
     if not mask.any():
         raise bad_request("the uploaded scribble label is empty (no voxels in the selected segment)")
     return mask
+
+
+def _segment_id(info: dict[str, Any]) -> int:
+    """The label value of one ``label_info`` entry (400 when it is not a whole number >= 0)."""
+    try:
+        return parse_int(info["id"], f"'label_info' id of {str(info.get('name'))[:40]!r}", minimum=0)
+    except UserInputError as e:
+        raise bad_request(str(e)) from e

@@ -111,6 +111,38 @@ def test_ohif_binary_label_is_placed_on_the_image_grid(store, tmp_path):
         store.save_label("ct1", str(raw), "final", {})
 
 
+def test_binary_label_checks_the_image_header_before_decoding_it(tmp_path):
+    from monai_medplib.adapters.monailabel.datastore import binary_label_to_nifti
+
+    big = _save(tmp_path / "big.nii.gz", np.zeros((30, 30, 30), np.uint8))
+    raw = tmp_path / "x.bin"
+    raw.write_bytes(b"\1")
+    with pytest.raises(VolumeTooLarge, match="'big.nii.gz' has 30 x 30 x 30 = 27,000 voxels"):
+        binary_label_to_nifti(big, raw, tmp_path, VolumeLimits(max_voxels=10_000))
+    # a wrong byte count is refused from the header: this image's data is cut short and would fail to decode
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(_save(tmp_path / "whole.nii", np.ones(SHAPE, np.int16)).read_bytes()[:-200])
+    with pytest.raises(
+        UserInputError, match="has 1 bytes; a raw label of its image \\(20 x 16 x 6\\) has 1,920"
+    ):
+        binary_label_to_nifti(cut, raw, tmp_path)
+
+
+def test_an_image_id_that_reads_like_a_mask_is_refused_not_hidden_later(store, tmp_path):
+    good = _save(tmp_path / "scan.nii.gz", np.ones(SHAPE, np.int16))
+    with pytest.raises(UserInputError, match="image id 'abdomen_label_study' reads like a mask file name"):
+        store.add_image("abdomen_label_study", str(good), {})
+    with pytest.raises(UserInputError, match="'liver_seg' reads like a mask"):
+        store.add_image("", str(_save(tmp_path / "liver_seg.nii.gz", np.ones(SHAPE, np.int16))), {})
+    assert store.list_images() == ["ct1"]
+    assert not (tmp_path / "studies" / "abdomen_label_study.nii.gz").exists()
+    # a server that lists masks stores it, and it stays listed after a restart
+    listing = GuardedLocalDatastore(str(tmp_path / "studies"), list_masks=True)
+    assert listing.add_image("abdomen_label_study", str(good), {}) == "abdomen_label_study"
+    again = GuardedLocalDatastore(str(tmp_path / "studies"), list_masks=True)
+    assert "abdomen_label_study" in again.list_images()
+
+
 def test_a_failed_save_leaves_the_previous_label_and_nothing_else(store, tmp_path, monkeypatch):
     first = _save(tmp_path / "a.nii.gz", np.ones(SHAPE, np.uint8))
     store.save_label("ct1", str(first), "final", {})
