@@ -10,6 +10,7 @@ means adding one module; this file does not change.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
@@ -20,8 +21,9 @@ from . import __version__, commands
 from .user_input import USER_ERRORS
 
 # Besides USER_ERRORS, file-system refusals are the user's to fix (a folder without write permission, a file where
-# a folder is needed): one line, exit code 2.
+# a folder is needed, a read-only mount, a full disk or quota): one line, exit code 2.
 FILE_SYSTEM_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+FILE_SYSTEM_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
 
 def command_modules() -> list[ModuleType]:
@@ -52,9 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (*USER_ERRORS, *FILE_SYSTEM_ERRORS) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"medplib {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _user_error(args.command, err)
+    except OSError as err:
+        if err.errno not in FILE_SYSTEM_ERRNOS:
+            raise
+        return _user_error(args.command, err)
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] == __package__:
             raise  # a module of this package missing is a bug, not the user's install
@@ -65,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medplib {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _user_error(command: str, err: BaseException) -> int:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"medplib {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

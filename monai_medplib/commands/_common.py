@@ -106,12 +106,18 @@ def require_path(path: str | Path, option: str = "") -> Path:
 
 
 def check_out_dir(path: str | Path, option: str = "--out") -> Path:
-    """``path`` is a folder or can become one (no file in the way, here or above)."""
+    """``path`` is a folder or can become one (no file in the way, here or above), and a file can be written in it:
+    the folder is created here, before any model runs."""
+    from ..io.atomic import check_writable_folder
+
     path = Path(path)
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise UserInputError(f"{option} {path}: {part} is a file; give a folder")
-    return path
+    try:
+        return check_writable_folder(path)
+    except OSError as err:
+        raise UserInputError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
 
 
 def check_out_file(path: str | Path, option: str = "--out") -> Path:

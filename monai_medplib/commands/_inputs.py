@@ -48,8 +48,9 @@ class ModelImage:
     @property
     def stem(self) -> str:
         """A file-name stem for outputs: the input's name, plus the plane and slice for volume slices."""
-        path = Path(self.source["file"])
-        name = path.name.split(".")[0] or "image"
+        from ..io.readers import file_stem
+
+        name = file_stem(self.source["file"])
         if self.source["kind"] == "volume":
             return f"{name}_{self.source['axis']}{self.source['slice']}"
         return name
@@ -187,9 +188,12 @@ def _check_nifti_header(path: Path) -> None:
         raise UserInputError(f"{path}: cannot be read as a volume: {reason}") from None
 
 
-def volume_slice(volume: Any, path: str | Path, axis: str = "axial", index: int | None = None) -> ModelImage:
+def volume_slice(
+    volume: Any, path: str | Path, axis: str = "axial", index: int | None = None, option: str = "--slice"
+) -> ModelImage:
     """Slice ``index`` (default: the middle one) of the ``axis`` plane of ``volume``, normalised as the pipeline's
-    volume calls normalise it (:func:`monai_medplib.pipeline.volume.prepare_volume`)."""
+    volume calls normalise it (:func:`monai_medplib.pipeline.volume.prepare_volume`); an index outside the plane is
+    an error naming ``option``, the command's name for it."""
     import numpy as np
 
     from ..pipeline.volume import prepare_volume
@@ -201,7 +205,7 @@ def volume_slice(volume: Any, path: str | Path, axis: str = "axial", index: int 
         index = geometry.num_slices // 2
     elif not 0 <= index < geometry.num_slices:
         raise UserInputError(
-            f"--slice {index} is outside {path}: its {axis} plane has slices 0-{geometry.num_slices - 1}"
+            f"{option} {index} is outside {path}: its {axis} plane has slices 0-{geometry.num_slices - 1}"
         )
     grey = np.ascontiguousarray(geometry.take(eight_bit, index)[0].numpy())
     source = {

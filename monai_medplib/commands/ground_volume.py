@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{args.volume}: a 2D image, not a volume; use medplib ground")
 
     from ..io.outputs import save_overlay_montage, write_json, write_label_volume
+    from ..io.readers import file_stem
     from ..transforms.slicing import slice_geometry, volume_affine_ras
 
     source = Path(args.volume)
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         keyframes=keyframes,
     )
     names = result.label_names
-    stem = source.name.split(".")[0] or "volume"
+    stem = file_stem(source)
     paths = write_label_volume(
         result.label, names, out, f"{stem}_medplib", dicom_source=source if source.is_dir() else None
     )

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if check_input(args.volume) == "image":
         raise UserInputError(f"{args.volume}: a 2D image, not a volume")
-    image = volume_slice(read_volume(args.volume), args.volume, args.axis, args.index)
+    image = volume_slice(read_volume(args.volume), args.volume, args.axis, args.index, option="--index")
     path = save_png(image.pixels, args.out or f"{image.stem}.png")
     source = image.source
     print(

@@ -13,14 +13,24 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable_folder"]
+
+
+def _process_umask() -> int:
+    """The process umask. Read from ``/proc`` where there is one: setting it to read it (the portable way) would
+    give files that another thread creates in that instant the mode 0666, whatever umask a server runs under."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)  # no /proc: the strictest mask for that instant
+    os.umask(umask)
+    return umask
 
 
 def _default_mode() -> int:
     """``0o666`` less the process umask: the mode ``open(path, "w")`` would give (mkstemp gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_process_umask()
 
 
 @contextlib.contextmanager
@@ -58,3 +68,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and a file in it, now: a run learns that it cannot write its outputs (no permission, a
+    read-only mount, a full disk) before its model has run, not after.
+
+    Raises:
+        OSError: what the file system said, as it said it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".medplib-write-check-"):
+        pass
+    return folder

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ __all__ = [
     "VolumeHeader",
     "VolumeLimits",
     "VolumeTooLarge",
+    "file_stem",
     "find_dicom_series",
     "load_volume",
     "probe_volume",
@@ -49,6 +50,20 @@ __all__ = [
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd", ".dcm")
+
+
+def file_stem(path: str | Path) -> str:
+    """``path``'s name without its image suffix (``case7.arterial.nii.gz`` -> ``case7.arterial``); a folder (a DICOM
+    series, often named by its UID ``1.2.840...``) keeps its whole name. Outputs named from two inputs must differ.
+    """
+    name = Path(path).name
+    if not Path(path).is_dir():
+        lower = name.lower()
+        for suffix in sorted((*VOLUME_SUFFIXES, *IMAGE_2D_SUFFIXES), key=len, reverse=True):
+            if lower.endswith(suffix) and len(name) > len(suffix):
+                return name[: len(name) - len(suffix)]
+    return name
+
 
 # Size limits checked from the file header, before anything is decoded: a small compressed file can expand to
 # gigabytes. 2**28 voxels is 512 x 512 x 1024, more than a CT / MR series holds; 1 GiB is that volume as float32.
@@ -206,6 +221,78 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
     return next(iter(series.values()))
 
 
+# how far (as a share of the median step) one step between neighbouring slices of a series may be off: a missing
+# slice doubles a step, rounded positions move one by well under 1 %
+_SERIES_STEP_TOLERANCE = 0.1
+_GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames"]
+
+
+def _check_series_geometry(files: Sequence[Path], name: str) -> None:
+    """Refuse a series of single-frame files that does not tile one regular grid: ITK and pydicom would load it
+    anyway and spread the slices evenly, so every mask written back would land off its true position.
+
+    Checked: one orientation, one file per slice position, even steps between positions. Series without the
+    position tags, and multi-frame files, are left to the reader.
+
+    Raises:
+        UserInputError: naming ``name``, the problem and the files involved.
+    """
+    if len(files) < 3:
+        return
+    positions, orientations = [], []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
+            return
+        if "ImageOrientationPatient" not in ds:
+            return
+        try:
+            positions.append(np.asarray(ds.ImagePositionPatient, dtype=np.float64).reshape(3))
+            orientations.append(np.asarray(ds.ImageOrientationPatient, dtype=np.float64).reshape(6))
+        except (ValueError, TypeError):  # malformed tags: the reader's own error names them
+            return
+    if np.abs(np.stack(orientations) - orientations[0]).max() > 1e-3:
+        raise UserInputError(f"DICOM series {name!r} mixes slice orientations: it is not one volume")
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    along = np.array([pos @ normal for pos in positions])
+    order = np.argsort(along)
+    steps = np.diff(along[order])
+    median = float(np.median(steps))
+    same = np.flatnonzero(steps < max(1e-3, 0.01 * median))
+    if same.size:
+        k = int(same[0])
+        raise UserInputError(
+            f"DICOM series {name!r} has two files at one slice position ({files[order[k]].name!r} and "
+            f"{files[order[k + 1]].name!r} at {along[order[k]]:.2f} mm along the slice normal): a slice sent twice?"
+        )
+    off = np.flatnonzero(np.abs(steps - median) > _SERIES_STEP_TOLERANCE * median)
+    if off.size:
+        k = int(off[0])
+        raise UserInputError(
+            f"DICOM series {name!r} is not evenly spaced: the step after {files[order[k]].name!r} is "
+            f"{steps[k]:.3g} mm where the series steps {median:.3g} mm (a missing slice?); "
+            f"{off.size} uneven step(s) in {len(files)} files"
+        )
+
+
+def _check_slice_count(img: MetaTensor, files: Sequence[Path], name: str) -> None:
+    """A reader that skipped a file (ITK drops an unreadable slice without an error) loaded fewer voxels than
+    the files hold."""
+    first = pydicom.dcmread(
+        files[0], stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"]
+    )
+    frames = int(first.get("NumberOfFrames", 1) or 1)
+    if len(files) < 2 or frames > 1:
+        return
+    expected = int(first.Rows) * int(first.Columns) * len(files)
+    loaded = int(np.prod(img.shape[1:]))
+    if loaded != expected:
+        raise UserInputError(
+            f"DICOM series {name!r} has {len(files)} slice files but {loaded // (int(first.Rows) * int(first.Columns))}"
+            " slices could be read: a file is truncated or corrupt"
+        )
+
+
 # slabs of the last axis per copy in :func:`_c_order_float32`: source and destination both stay in cache
 _SLAB = 16
 # deflate's densest stream inflates about 1032-fold (258 bytes from 2 bits); gzip framing only adds bytes
@@ -297,7 +384,8 @@ def load_volume(
     Raises:
         FileNotFoundError: the path does not exist, or a folder holds no DICOM image.
         ValueError: a folder mixes series and ``series_uid`` is None; the image is 2D or 4D.
-        UserInputError: (with ``limits``) the header is unreadable or the volume exceeds a limit.
+        UserInputError: (with ``limits``) the header is unreadable or the volume exceeds a limit; a DICOM series
+            has a missing, repeated or unreadable slice, or mixes orientations.
     """
     path = Path(path)
     if not path.exists():
@@ -308,14 +396,16 @@ def load_volume(
     if not path.is_dir():
         return _check_3d(loader(str(path)), path)
     files = _series_files(path, series_uid)
+    _check_series_geometry(files, path.name)
     if len(files) == len([p for p in path.iterdir() if p.is_file()]):
-        return _check_3d(loader(str(path)), path)
-    # the folder holds other files too: hand the reader a folder with just this series
-    with tempfile.TemporaryDirectory(prefix="medplib_series_") as tmp:
-        for n, file in enumerate(files):
-            os.symlink(file.resolve(), Path(tmp) / f"{n:05d}_{file.name}")
-        img = loader(tmp)
-    img.meta["filename_or_obj"] = str(path)
+        img = loader(str(path))
+    else:  # the folder holds other files too: hand the reader a folder with just this series
+        with tempfile.TemporaryDirectory(prefix="medplib_series_") as tmp:
+            for n, file in enumerate(files):
+                os.symlink(file.resolve(), Path(tmp) / f"{n:05d}_{file.name}")
+            img = loader(tmp)
+        img.meta["filename_or_obj"] = str(path)
+    _check_slice_count(img, files, path.name)
     return _check_3d(img, path)
 
 

@@ -193,6 +193,10 @@ BAD_INPUTS = [
     (["ground-volume", "ct.nii.gz", "liver", "--keyframes", "-3"], "--keyframes must be >= 1, got -3"),
     (["ground-volume", "ct.nii.gz", "liver", "--keyframes", "abc"], "--keyframes must be a whole number"),
     (["slice", "text.png"], "a 2D image, not a volume"),
+    (
+        ["slice", "ct.nii.gz", "--index", "-1"],
+        "--index -1 is outside ct.nii.gz: its axial plane has slices 0-7",
+    ),
     (["ask", "ct.nii.gz", "Q", "--model", "model_weights"], "model.safetensors is damaged"),
     (["ask", "ct.nii.gz", "Q", "--model", "model_config"], "config.json is damaged"),
     (["eval", "--out", "."], "--out . is a folder"),
@@ -209,6 +213,44 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, argv, names, monkeypatch, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert names in err, err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(
+    bad_files, monkeypatch, capsys
+):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.chdir(bad_files)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(MedPLIBPipeline, "from_pretrained", no_model)
+    assert main(["ground-volume", "ct.nii.gz", "liver", "--out", "ro"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "medplib ground-volume: error: --out ro: cannot write there (Read-only file system)"
+    ]
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EDQUOT"])
+def test_a_full_disk_or_read_only_mount_while_writing_is_one_line(
+    bad_files, tmp_path, monkeypatch, capsys, code
+):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.chdir(bad_files)
+    monkeypatch.setattr(os, "replace", full)  # every output is renamed into place (io/atomic.py)
+    assert main(["slice", "ct.nii.gz", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and os.strerror(getattr(errno, code)) in err, err
 
 
 def test_a_device_that_is_not_there_is_one_line(bad_files, monkeypatch, capsys):

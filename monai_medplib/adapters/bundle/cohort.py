@@ -92,13 +92,20 @@ def collect_studies(
         )
     else:
         raw = _entries_from_folder(Path(folder))
-    studies, seen = [], {}
-    for entry in raw:
-        study = {**dict(prompt or {}), **{k: v for k, v in entry.items() if k in PROMPT_KEYS}}
-        name = str(study.get("id") or study_id_of(study["image"]))
-        seen[name] = seen.get(name, 0) + 1
-        study["id"] = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        studies.append(study)
+    studies = [
+        {**dict(prompt or {}), **{k: v for k, v in entry.items() if k in PROMPT_KEYS}} for entry in raw
+    ]
+    names = [str(study.get("id") or study_id_of(study["image"])) for study in studies]
+    # a repeated name gets the first free "_2", "_3", ...: free of every study's own name too, so "ct.png" next to
+    # "ct.nii.gz" and a study "ct_2" does not take "ct_2" (two studies writing one folder)
+    reserved, used = set(names), set()
+    for study, name in zip(studies, names):
+        unique, n = name, 1
+        while unique in used or (unique != name and unique in reserved):
+            n += 1
+            unique = f"{name}_{n}"
+        used.add(unique)
+        study["id"] = unique
     return studies
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...io.readers import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
+from ...io.readers import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, file_stem
 from ...transforms.planes import AXES
 
 __all__ = [
@@ -93,11 +93,7 @@ def _bad(key: str, message: str) -> ValueError:
 
 def study_id_of(image: str | os.PathLike) -> str:
     """Output name of a study: the file name without its image suffix, or the DICOM folder's name."""
-    name = Path(image).name
-    for suffix in sorted(IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or name
-    return name
+    return file_stem(image)
 
 
 def _is_volume(path: Path) -> bool:

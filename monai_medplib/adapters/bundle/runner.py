@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ...checkpoint import resolve_model_path
+from ...io.atomic import check_writable_folder
 from ...io.outputs import save_mask_png, save_png, write_json
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
@@ -209,6 +210,10 @@ class BundlePromptRunner:
     ) -> None:
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
+        try:  # before any study runs: a cohort must not compute every study and then fail to write them
+            check_writable_folder(output_dir)
+        except OSError as err:
+            raise ValueError(f"output_dir {output_dir}: cannot write there ({err.strerror or err})") from None
         self.pipeline = pipeline
         self.output_dir = Path(output_dir)
         self.max_new_tokens = int(max_new_tokens)

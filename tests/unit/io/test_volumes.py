@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from monai_medplib import __version__
 from monai_medplib.io import find_dicom_series, load_volume, save_nifti, write_dicom_seg, write_dicom_series
 from monai_medplib.transforms import PLANES, ExtractSlices, SAMed2DNormalize
+from monai_medplib.user_input import UserInputError
 from tests.support.realdata import lits_variant
 
 DICOMDIR_TESTS = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests"
@@ -152,8 +153,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     mixed = DICOMDIR_TESTS / "98892003" / "MR2"
     with pytest.raises(ValueError, match="mixes 3 DICOM series"):
         load_volume(mixed)
+    # a 3-file series of this folder is a localizer: one axial, one coronal, one sagittal slice, not a volume
     picked = next(uid for uid, files in find_dicom_series(mixed).items() if len(files) == 3)
-    assert load_volume(mixed, series_uid=picked).shape[-1] == 3
+    with pytest.raises(UserInputError, match="'MR2' mixes slice orientations"):
+        load_volume(mixed, series_uid=picked)
     both = tmp_path / "both"
     shutil.copytree(DICOMDIR_TESTS / "98892001" / "CT5N", both)
     shutil.copy(get_testdata_file("CT_small.dcm"), both / "other.dcm")
@@ -161,6 +164,34 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_volume(both)
     with pytest.raises(ValueError, match="NaN"):
         write_dicom_series(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "nan")
+
+
+@pytest.mark.parametrize("reader", ["ITKReader", "PydicomReader"])
+def test_a_series_with_a_missing_repeated_or_truncated_slice_is_refused(tmp_path, reader):
+    """Both readers load such a series and spread its slices evenly (ITK also drops a truncated file): every
+    mask written back would land off its slice. Measured before the check: a 9-slice 2.5 mm series without its
+    second slice loaded as 8 slices 2.857 mm apart."""
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-500, 500, (12, 10, 9)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    gap = write_dicom_series(volume, affine, tmp_path / "gap")
+    gap[1].unlink()
+    with pytest.raises(
+        UserInputError, match=r"'gap' is not evenly spaced: the step after 'slice_0000.dcm' is 5 mm"
+    ):
+        load_volume(tmp_path / "gap", reader=reader)
+    repeat = write_dicom_series(volume, affine, tmp_path / "repeat")
+    again = pydicom.dcmread(repeat[3])
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    again.save_as(tmp_path / "repeat" / "resent.dcm")
+    with pytest.raises(UserInputError, match="'repeat' has two files at one slice position"):
+        load_volume(tmp_path / "repeat", reader=reader)
+    cut = write_dicom_series(volume, affine, tmp_path / "cut")
+    cut[4].write_bytes(cut[4].read_bytes()[:-50])
+    with pytest.raises((UserInputError, ValueError), match="truncated or corrupt|less than expected"):
+        load_volume(tmp_path / "cut", reader=reader)
+    whole = write_dicom_series(volume, affine, tmp_path / "whole")
+    assert len(whole) == 9 and tuple(load_volume(tmp_path / "whole", reader=reader).shape) == (1, 12, 10, 9)
 
 
 def test_float_volume_that_needs_a_lossy_slope_round_trips_within_one_step(tmp_path):

@@ -1,0 +1,51 @@
+"""Study ids of a cohort (monai_medplib/adapters/bundle/cohort.py): one output folder per study, whatever the
+names in the studies folder; and a runner that cannot write its output folder refuses before any study runs."""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from monai_medplib.adapters.bundle.cohort import collect_studies
+
+
+def _touch(folder: Path, *names: str) -> None:
+    for name in names:
+        if name.endswith("/"):
+            (folder / name).mkdir()
+        else:
+            (folder / name).write_bytes(b"")
+
+
+def test_ids_are_unique_when_a_suffix_name_is_already_a_study(tmp_path):
+    # ct.png would be "ct_2" by count, the name of the DICOM folder next to it: both would write out/ct_2/
+    _touch(tmp_path, "ct.nii.gz", "ct.png", "ct_2/", "good.png")
+    studies = collect_studies(folder=tmp_path)
+    ids = {Path(s["image"]).name: s["id"] for s in studies}
+    assert ids == {"ct.nii.gz": "ct", "ct.png": "ct_3", "ct_2": "ct_2", "good.png": "good"}
+    assert len(set(ids.values())) == len(studies)
+
+
+def test_dots_in_names_are_kept(tmp_path):
+    _touch(tmp_path, "case7.arterial.nii.gz", "case7.venous.nii.gz", "1.2.840.113619.2.55/")
+    assert sorted(s["id"] for s in collect_studies(folder=tmp_path)) == [
+        "1.2.840.113619.2.55",
+        "case7.arterial",
+        "case7.venous",
+    ]
+
+
+def test_runner_refuses_an_output_folder_it_cannot_write(tmp_path, monkeypatch):
+    from monai_medplib.adapters.bundle.runner import BundlePromptRunner
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    BundlePromptRunner(pipeline=None, output_dir=tmp_path / "out")  # created, and writable
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ValueError, match="output_dir .*ro: cannot write there \\(Read-only file system\\)"):
+        BundlePromptRunner(pipeline=None, output_dir=tmp_path / "ro")
