@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_folder(args)
     check_device(args)
 
-    from ..evaluation import evaluate_mecovqa, resolve_eval_files
+    from ..evaluation import evaluate_mecovqa, read_eval_samples
     from ..io.outputs import write_json
 
     if args.limit is not None and args.limit < 0:
@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         data_root = args.data_root
     else:
         data_root = demo_data_root(args.demo_data or args.out.parent / "demo_data")
-    resolve_eval_files(data_root, files, args.tasks)  # bad paths fail before the model loads
+    read_eval_samples(
+        data_root, files, args.tasks, args.limit
+    )  # bad files or entries fail before the model loads
     pipe = load_pipeline(args)
     progress = ProgressBar()
     try:

@@ -218,10 +218,25 @@ def _parse_entry(
         if key not in entry:
             raise ValueError(f"MeCoVQA entry {index} ({entry.get('id', '?')!r}) has no {key!r} key")
     entry_id = str(entry.get("id", index))
-    image = resolve_image_path(str(entry["image"]), root) if check_files else root / str(entry["image"])
+    try:
+        image = resolve_image_path(str(entry["image"]), root) if check_files else root / str(entry["image"])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"entry {entry_id!r}: {err}") from None
     turns: list[Turn] = []
-    for question, answer in _split_turns(entry["conversations"], entry_id):
-        regions = [p.strip() for p in _REGION_TAG.findall(question) if p.strip()]
+    pairs = _split_turns(entry["conversations"], entry_id)
+    if not pairs:
+        raise ValueError(f"entry {entry_id!r}: no human / gpt turns in its conversations")
+    for question, answer in pairs:
+        regions = [p.strip() for p in _REGION_TAG.findall(question)]
+        if (
+            not all(regions)
+            or question.count("<region>") != question.count("</region>")
+            or (question.count("<region>") != len(regions))
+        ):
+            raise ValueError(
+                f"entry {entry_id!r}: a malformed <region>...</region> tag (a mask path between the two) in "
+                f"{question[:80]!r}"
+            )
         masks = _MASK_TAG.findall(answer or "")
         if len(masks) > 1:
             raise ValueError(
@@ -360,12 +375,16 @@ class MeCoVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _region_grids(self, record: MeCoVQARecord, index: int) -> tuple[list[torch.Tensor], bool]:
+    def _region_grids(
+        self, record: MeCoVQARecord, index: int, shape: tuple[int, int]
+    ) -> tuple[list[torch.Tensor], bool]:
         grids: list[torch.Tensor] = []
         valid = True
         rng = random.Random(self.sub_component_seed + index) if self.sub_component_seed is not None else None
         for path in record.region_paths:
             mask = load_binary_mask(path)
+            if mask.shape != shape:
+                raise ValueError(f"entry {record.id!r}: region mask {path} is {mask.shape}, image is {shape}")
             try:
                 grid = region_grid(mask, keep_largest_component=True)
             except ValueError:
@@ -387,12 +406,12 @@ class MeCoVQADataset(Dataset):
         ):
             raise ValueError(f"entry {record.id!r}: the first human turn must contain {IMAGE_PLACEHOLDER}")
         ids, labels = build_training_example(conversations, self.tokenizer, self.template)
-        grids, region_valid = self._region_grids(record, index)
+        rgb = load_rgb(record.image)
+        height, width = rgb.shape[:2]
+        grids, region_valid = self._region_grids(record, index, (height, width))
         if grids and not region_valid:
             labels = [IGNORE_INDEX] * len(labels)  # release: an invalid region makes the sample unsupervised
-        rgb = load_rgb(record.image)
         images_sam, resize = sam_pixels(rgb)
-        height, width = rgb.shape[:2]
         masks = []
         for path in record.mask_paths:
             mask = load_binary_mask(path)

@@ -8,6 +8,7 @@ from .mecovqa import (
     build_report,
     evaluate_mecovqa,
     format_table,
+    read_eval_samples,
     resolve_eval_files,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "Evaluation",
     "build_report",
     "evaluate_mecovqa",
+    "read_eval_samples",
     "format_table",
     "resolve_eval_files",
 ]

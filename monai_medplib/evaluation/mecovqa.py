@@ -41,6 +41,7 @@ __all__ = [
     "build_report",
     "evaluate_mecovqa",
     "format_table",
+    "read_eval_samples",
     "resolve_eval_files",
 ]
 
@@ -143,11 +144,11 @@ def evaluate_mecovqa(
         raise ValueError(f"limit must be >= 0, got {limit}")
     root = Path(data_root)
     resolved = resolve_eval_files(root, files, tasks)
+    every = read_eval_samples(root, files, tasks, limit)  # a bad entry fails before any inference
     scorer = _Scorer(pipeline, max_new_tokens, force_seg, official_eval_region, keep_largest_component)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for task, path in resolved.items():
-        samples = _read_samples(task, path, root, limit)
+    for task, samples in every.items():
         for first in range(0, len(samples), batch_size):
             rows.extend(scorer.score(task, samples[first : first + batch_size]))
             if progress is not None:
@@ -177,9 +178,35 @@ class _Sample(NamedTuple):
     entry: Mapping[str, Any]
 
 
+def read_eval_samples(
+    data_root: str | os.PathLike,
+    files: Mapping[str, str | os.PathLike] | None = None,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> dict[str, list]:
+    """Every test entry :func:`evaluate_mecovqa` will score, read and checked (image and mask files exist, a
+    grounding mask has its image's size, each file has entries) before anything runs.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the test file and the entry.
+    """
+    root = Path(data_root)
+    return {
+        task: _read_samples(task, path, root, limit)
+        for task, path in resolve_eval_files(root, files, tasks).items()
+    }
+
+
 def _read_samples(task: str, path: Path, root: Path, limit: int | None) -> list[_Sample]:
+    from PIL import Image
+
     entries = json.loads(path.read_text())
-    records = read_mecovqa(path, root)  # one record per entry, in order (ids may repeat in release files)
+    if not entries:
+        raise ValueError(f"{path}: no test entries (an empty {task} split)")
+    try:
+        records = read_mecovqa(path, root)  # one record per entry, in order (ids may repeat in release files)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{path}: {err}") from None
     samples = [_Sample(r, e) for r, e in zip(records, entries)][:limit]
     for sample in samples:
         turn = sample.record.turns[0] if sample.record.turns else None
@@ -189,6 +216,13 @@ def _read_samples(task: str, path: Path, root: Path, limit: int | None) -> list[
             raise ValueError(
                 f"{path}: grounding entry {sample.record.id!r} has no <mask> in its first answer"
             )
+        if task == "grounding":
+            with Image.open(sample.record.image) as image, Image.open(turn.mask_path) as mask:
+                if image.size != mask.size:
+                    raise ValueError(
+                        f"{path}: grounding entry {sample.record.id!r}: its mask {turn.mask_path.name} is "
+                        f"{mask.height} x {mask.width}, its image {image.height} x {image.width}"
+                    )
         if task == "region_vqa" and not turn.region_paths:
             raise ValueError(
                 f"{path}: region entry {sample.record.id!r} has no <region> in its first question"

@@ -10,7 +10,7 @@ import json
 import pickle
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ def save_train_state(
     step: int,
     elapsed: float,
     history: list,
-    run: dict[str, int] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> None:
     """Write model (incl. LoRA adapters), optimizer, step, elapsed seconds, history, RNG states and ``run`` (what
     the data order depends on: samples, batch size, accumulation, seed, world size; see :func:`check_same_run`).
@@ -212,9 +212,11 @@ def load_train_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_same_run(path: Path, saved: dict[str, int], current: dict[str, int]) -> None:
-    """Refuse to resume a state saved by a run whose data order differs (another dataset size, batch size, seed
-    or number of processes): its step counter would point into another sequence of batches.
+def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a state saved by another run: one whose data order differs (another dataset size, batch
+    size, seed or number of processes: its step counter would point into another sequence of batches), or one of
+    another stage, starting model, length or learning rate (its weights would be passed off as this run's).
+    Settings a state does not record (written by an older version) are not compared.
 
     Raises:
         UserInputError: naming the file and each setting that differs.
@@ -224,9 +226,8 @@ def check_same_run(path: Path, saved: dict[str, int], current: dict[str, int]) -
     ]
     if differ:
         raise UserInputError(
-            f"{path}: saved by a run with other data or settings: {', '.join(differ)}; resuming would train on "
-            "another sequence of batches. Start over with --no-resume (the bundle's resume: false) or use another "
-            "output folder"
+            f"{path}: saved by a run with other data or settings: {', '.join(differ)}; it is another run's state. "
+            "Start over with --no-resume (the bundle's resume: false) or use another output folder"
         )
 
 
@@ -241,11 +242,14 @@ def train(
     out_dir: str | Path,
     resume: bool = True,
     log: Callable[[str], None] = print,
+    identity: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train the parameters of ``model`` that require grad; returns the log history (one row per log step).
 
     ``out_dir/train_state.pt`` is written every ``cfg.save_every`` steps and at the end; with ``resume`` an
-    existing one is loaded and training continues from its step (same data order, same schedule).
+    existing one is loaded and training continues from its step (same data order, same schedule). ``identity``
+    (e.g. the stage and its starting model) is saved with the state, and a state saved under another one is not
+    resumed.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +267,9 @@ def train(
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "world_size": ctx.world_size,
+        "max_steps": cfg.max_steps,
+        "lr": cfg.lr,
+        **dict(identity or {}),
     }
     if resume and ckpt_path.is_file():
         state = load_train_state(ckpt_path)

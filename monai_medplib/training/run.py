@@ -81,7 +81,12 @@ def stage_dataset(
     """The stage's training samples: the release file of each of its tasks, repeated ``task_repeat[task]`` times."""
     parts: list[Dataset] = []
     for task in spec.tasks:
-        records = read_mecovqa(Path(data_root) / TASK_FILES[task], data_root)
+        path = Path(data_root) / TASK_FILES[task]
+        records = read_mecovqa(path, data_root)
+        if not records:  # the stage would train without one of its tasks, and say nothing
+            raise ValueError(
+                f"{path}: no training entries; {spec.name} trains its {task} task from this file"
+            )
         parts += [MeCoVQADataset(records, tokenizer)] * int(task_repeat.get(task, 1))
     return ConcatDataset(parts)
 
@@ -109,6 +114,11 @@ def _prepare_model(run: StageRun, spec: StageSpec) -> tuple[MedPLIBForCausalLM, 
         model = assemble_moe(model, grounding, seed=run.train.seed)
         config = model.config
     return model, config, Path(run.init)
+
+
+def _where(folder: str | Path | None) -> str:
+    """A starting model's folder as the training state records it ("" for none)."""
+    return "" if folder is None else str(Path(folder).resolve())
 
 
 def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = print) -> dict[str, object]:
@@ -145,6 +155,7 @@ def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = prin
         run.out_dir,
         resume=run.resume,
         log=log,
+        identity={"stage": spec.name, "init": _where(run.init), "grounding_init": _where(run.grounding_init)},
     )
     seconds = time.time() - start
     merged: nn.Module = merge_lora(wrapped) if wrapped is not None else model

@@ -157,6 +157,33 @@ def test_limit_and_file_resolution(split: Path, tmp_path: Path) -> None:
         resolve_eval_files(tmp_path)
 
 
+def test_a_bad_entry_stops_the_run_before_any_inference(tmp_path: Path) -> None:
+    """Every file is read and checked first: a bad last entry must not throw away the inference before it."""
+    split = _make_split(tmp_path / "split")
+    calls = []
+    stub = _StubPipeline([None] * 9, answers=["yes"] * 9)
+    stub.ground_batch = lambda *a, **k: calls.append("ground") or _StubPipeline.ground_batch(stub, *a, **k)
+    region_file = split / RELEASE_TEST_FILES["region_vqa"]
+    entries = json.loads(region_file.read_text())
+    entries[-1]["image"] = "images/gone.png"
+    region_file.write_text(json.dumps(entries))
+    with pytest.raises(
+        FileNotFoundError, match=f"{region_file}: entry '{entries[-1]['id']}': image 'images/gone.png'"
+    ):
+        evaluate_mecovqa(stub, split)
+    assert calls == []
+    stem = "ct_00--hand--case_0--z_0001"
+    _write_png(split / "masks_merged" / f"{stem}--0001_merged.png", np.zeros((40, 32), np.uint8))
+    with pytest.raises(
+        ValueError, match=f"grounding entry '{stem}--0001': its mask .* is 40 x 32, its image"
+    ):
+        evaluate_mecovqa(stub, split, tasks=["grounding"])
+    (split / RELEASE_TEST_FILES["vqa"]).write_text("[]")
+    with pytest.raises(ValueError, match="no test entries \\(an empty vqa split\\)"):
+        evaluate_mecovqa(stub, split, tasks=["vqa"])
+    assert calls == []
+
+
 def test_random_weights_without_seg_score_zero_and_forced_seg_matches_mask_iou(
     split: Path, fixture_pipeline
 ) -> None:

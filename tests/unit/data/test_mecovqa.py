@@ -139,8 +139,18 @@ def test_reader_cache_dir_and_errors(tree, tmp_path):
         return path
 
     turn = {"from": "human", "value": "<image>\nq"}
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match="entry 'x': image 'images/missing.png' not found"):
         read_mecovqa(write([{"id": "x", "image": "images/missing.png", "conversations": [turn]}]), root)
+    square = f"images/{SQUARE}.png"
+    with pytest.raises(ValueError, match="entry 'e': no human / gpt turns"):
+        read_mecovqa(write([{"id": "e", "image": square, "conversations": []}]), root)
+    for bad in (
+        "<image>\nWhat is in <region></region>?",
+        f"<image>\nWhat is in <region>masks/{SQUARE}--region.png?",
+    ):
+        question = [{"from": "human", "value": bad}, {"from": "gpt", "value": "A cyst."}]
+        with pytest.raises(ValueError, match="entry 'r': a malformed <region>...</region> tag"):
+            read_mecovqa(write([{"id": "r", "image": square, "conversations": question}]), root)
     no_seg = [turn, {"from": "gpt", "value": f"<mask>masks/{STEM}--0011_000.png</mask>"}]
     with pytest.raises(ValueError, match="<SEG>"):
         read_mecovqa(write([{"id": "x", "image": f"images/{STEM}.png", "conversations": no_seg}]), root)
@@ -253,3 +263,19 @@ def test_oracle_entries_give_upstream_training_losses(public_fixture, tmp_path):
     assert out["ce"].item() == pytest.approx(reference["ce_loss"], abs=1e-4)
     assert out["bce"].item() == pytest.approx(reference["unscale_mask_bce_loss"], abs=1e-4)
     assert out["dice"].item() == pytest.approx(reference["unscale_mask_dice_loss"], abs=1e-4)
+
+
+def test_a_region_mask_of_another_size_is_refused(tree, tokenizer):
+    """A region mask must cover its image: one of another size would be read as a shifted, rescaled region."""
+    root, json_path, _, _ = tree
+    _png(root / "masks" / "small-region.png", np.full((40, 32), 255, np.uint8))
+    entries = json.loads(json_path.read_text())
+    region = next(e for e in entries if e["id"] == "region-1")
+    region["conversations"][0]["value"] = "<image>\nWhat is in <region>masks/small-region.png</region>?"
+    json_path.write_text(json.dumps([region]))
+    dataset = MeCoVQADataset(read_mecovqa(json_path, root), tokenizer)
+    with pytest.raises(
+        ValueError,
+        match="entry 'region-1': region mask .*small-region.png is \\(40, 32\\), image is \\(336, 336\\)",
+    ):
+        dataset[0]

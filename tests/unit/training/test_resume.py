@@ -223,3 +223,47 @@ def test_resume_refuses_a_state_saved_for_other_data(tiny, tmp_path):
             )
         assert str(out / CHECKPOINT_FILE) in str(err.value)
     assert load_train_state(out / CHECKPOINT_FILE)["step"] == 1  # the refused runs wrote nothing
+
+
+def test_resume_refuses_a_state_of_another_stage_start_length_or_rate(tiny, tmp_path):
+    """A finished state in the output folder must not stand in for a new run from another model: resuming it
+    would save the old weights as the new run's (measured before: a run with a new --init resumed at its last step,
+    trained nothing and wrote the earlier model again)."""
+    from monai_medplib.data.mecovqa import collate_mecovqa
+    from monai_medplib.modeling.medplib import MedPLIBForCausalLM
+    from monai_medplib.training.distributed import DistContext
+
+    tok, dataset, stage = tiny[:3]
+    out = tmp_path / "stage"
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    first = {"stage": "stage0", "init": "/models/a", "grounding_init": ""}
+
+    def run(identity, **settings):
+        cfg = TrainConfig(**{"max_steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_ratio": 0.0, **settings})
+        model = MedPLIBForCausalLM(tiny_config(len(tok)))
+        return train(
+            model,
+            dataset,
+            collate_mecovqa,
+            stage.loss,
+            tok.seg_id,
+            cfg,
+            ctx,
+            out,
+            True,
+            lambda _: None,
+            identity,
+        )
+
+    run(first)
+    assert load_train_state(out / CHECKPOINT_FILE)["run"]["init"] == "/models/a"
+    refused = [
+        ({**first, "init": "/models/b"}, {}, "init /models/a \\(now /models/b\\)"),
+        ({**first, "stage": "stage2"}, {}, "stage stage0 \\(now stage2\\)"),
+        (first, {"max_steps": 3}, "max_steps 2 \\(now 3\\)"),
+        (first, {"lr": 1e-3}, "lr 0.003 \\(now 0.001\\)"),
+    ]
+    for identity, settings, words in refused:
+        with pytest.raises(UserInputError, match=f"{words}.*--no-resume"):
+            run(identity, **settings)
+    assert run(first)[-1]["step"] == 2  # the same run resumes as before
