@@ -154,10 +154,35 @@ def weight_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.pth"))
+    _check_shard_index(path)
+    bins = [f for f in sorted(path.glob("*.bin")) if not f.name.startswith(NOT_WEIGHT_FILES)]
+    files = sorted(path.glob("*.safetensors")) or bins or sorted(path.glob("*.pth"))
     if not files:
         raise FileNotFoundError(f"no weights in {path}: expected *.safetensors or *.bin files")
     return files
+
+
+# .bin files that a Hugging Face Trainer writes beside the weights: pickles of its own, not tensors
+NOT_WEIGHT_FILES = ("training_args", "optimizer", "scheduler", "rng_state", "trainer_state")
+
+
+def _check_shard_index(folder: Path) -> None:
+    """Every shard a ``*.index.json`` of ``folder`` names is there (else the error would be thousands of missing
+    keys, not the missing file)."""
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{index} is not a shard index (a JSON object with a 'weight_map'): {err}"
+            ) from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: {len(missing)} of the {len(shards)} weight files that {index.name} lists are missing: "
+                + ", ".join(missing)
+            )
 
 
 def iter_state_dict(
@@ -226,6 +251,12 @@ def build_empty_model(config: MedPLIBConfig, attn_implementation: str = "sdpa") 
         return MedPLIBForCausalLM(config, attn_implementation=attn_implementation)
 
 
+def _first(items: list[str], sep: str, shown: int = 20) -> str:
+    """The first ``shown`` of ``items``, and how many more (a 7B checkpoint can miss thousands of keys)."""
+    more = f"{sep}... and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
 def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
     """Every key of the architecture is found once with its shape (shapes from the files' headers)."""
     missing = sorted(set(expected) - set(found))
@@ -237,11 +268,11 @@ def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
     )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys: " + ", ".join(missing))
+        problems.append(f"{len(missing)} missing keys: " + _first(missing, ", "))
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected))
+        problems.append(f"{len(unexpected)} unexpected keys: " + _first(unexpected, ", "))
     if wrong:
-        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong))
+        problems.append(f"{len(wrong)} shape mismatches: " + _first(wrong, "; "))
     if problems:
         raise CheckpointMismatchError(
             "checkpoint does not match the MedPLIB architecture:\n" + "\n".join(problems)

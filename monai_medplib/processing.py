@@ -131,7 +131,13 @@ def _channels_equal(rgb: np.ndarray) -> bool:
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """Target ``(h, w)`` of ResizeLongestSide: ``int(x * s + 0.5)`` with ``s = long_side / max(h, w)``."""
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    if min(new_h, new_w) < 1:  # the release's resize fails here too, with a message about neither side
+        raise ValueError(
+            f"an image of {height} x {width} pixels is too elongated: resized to {long_side} pixels on its long "
+            f"side, its short side would be 0; crop it closer to square"
+        )
+    return new_h, new_w
 
 
 def resize_longest_side(array: np.ndarray, long_side: int) -> np.ndarray:
@@ -315,7 +321,9 @@ def point_region_mask(shape: Sequence[int], points: Sequence[Sequence[float]]) -
         points: one or more ``(x, y)`` pixel coordinates (x = column, y = row).
     """
     height, width = _check_shape(shape)
-    coords = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+    coords = np.asarray(points, dtype=np.float64) if len(points) else np.zeros((0, 2))
+    if coords.ndim != 2 or coords.shape[1] != 2:  # a box (x0, y0, x1, y1) passed as one point, (x, y, z), ...
+        raise ValueError(f"points must be (x, y) pairs, got {np.asarray(points).tolist()}")
     if coords.shape[0] == 0:
         raise ValueError("point prompt needs at least one (x, y) point")
     for x, y in coords:
@@ -341,8 +349,8 @@ def box_region_mask(shape: Sequence[int], box: Sequence[float]) -> np.ndarray:
     never reached training, so the box is drawn where the user put it.)
     """
     height, width = _check_shape(shape)
-    if len(box) != 4:
-        raise ValueError(f"box must be (x0, y0, x1, y1), got {tuple(box)}")
+    if len(box) != 4 or not all(np.isfinite(float(v)) for v in box):
+        raise ValueError(f"box must be four finite numbers (x0, y0, x1, y1), got {tuple(box)}")
     x0, y0, x1, y1 = (int(np.floor(v)) for v in box)
     x0, x1 = sorted((x0, x1))
     y0, y1 = sorted((y0, y1))

@@ -43,6 +43,14 @@ def answers_of(
     return [runner.decode_text(ids) for ids in out.new_ids]
 
 
+def _check_texts(texts: Sequence[str], name: str) -> None:
+    """Every question / request says something (an empty one would still make the model answer)."""
+    blank = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if blank:
+        which = name.removesuffix("s") if len(texts) == 1 else f"{name} {blank}"
+        raise ValueError(f"{which}: empty or not text; give words")
+
+
 def answer_batch(
     runner: MedPLIBRunner,
     images: Sequence[InputImage],
@@ -52,6 +60,9 @@ def answer_batch(
     """Answer each question about its image (VQA), in one left-padded batch."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    _check_texts(questions, "questions")
+    if not images:
+        return []
     features = runner.encode_images(images, with_sam=False)
     return answers_of(runner, features, questions, None, AnswerOptions.merge(options))
 
@@ -92,6 +103,9 @@ def answer_region_batch(
     """
     if regions is not None and not len(images) == len(questions) == len(regions):
         raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(regions)} regions")
+    _check_texts(questions, "questions")
+    if not images:
+        return []
     features = runner.encode_images(images, with_sam=False)
     grids = None
     if not official_eval_region:
@@ -115,6 +129,7 @@ def answer_region(
 ) -> str:
     """Answer a question about one region given as ``mask``, ``points`` ((x, y) pixels) or ``box``
     (``(x0, y0, x1, y1)``); see :func:`answer_region_batch` for the region conventions."""
+    _check_texts([question], "question")
     features = runner.encode_images([image], with_sam=False)
     grids = None
     if not official_eval_region:
@@ -132,5 +147,6 @@ def ground_batch(
     """Segment what each text asks for in its image: one generation batch, one SAM decoder batch."""
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    _check_texts(texts, "texts")
     features = runner.encode_images(images, with_sam=True)
     return ground_features(runner, features, [runner.prompt_ids(t) for t in texts], options)

@@ -91,6 +91,42 @@ def test_sharded_without_index_and_bin(tmp_path, public_fixture, reference):
         load_medplib(twice)
 
 
+def test_a_missing_shard_is_named_and_trainer_files_are_not_weights(tmp_path, public_fixture, reference):
+    model, config, tokenizer = load_medplib(public_fixture / "model")
+    out = save_medplib(model, config, public_fixture / "model", tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted(
+        set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
+    (out / shards[1]).unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"1 of the {len(shards)} weight files that model.safetensors.index.json lists are missing: {shards[1]}",
+    ):
+        load_medplib(out)
+    (out / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a shard index"):
+        load_medplib(out)
+
+    # a Trainer's output folder: its training_args.bin is a pickle of settings, not weights
+    binary = _model_dir(tmp_path, public_fixture, "trainer")
+    torch.save(dict(reference), binary / "pytorch_model.bin")
+    (binary / "training_args.bin").write_bytes(b"\x80\x04not a state dict")
+    _same_weights(load_medplib(binary)[0], reference)
+
+
+def test_a_long_list_of_missing_keys_is_cut_short(tmp_path, public_fixture, reference):
+    out = _model_dir(tmp_path, public_fixture)
+    kept = sorted(reference)[:10]
+    save_file({k: reference[k] for k in kept}, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_medplib(out)
+    import re
+
+    missing = int(re.search(r"(\d+) missing keys: ", str(err.value)).group(1))
+    assert missing > 250 and str(err.value).endswith(f", ... and {missing - 20} more")
+    assert len(str(err.value)) < 3000
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_keeps_router_fp32(public_fixture, reference, dtype):
     model, _, _ = load_medplib(public_fixture / "model", dtype=dtype)

@@ -127,6 +127,21 @@ def test_point_and_box_masks():
         box_region_mask((100, 200), (10, 20, 300, 25))
     with pytest.raises(ValueError, match="at least one"):
         point_region_mask((100, 200), [])
+    # a box passed as points was read as two points; (x, y, z) could not be reshaped
+    with pytest.raises(ValueError, match=r"points must be \(x, y\) pairs, got \[\[10, 20, 80, 90\]\]"):
+        point_region_mask((100, 200), [(10, 20, 80, 90)])
+    with pytest.raises(ValueError, match="points must be"):
+        point_region_mask((100, 200), [(5, 6, 7)])
+    with pytest.raises(ValueError, match="four finite numbers"):
+        box_region_mask((100, 200), (float("nan"), 0, 10, 10))
+
+
+@pytest.mark.parametrize("shape", [(1, 1000), (1000, 1), (2, 2000)])
+def test_an_image_too_elongated_to_resize_is_named(shape):
+    """512:1 and flatter: the short side rounds to 0 pixels at SAM's 256 (the release's resize fails too)."""
+    with pytest.raises(ValueError, match=f"an image of {shape[0]} x {shape[1]} pixels is too elongated"):
+        sam_pixels(np.zeros((*shape, 3), np.uint8))
+    assert sam_pixels(np.zeros((1, 500, 3), np.uint8))[1] == (1, 256)  # still 1 pixel high: kept
 
 
 def test_crop_quirk_hand_computed():

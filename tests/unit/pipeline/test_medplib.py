@@ -221,6 +221,14 @@ def test_bad_inputs_get_clear_errors(pipe, inputs, tmp_path):
         pipe.answer_region(image, "What?")
     with pytest.raises(ValueError, match="exactly one region prompt"):
         pipe.answer_region(image, "What?", points=[(5, 5)], box=(0, 0, 9, 9))
+    # an empty request would still make the model answer something
+    with pytest.raises(ValueError, match="text: empty or not text"):
+        pipe.ground(image, "   ")
+    with pytest.raises(ValueError, match=r"questions \[1\]: empty"):
+        pipe.answer_batch([image, image], ["What?", ""])
+    with pytest.raises(ValueError, match="question: empty"):
+        pipe.answer_region(image, "", points=[(5, 5)])
+    assert pipe.answer_batch([], []) == [] and pipe.ground_batch([], []) == []
 
 
 def test_not_a_checkpoint(tmp_path):
