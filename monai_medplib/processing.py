@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import ndimage
 
 CLIP_SIZE = 336
@@ -39,8 +39,8 @@ ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 def load_rgb(image: ImageLike) -> np.ndarray:
     """Return an 8-bit RGB array ``[H, W, 3]``.
 
-    Accepts a file path (read with PIL; grayscale is expanded to three identical channels and an
-    alpha channel is dropped, as ``cv2.imread`` does; 16-bit files are scaled by 1/256), a PIL image,
+    Accepts a file path (read with PIL; grayscale is expanded to three identical channels, an alpha channel is
+    dropped and an EXIF orientation is applied, as ``cv2.imread`` does; 16-bit files are scaled by 1/256), a PIL image,
     or an array / tensor ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``. uint8 is taken as is; float or
     bool data whose values all lie in [0, 1] is scaled by 255, other float data is clipped to 0..255;
     both are then rounded. Other integer types must already lie in 0..255 (window CT / MR first).
@@ -50,7 +50,8 @@ def load_rgb(image: ImageLike) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
         with Image.open(path) as pil:
-            return _pil_to_rgb(pil)
+            # cv2.imread (the release's reader) turns a photo by its EXIF orientation, as viewers show it
+            return _pil_to_rgb(ImageOps.exif_transpose(pil))
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):

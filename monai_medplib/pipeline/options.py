@@ -8,6 +8,8 @@ volume's per-slice grounding answer (``<SEG></s>`` for a trained model) and per-
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
@@ -37,10 +39,13 @@ class AnswerOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral):
             raise ValueError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))  # numpy integers too
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.temperature, numbers.Real) or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 

@@ -178,6 +178,19 @@ def test_load_rgb_variants(public_fixture, tmp_path):
     assert torch.all(sam_pixels(rgb)[0][:, :36] == 0)  # SAM: 183x256 -> 36 zero rows on top
 
 
+def test_a_photo_is_read_the_way_it_is_shown(tmp_path):
+    """A JPEG stored 40 x 100 with EXIF orientation 6 (turned 90 degrees) shows as 100 x 40: cv2.imread, the
+    release's reader, returns it so, and a mask must come back in that orientation too."""
+    stored = np.zeros((40, 100, 3), np.uint8)
+    stored[:, :10] = 255  # a bright band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    shown = load_rgb(tmp_path / "photo.jpg")
+    assert shown.shape == (100, 40, 3)
+    assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # orientation 6: the left edge is now the top
+
+
 def test_load_rgb_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_rgb(tmp_path / "missing.png")
