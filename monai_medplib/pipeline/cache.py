@@ -178,23 +178,26 @@ class VolumeCache:
 
     @staticmethod
     def key_of(source: Any, *extra: Hashable) -> tuple | None:
-        """The cache key of ``source`` (None when it has no stable identity)."""
+        """The cache key of ``source`` (None when it or an ``extra`` has no stable identity)."""
+        tags = []
+        for tag in extra:
+            if tag is None or isinstance(tag, str | int | float):
+                tags.append(repr(tag))
+                continue
+            try:  # an object (a transform, a function): the key holds it, so its id cannot be reused meanwhile
+                hash(tag)
+            except TypeError:
+                return None
+            tags.append(("object", id(tag), tag))
         if isinstance(source, str | Path):
             path = Path(source)
             try:
                 stat = path.stat()
             except OSError:
                 return None
-            return ("path", str(path.resolve()), stat.st_mtime_ns, stat.st_size, *map(repr, extra))
+            return ("path", str(path.resolve()), stat.st_mtime_ns, stat.st_size, *tags)
         if isinstance(source, torch.Tensor):
-            return (
-                "tensor",
-                source.data_ptr(),
-                tuple(source.shape),
-                source.stride(),
-                source._version,
-                *map(repr, extra),
-            )
+            return ("tensor", source.data_ptr(), tuple(source.shape), source.stride(), source._version, *tags)
         return None
 
     def _lookup(self, key: tuple, source: Any) -> Any | None:

@@ -12,6 +12,7 @@ feature cache, so a slice seen by one call is a cache hit for the others.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,8 @@ def _as_volume(volume: VolumeLike) -> MetaTensor:
         from ..io.readers import load_volume  # lazy: ITK is slow to import
 
         return load_volume(volume)
-    if isinstance(volume, np.ndarray):
-        volume = torch.from_numpy(volume)
+    if isinstance(volume, np.ndarray):  # a flipped view or big-endian data: torch takes neither as it is
+        volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("=")))
     if not isinstance(volume, torch.Tensor):
         raise TypeError(f"volume must be a path, MetaTensor, tensor or array, got {type(volume).__name__}")
     if not isinstance(volume, MetaTensor):
@@ -115,8 +116,8 @@ def _grey(plane: torch.Tensor) -> np.ndarray:
 def _check_slices(geometry: SliceGeometry, slices: Sequence[int] | None) -> list[int]:
     if slices is None:
         return list(range(geometry.num_slices))
-    if isinstance(slices, int):
-        slices = [slices]
+    if isinstance(slices, numbers.Integral):
+        slices = [int(slices)]
     chosen = [geometry.check_index(i) for i in slices]
     if not chosen:
         raise ValueError("slices is empty: give slice indices or None for every slice")
@@ -249,6 +250,9 @@ def ground_volume(
         with bar:
             grounded = list(_exact(runner, pixels, len(chosen), prompts, opts, counts, batch_size, bar))
     else:
+        chosen = sorted(
+            chosen
+        )  # keys and propagation follow the volume's order, not the order slices were listed
         kf = ground_keyframes(
             runner,
             pixels,
@@ -272,8 +276,9 @@ def ground_volume(
     results: dict[tuple[str, int], SliceGrounding] = {}
     for t, position, result in grounded:
         index, name = chosen[position], texts[t]
-        answers[name][index] = result.answer
-        has_seg[name][index] = result.has_seg
+        if slice_paths.get(name, {}).get(index) != "propagated":  # a propagated slice said nothing itself
+            answers[name][index] = result.answer
+            has_seg[name][index] = result.has_seg
         if result.has_seg:
             slice_probs[(t, index)] = torch.from_numpy(result.probs)
         if keep_slice_results:

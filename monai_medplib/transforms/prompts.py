@@ -184,7 +184,8 @@ class MapPromptsToSliced(MapTransform):
         if self.ref_key not in d:
             raise KeyError(f"reference image key {self.ref_key!r} not in the data (keys: {list(d)})")
         geometry = geometry_for(d[self.ref_key], self.axis)  # type: ignore[arg-type]
-        points = [voxel_to_slice_point(geometry, p) for p in d.get(self.points_key) or []]
+        given = d.get(self.points_key)  # a list, an array or a tensor of (i, j, k) voxels
+        points = [voxel_to_slice_point(geometry, p) for p in ([] if given is None else given)]
         boxes = roi_to_slice_boxes(geometry, d[self.roi_key]) if d.get(self.roi_key) is not None else {}
         masks = (
             scribbles_to_slice_masks(geometry, d[self.scribbles_key])

@@ -88,3 +88,28 @@ def test_concurrent_puts_keep_the_byte_bound():
     for thread in threads:
         thread.join()
     assert len(cache) == 8 and cache.nbytes == 8 * 2048 and cache.stats.evictions == 4 * 200 - 8
+
+
+def test_volume_cache_tells_intensity_objects_apart_even_with_one_repr():
+    """Two mappings whose repr is the same (or a freed one's address reused by a new one) must not share a
+    prepared volume: the model would see the other window."""
+    from monai_medplib.pipeline.cache import VolumeCache
+
+    class Window:
+        def __init__(self, centre: float) -> None:
+            self.centre = centre
+
+        def __repr__(self) -> str:
+            return "Window()"
+
+    cache, volume = VolumeCache(max_bytes=1 << 20, max_entries=4), torch.zeros(1, 4, 4, 4)
+    lung, brain = Window(-600.0), Window(40.0)
+    assert cache.get(volume, lambda: "lung-prepared", lung) == "lung-prepared"
+    assert cache.get(volume, lambda: "brain-prepared", brain) == "brain-prepared"
+    assert cache.get(volume, lambda: "again", lung) == "lung-prepared"  # the same object still hits
+    assert (
+        cache.get(volume, lambda: "by name", "samed2d")
+        == "by name"
+        == cache.get(volume, lambda: "x", "samed2d")
+    )
+    assert VolumeCache.key_of(volume, {"unhashable": 1}) is None  # not cached rather than keyed wrongly

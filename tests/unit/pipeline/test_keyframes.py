@@ -120,3 +120,29 @@ def test_bad_keyframe_settings_are_named(pipe, ct):
         pipe.ground_volume(ct, LIVER, progress=False, keyframes=4, keyframe_interpolation="cubic")
     with pytest.raises(ValueError, match="check_dice"):
         pipe.ground_volume(ct, LIVER, progress=False, keyframes=4, keyframe_check=1.5)
+
+
+def test_keys_follow_the_volume_order_whatever_the_order_of_the_slices_given(pipe, ct):
+    """A shuffled slice list must not make far slices neighbours (measured before: [64, 60, 62, 61, 63] made 64
+    and 63 the keys and gave 60 the prompt of 64)."""
+    listed = [9, 2, 14, 5, 0, 11, 7, 3, 15, 1, 12, 6, 10, 4, 13, 8]
+    given = pipe.ground_volume(ct, LIVER, slices=listed, force_seg=True, progress=False, keyframes=4)
+    ordered = pipe.ground_volume(
+        ct, LIVER, slices=sorted(listed), force_seg=True, progress=False, keyframes=4
+    )
+    assert given.slice_paths == ordered.slice_paths
+    assert {i for i, p in given.slice_paths[LIVER].items() if p == "key"} == set(key_positions(16, 4))
+    assert torch.equal(given.label.as_tensor(), ordered.label.as_tensor())
+
+
+def test_a_propagated_slice_reports_no_answer_of_its_own(pipe, ct):
+    keyed = pipe.ground_volume(ct, LIVER, force_seg=True, progress=False, keyframes=4, keyframe_check=0.0)
+    propagated = {i for i, p in keyed.slice_paths[LIVER].items() if p == "propagated"}
+    assert (
+        propagated
+        and not propagated & set(keyed.answers[LIVER])
+        and not propagated & set(keyed.has_seg[LIVER])
+    )
+    ran = set(keyed.slice_paths[LIVER]) - propagated
+    assert set(keyed.answers[LIVER]) == ran == set(keyed.has_seg[LIVER])
+    assert keyed.summary()["targets"][LIVER]["slices_with_seg"] == sorted(ran)

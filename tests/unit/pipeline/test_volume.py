@@ -281,6 +281,23 @@ def test_several_texts_make_one_multi_label_volume(pipe, ct, capsys):
     assert prior.mask.shape == (16, 16) and prior.low_res_logits.shape == (1, 64, 64)
 
 
+def test_array_inputs_as_users_hold_them(pipe, ct):
+    """A flipped numpy view (negative strides) and big-endian data are volumes too; one slice index may be a numpy
+    integer."""
+    array = np.ascontiguousarray(ct.as_tensor()[0].numpy())
+    reference = pipe.ground_volume(array, LIVER, slices=[8], force_seg=True).label.as_tensor()
+    flipped = pipe.ground_volume(np.flip(array, 0), LIVER, slices=[8], force_seg=True).label.as_tensor()
+    copied = pipe.ground_volume(np.flip(array, 0).copy(), LIVER, slices=[8], force_seg=True).label.as_tensor()
+    assert torch.equal(flipped, copied)  # the view is the volume its copy is
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    assert torch.equal(
+        pipe.ground_volume(big_endian, LIVER, slices=[8], force_seg=True).label.as_tensor(), reference
+    )
+    assert torch.equal(
+        pipe.ground_volume(array, LIVER, slices=np.int64(8), force_seg=True).label.as_tensor(), reference
+    )
+
+
 def test_bad_requests(pipe, ct):
     with pytest.raises(ValueError, match="slice index 16 is outside"):
         pipe.ground_volume(ct, LIVER, slices=[16], force_seg=True)

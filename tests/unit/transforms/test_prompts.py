@@ -110,3 +110,17 @@ def test_map_prompts_dictionary_transform(variants):
         MapPromptsToSliced(axis="axial")(
             {"image": _meta(v.image, v.affine), "points": [ijk, (1, 1, ijk[2] + 1)]}
         )
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor"])
+def test_map_prompts_takes_points_as_an_array_or_a_tensor(variants, kind):
+    import torch
+
+    v = variants["lps"]
+    ijk = [int(c) for c in np.argwhere(v.label == 1)[0]]
+    points = np.array([ijk]) if kind == "array" else torch.tensor([ijk])
+    given = MapPromptsToSliced(axis="axial")({"image": _meta(v.image, v.affine), "points": points})
+    listed = MapPromptsToSliced(axis="axial")({"image": _meta(v.image, v.affine), "points": [tuple(ijk)]})
+    assert (
+        given["points_2d"] == listed["points_2d"] and given["slice_index"] == listed["slice_index"] == ijk[2]
+    )
