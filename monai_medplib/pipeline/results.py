@@ -219,10 +219,11 @@ class VolumeGroundingResult:
             with_mask: list[int] = []
             if voxels and dim is not None:
                 other = tuple(d for d in range(label.ndim) if d != dim)
+                grounded = set(self.has_seg[text]) | set(
+                    self.slice_paths.get(text, {})
+                )  # propagated ones too
                 with_mask = [
-                    int(i)
-                    for i in torch.nonzero(region.any(dim=other)).flatten()
-                    if int(i) in self.has_seg[text]
+                    int(i) for i in torch.nonzero(region.any(dim=other)).flatten() if int(i) in grounded
                 ]
             words = Counter(plain_answer(a) for a in self.answers.get(text, {}).values())
             words.pop("", None)

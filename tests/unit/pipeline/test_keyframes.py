@@ -145,4 +145,7 @@ def test_a_propagated_slice_reports_no_answer_of_its_own(pipe, ct):
     )
     ran = set(keyed.slice_paths[LIVER]) - propagated
     assert set(keyed.answers[LIVER]) == ran == set(keyed.has_seg[LIVER])
-    assert keyed.summary()["targets"][LIVER]["slices_with_seg"] == sorted(ran)
+    target = keyed.summary()["targets"][LIVER]
+    assert target["slices_with_seg"] == sorted(ran)
+    shown = np.flatnonzero(keyed.label.as_tensor()[0].numpy().any(axis=(0, 1))).tolist()  # axial: k
+    assert target["slices_with_mask"] == shown and set(shown) & propagated  # propagated masks still count
