@@ -284,12 +284,12 @@ def _check_slice_count(img: MetaTensor, files: Sequence[Path], name: str) -> Non
     frames = int(first.get("NumberOfFrames", 1) or 1)
     if len(files) < 2 or frames > 1:
         return
-    expected = int(first.Rows) * int(first.Columns) * len(files)
-    loaded = int(np.prod(img.shape[1:]))
-    if loaded != expected:
+    per_slice = int(first.Rows) * int(first.Columns)
+    read = int(np.prod(img.shape[1:])) // per_slice
+    if read != len(files):
         raise UserInputError(
-            f"DICOM series {name!r} has {len(files)} slice files but {loaded // (int(first.Rows) * int(first.Columns))}"
-            " slices could be read: a file is truncated or corrupt"
+            f"DICOM series {name!r} has {len(files)} slice files but {read} slices could be read: a file is "
+            "truncated or corrupt"
         )
 
 
