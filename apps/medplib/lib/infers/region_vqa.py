@@ -25,8 +25,9 @@ class MedPLIBRegionVQA(MedPLIBInferTask):
 
     The question is asked on one slice: Slicer's ``slice``, else the clicks' slice, else the middle slice of
     the ROI or of the scribble. Without foreground clicks, a ``slice`` that misses the ROI and the scribble is
-    not used: for an ROI alone Slicer sends the red view's offset in millimetres there, not a slice index. Whatever is given on that slice (foreground clicks, the ROI's box, the
-    scribble) makes one region; background clicks do not mark a region. The answer is ``result["answer"]``;
+    not used: for an ROI alone Slicer sends the red view's offset in millimetres there, not a slice index.
+    Whatever is given on that slice (foreground clicks, the ROI's box, the scribble) makes one region; background
+    clicks do not mark a region. The answer is ``result["answer"]``;
     the region the model was given comes back as label 1 on its slice.
     """
 
