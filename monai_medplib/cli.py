@@ -23,7 +23,7 @@ from .user_input import USER_ERRORS
 # Besides USER_ERRORS, file-system refusals are the user's to fix (a folder without write permission, a file where
 # a folder is needed, a read-only mount, a full disk or quota): one line, exit code 2.
 FILE_SYSTEM_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-FILE_SYSTEM_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
+FILE_SYSTEM_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})  # EACCES / EPERM: PermissionError
 
 
 def command_modules() -> list[ModuleType]:

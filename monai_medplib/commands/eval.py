@@ -170,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
         data_root = args.data_root
     else:
         data_root = demo_data_root(args.demo_data or args.out.parent / "demo_data")
-    read_eval_samples(
-        data_root, files, args.tasks, args.limit
-    )  # bad files or entries fail before the model loads
+    # bad files or entries fail before the model loads; the same samples are then scored
+    samples = read_eval_samples(data_root, files, args.tasks, args.limit)
     pipe = load_pipeline(args)
     progress = ProgressBar()
     try:
@@ -188,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             official_eval_region=args.official_eval_region,
             keep_largest_component=args.keep_largest_component,
             progress=progress,
+            samples=samples,
         )
         report = {"model": str(args.model), "data_root": str(data_root), **report}
         acceptance_table = ""

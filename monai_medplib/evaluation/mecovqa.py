@@ -116,6 +116,7 @@ def evaluate_mecovqa(
     official_eval_region: bool = False,
     keep_largest_component: bool = False,
     progress: Callable[[str], None] | None = None,
+    samples: Mapping[str, list] | None = None,
 ) -> Evaluation:
     """Evaluate ``pipeline`` on MeCoVQA-layout test files.
 
@@ -132,6 +133,8 @@ def evaluate_mecovqa(
         keep_largest_component: region grid from the largest 8-connected component (the training dataset's
             path) instead of the whole mask (the demo worker's path).
         progress: called with a line after each batch (e.g. ``print``).
+        samples: what :func:`read_eval_samples` returned for the same arguments (a caller that checked the
+            entries before loading the model); None reads them here, before any inference.
 
     Returns:
         ``Evaluation(report, table, rows)``. ``report["grounding"]``: :class:`GroundingMeter` result plus
@@ -144,7 +147,10 @@ def evaluate_mecovqa(
         raise ValueError(f"limit must be >= 0, got {limit}")
     root = Path(data_root)
     resolved = resolve_eval_files(root, files, tasks)
-    every = read_eval_samples(root, files, tasks, limit)  # a bad entry fails before any inference
+    # every entry is read and checked before any inference: a bad last entry must not waste the run
+    every = (
+        samples if samples is not None else {t: _read_samples(t, p, root, limit) for t, p in resolved.items()}
+    )
     scorer = _Scorer(pipeline, max_new_tokens, force_seg, official_eval_region, keep_largest_component)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

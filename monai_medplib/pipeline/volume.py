@@ -250,9 +250,8 @@ def ground_volume(
         with bar:
             grounded = list(_exact(runner, pixels, len(chosen), prompts, opts, counts, batch_size, bar))
     else:
-        chosen = sorted(
-            chosen
-        )  # keys and propagation follow the volume's order, not the order slices were listed
+        # keys and propagation follow the volume's order, not the order the slices were listed in
+        chosen = sorted(chosen)
         kf = ground_keyframes(
             runner,
             pixels,
