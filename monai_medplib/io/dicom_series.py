@@ -43,12 +43,15 @@ def choose_rescale(volume: np.ndarray) -> tuple[float, float]:
     if finite.size != volume.size:
         raise ValueError("cannot store NaN or infinite voxels in a DICOM series")
     low, high = float(finite.min()), float(finite.max())
-    intercept = float(np.floor((low + high) / 2))
     for exponent in range(0, 9):  # slopes 1, 1/2, ..., 1/256
         scale = 2.0**exponent
-        stored = (finite.astype(np.float64) - intercept) * scale
-        if stored.min() < _INT16.min or stored.max() > _INT16.max:
+        # whole intercepts that keep both ends in int16; the one nearest the midpoint (a full 0..65535 range fits
+        # only with 32768, which floor(midpoint) misses by one)
+        lowest, highest = np.ceil(high - _INT16.max / scale), np.floor(low - _INT16.min / scale)
+        if lowest > highest:
             break
+        intercept = float(np.clip(np.floor((low + high) / 2), lowest, highest))
+        stored = (finite.astype(np.float64) - intercept) * scale
         if np.all(stored == np.round(stored)):
             return 1.0 / scale, intercept
     # Lossy fallback: centre the range on the exact midpoint so both ends fit int16.

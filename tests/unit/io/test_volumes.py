@@ -206,6 +206,18 @@ def test_float_volume_that_needs_a_lossy_slope_round_trips_within_one_step(tmp_p
     assert float(np.abs(np.asarray(loaded).reshape(volume.shape) - volume).max()) <= step
 
 
+@pytest.mark.parametrize("low, high", [(0, 65535), (-32768, 32767), (-1024, 3071)])
+def test_whole_number_volumes_spanning_up_to_65536_values_are_stored_exactly(tmp_path, low, high):
+    """Any whole-number range of at most 65,536 values has an exact int16 encoding with slope 1."""
+    values = np.linspace(low, high, 6 * 5 * 4).round().reshape(6, 5, 4)
+    values[0, 0, :2] = low, high
+    write_dicom_series(values, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path / "series")
+    first = pydicom.dcmread(sorted((tmp_path / "series").glob("*.dcm"))[0])
+    assert float(first.RescaleSlope) == 1.0
+    loaded = np.asarray(load_volume(tmp_path / "series")).reshape(values.shape)
+    np.testing.assert_array_equal(loaded, values)
+
+
 def test_dicom_seg_segments_carry_a_display_colour(tmp_path):
     """OHIF warns and substitutes a colour when RecommendedDisplayCIELabValue is missing."""
     volume = np.zeros((8, 8, 3), dtype=np.float32)
