@@ -40,10 +40,15 @@ def export_bundle(destination: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = export_bundle(args.dir)
+    target = export_bundle(args.dir).resolve()
     print(f"MedPLIB bundle written to {target}")
+    from .demo import CT_NIFTI, DEFAULT_OUT
+
+    # the suggested image is the one `medplib demo` writes, so the line runs as printed after the README's main job
+    example = (DEFAULT_OUT / CT_NIFTI).resolve()
     print(
-        f"run it: cd {target} && python -m monai.bundle run --config_file configs/inference.json "
-        "--input_dict \"{'image': 'ct.nii.gz', 'text': 'liver'}\""
+        f"run it on a volume (`medplib demo` writes {example}): cd {target} && python -m monai.bundle run "
+        f"--config_file configs/inference.json --input_dict \"{{'image': '{example}', "
+        "'text': 'Please segment the liver.'}\""
     )
     return 0

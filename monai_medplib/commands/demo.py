@@ -56,11 +56,15 @@ CASES = (
 )
 
 
+DEFAULT_OUT = Path("outputs") / "demo"
+CT_NIFTI = (
+    "lits_117_ct.nii.gz"  # the CT volume the demo writes; `medplib bundle export` suggests it as an input
+)
 _FILE_KEYS = {"nifti": "label"}  # report key suffix of write_label_volume's outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--axis", default="axial", choices=AXES)
     parser.add_argument("--fast", action="store_true", help="one-prefill <SEG> shortcut (checked per slice)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -78,7 +82,7 @@ def _write_inputs(out: Path) -> dict[str, tuple[Any, Any, Path | None]]:
     write_dicom_series(lits.image, lits.affine, series_dir, series_description="LiTS 117 CT")
     return {
         "ct": (
-            save_nifti(lits.image, out / "lits_117_ct.nii.gz", affine=lits.affine, dtype=None),
+            save_nifti(lits.image, out / CT_NIFTI, affine=lits.affine, dtype=None),
             lits.label,
             series_dir,
         ),

@@ -3,6 +3,7 @@ writable copy of the app; the wheel itself is tested in tests/integration/test_w
 
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
@@ -38,6 +39,21 @@ def test_bundle_export_writes_a_copy_and_refuses_a_used_folder(tmp_path, capsys)
     assert not (target / "eval").exists() and not (target / "models").exists()
     assert main(["bundle", "export", str(tmp_path / "b")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_bundle_export_suggests_the_volume_medplib_demo_writes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bundle", "export", "b"]) == 0
+    printed = capsys.readouterr().out
+    prompt = ast.literal_eval(printed.split("--input_dict ")[1].strip().strip('"'))
+    # README: `medplib demo` writes outputs/demo/lits_117_ct.nii.gz
+    assert prompt == {
+        "image": str(tmp_path / "outputs/demo/lits_117_ct.nii.gz"),
+        "text": "Please segment the liver.",
+    }
+    assert (
+        f"cd {tmp_path / 'b'} && python -m monai.bundle run --config_file configs/inference.json" in printed
+    )
 
 
 def test_a_read_only_app_is_copied_to_a_writable_cache(tmp_path, monkeypatch):
