@@ -23,6 +23,12 @@ class UserInputError(ValueError):
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, NotADirectoryError, TypeError)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (their details run to tracebacks), or its type's name."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def parse_bool(value: Any, name: str) -> bool:
     """``True`` / ``False``, or one of :data:`TRUE_WORDS` / :data:`FALSE_WORDS` (any case).
 

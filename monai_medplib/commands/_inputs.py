@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..user_input import UserInputError
+from ..user_input import UserInputError, first_line
 from ._common import require_path
-
-DICOM_SUFFIX = ".dcm"  # DICOM files are looked into: one frame is a 2D image, several a volume
 
 
 @dataclass
@@ -65,7 +63,10 @@ def input_kind(path: str | Path) -> str:
     path = require_path(path)
     if path.is_dir():
         return "volume"
-    from ..io.readers import VOLUME_SUFFIXES  # after the existence check: a wrong path fails fast
+    from ..io.readers import (  # after the existence check: a wrong path fails fast
+        DICOM_SUFFIX,
+        VOLUME_SUFFIXES,
+    )
 
     name = path.name.lower()
     if name.endswith(tuple(s for s in VOLUME_SUFFIXES if s != DICOM_SUFFIX)):
@@ -103,13 +104,15 @@ def read_model_image(path: str | Path, slice_index: int | None = None, axis: str
     path = Path(path)
     kind = check_input(path, slice_index, axis)
     if kind == "dicom":
-        frames = _dicom_frames(path)
+        from ..io.dicom_image import dicom_frame_count, read_dicom_image
+
+        frames = dicom_frame_count(path)
         if frames == 1:
             if slice_index is not None or axis is not None:
                 raise UserInputError(
                     f"{path}: a single-frame DICOM image has no slices; drop --slice / --axis"
                 )
-            return ModelImage(_dicom_image(path), {"file": str(path), "kind": "dicom image"})
+            return ModelImage(read_dicom_image(path), {"file": str(path), "kind": "dicom image"})
         kind = "volume"
     if kind == "volume":
         return volume_slice(read_volume(path), path, axis or "axial", slice_index)
@@ -145,7 +148,7 @@ def read_picture(path: str | Path, as_rgb: bool = True) -> Any:
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, UserInputError):
             raise
-        raise UserInputError(f"{path}: cannot decode the image ({_first_line(err)})") from None
+        raise UserInputError(f"{path}: cannot decode the image ({first_line(err)})") from None
 
 
 def read_volume(path: str | Path) -> Any:
@@ -159,20 +162,20 @@ def read_volume(path: str | Path) -> Any:
     try:
         return load_volume(path)
     except (FileNotFoundError, NotADirectoryError) as err:
-        raise UserInputError(f"{path}: {_first_line(err)}") from None
+        raise UserInputError(f"{path}: {first_line(err)}") from None
     except ValueError as err:  # load_volume's own messages name the file already (2D, 4D, mixed series)
         if str(path) in str(err):
-            raise UserInputError(_first_line(err)) from None
-        raise UserInputError(f"{path}: cannot be read as a volume ({_first_line(err)})") from None
+            raise UserInputError(first_line(err)) from None
+        raise UserInputError(f"{path}: cannot be read as a volume ({first_line(err)})") from None
     except (EOFError, OSError, RuntimeError) as err:
         # EOFError / zlib errors: a truncated .gz; MONAI's RuntimeError: no reader accepts the file (empty, text).
-        reason = _first_line(err)
+        reason = first_line(err)
         if "cannot find a suitable reader" in reason:
             reason = "no reader accepts it (empty, text, or not a NIfTI / NRRD / DICOM file)"
         raise UserInputError(f"{path}: cannot be read as a volume: {reason}") from None
     except Exception as err:  # nibabel / ITK raise their own types for damaged headers
         if type(err).__name__ in ("ImageFileError", "HeaderDataError", "error"):
-            raise UserInputError(f"{path}: cannot be read as a volume: {_first_line(err)}") from None
+            raise UserInputError(f"{path}: cannot be read as a volume: {first_line(err)}") from None
         raise
 
 
@@ -184,7 +187,7 @@ def _check_nifti_header(path: Path) -> None:
     try:
         nib.load(str(path))
     except Exception as err:  # nibabel's ImageFileError, gzip's BadGzipFile, EOFError ...
-        reason = _first_line(err).replace(f"{path}", path.name)
+        reason = first_line(err).replace(f"{path}", path.name)
         raise UserInputError(f"{path}: cannot be read as a volume: {reason}") from None
 
 
@@ -216,44 +219,3 @@ def volume_slice(
         "slices": geometry.num_slices,
     }
     return ModelImage(grey, source, volume=vol)
-
-
-def _dicom_frames(path: Path) -> int:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
-        raise UserInputError(f"{path}: not a readable DICOM file ({_first_line(err)})") from None
-    if "Rows" not in ds:
-        raise UserInputError(f"{path}: a DICOM file without an image (no Rows / Columns)")
-    return int(getattr(ds, "NumberOfFrames", 1) or 1)
-
-
-def _dicom_image(path: Path) -> Any:
-    """A single-frame DICOM image: modality LUT (HU for CT), MONOCHROME1 inverted, SA-Med2D percentiles."""
-    import numpy as np
-    import pydicom
-    import torch
-    from pydicom.pixels import apply_modality_lut
-
-    from ..transforms.intensity import SAMed2DNormalize
-
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-    except Exception as err:  # pydicom raises many kinds for damaged or undecodable pixel data
-        raise UserInputError(f"{path}: cannot decode the DICOM pixel data ({_first_line(err)})") from None
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # colour (RGB) DICOM: already display values
-    if pixels.ndim != 2:
-        raise UserInputError(f"{path}: DICOM pixel data of shape {pixels.shape} is not one 2D image")
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1 shows low values bright
-    return SAMed2DNormalize()(torch.from_numpy(pixels)).numpy().astype(np.uint8)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

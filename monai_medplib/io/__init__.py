@@ -27,6 +27,8 @@ _EXPORTS = {
     "ALGORITHM_NAME": "dicom_seg",
     "source_frames": "dicom_seg",
     "write_dicom_seg": "dicom_seg",
+    "dicom_frame_count": "dicom_image",
+    "read_dicom_image": "dicom_image",
     "choose_rescale": "dicom_series",
     "write_dicom_series": "dicom_series",
     "save_nifti": "nifti",

@@ -49,7 +49,8 @@ __all__ = [
 # File kinds by name, the one home of these lists (lower case; DICOM series also come as folders).
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd", ".dcm")
+DICOM_SUFFIX = ".dcm"  # a DICOM file: one frame is a 2D image, several a volume (io/dicom_image.py)
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha", ".mhd", DICOM_SUFFIX)
 
 
 def file_stem(path: str | Path) -> str:

@@ -210,6 +210,36 @@ def test_2d_grounding_region_vqa_and_volume_vqa(tmp_path: Path, pipeline, data) 
     assert list(whole["vqa"]["answers"]) == [str(SHAPE[2] // 2)]  # middle axial slice by default
 
 
+def test_a_single_frame_dicom_file_is_a_2d_image_and_a_multi_frame_one_a_volume(
+    tmp_path: Path, pipeline
+) -> None:
+    """pydicom's real CT_small.dcm (one frame) is grounded as the CLI grounds it; emri_small.dcm (10 frames) is a
+    volume."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from monai_medplib.adapters.bundle.prompts import parse_prompt
+    from monai_medplib.io.dicom_image import read_dicom_image
+
+    single = Path(shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct_small.dcm"))
+    (result,) = _infer(tmp_path, pipeline, {"image": str(single), "text": "liver"}).run()[0]
+    assert result["kind"] == "image"
+    mask = np.asarray(Image.open(result["outputs"]["label"]))
+    expected = pipeline.ground(
+        read_dicom_image(single), "Please segment the liver.", force_seg=True, max_new_tokens=4
+    )
+    assert mask.shape == (128, 128) and np.array_equal(mask == 255, np.asarray(expected.mask) > 0)
+    region = {"image": str(single), "question": "What is here?", "points": [[60, 70]], "id": "ct_region"}
+    (answer,) = _infer(tmp_path, pipeline, region).run()[0]
+    assert isinstance(answer["region_vqa"]["answer"], str)
+    with pytest.raises(ValueError, match=r"points.*\[\[x, y\], \.\.\.\] pixels of the image"):
+        parse_prompt({**region, "points": [[60, 70, 0]]})  # a 2D image takes [x, y] points
+    multi = Path(shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "emri_small.dcm"))
+    (volume,) = _infer(tmp_path, pipeline, {"image": str(multi), "question": "Which organ?"}).run()[0]
+    assert volume["kind"] == "volume" and list(volume["vqa"]["answers"]) == ["5"]  # the middle of 10 frames
+
+
 def _mecovqa_split(root: Path) -> Path:
     """Two images with a grounding, a closed-VQA and a region-VQA record each, train and test alike."""
     for folder in ("images", "masks", "masks_merged", "train", "test"):

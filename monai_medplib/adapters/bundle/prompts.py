@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...io.readers import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, file_stem
+from ...io.dicom_image import dicom_frame_count
+from ...io.readers import DICOM_SUFFIX, IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES, file_stem
 from ...transforms.planes import AXES
 
 __all__ = [
@@ -102,6 +103,8 @@ def _is_volume(path: Path) -> bool:
     name = path.name.lower()
     if name.endswith(IMAGE_2D_SUFFIXES):
         return False
+    if name.endswith(DICOM_SUFFIX):  # one frame: an X-ray / ultrasound / single slice, grounded as a 2D image
+        return dicom_frame_count(path) > 1
     if name.endswith(VOLUME_SUFFIXES):
         return True
     raise _bad(
@@ -265,7 +268,7 @@ def parse_prompt(input_dict: Mapping[str, Any]) -> BundlePrompt:
         id=study,
         image=image,
         is_volume=is_volume,
-        is_dicom_series=image.is_dir() or image.name.lower().endswith(".dcm"),
+        is_dicom_series=image.is_dir() or (is_volume and image.name.lower().endswith(DICOM_SUFFIX)),
         texts=texts,
         question=question,
         points=points,

@@ -32,7 +32,9 @@ import torch
 
 from ...checkpoint import resolve_model_path
 from ...io.atomic import check_writable_folder
+from ...io.dicom_image import read_dicom_image
 from ...io.outputs import save_mask_png, save_png, write_json
+from ...io.readers import DICOM_SUFFIX
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
 from ...tokenization import grounding_prompt
@@ -292,10 +294,17 @@ class BundlePromptRunner:
     # -- 2D images
     def _image(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:
         gen = {"max_new_tokens": self.max_new_tokens}
+        # a single-frame DICOM file is decoded as the CLI decodes it (modality LUT, SA-Med2D percentiles); pictures
+        # go to the pipeline by path
+        image = (
+            read_dicom_image(prompt.image)
+            if prompt.image.name.lower().endswith(DICOM_SUFFIX)
+            else str(prompt.image)
+        )
         if prompt.question is not None:
             if prompt.has_region:
                 answer = self.pipeline.answer_region(
-                    str(prompt.image),
+                    image,
                     prompt.question,
                     mask=None if prompt.region_mask is None else str(prompt.region_mask),
                     points=None if prompt.points is None else [list(p) for p in prompt.points],
@@ -310,12 +319,12 @@ class BundlePromptRunner:
             else:
                 result["vqa"] = {
                     "question": prompt.question,
-                    "answer": self.pipeline.answer(str(prompt.image), prompt.question, **gen),
+                    "answer": self.pipeline.answer(image, prompt.question, **gen),
                 }
         if prompt.texts:
             grounded = [
                 self.pipeline.ground(
-                    str(prompt.image),
+                    image,
                     grounding_prompt(t),  # "liver" -> "Please segment the liver."
                     force_seg=self.force_seg,
                     fast=self.fast_grounding,
