@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from . import __version__, commands
+from .commands._common import out_dirs_removed_on_failure
 from .user_input import USER_ERRORS
 
 # Besides USER_ERRORS, file-system refusals are the user's to fix (a folder without write permission, a file where
@@ -52,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``medplib`` with ``argv`` (default: the process arguments); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        with out_dirs_removed_on_failure():
+            return int(args.run(args))
     except (*USER_ERRORS, *FILE_SYSTEM_ERRORS) as err:
         return _user_error(args.command, err)
     except OSError as err:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +107,50 @@ def require_path(path: str | Path, option: str = "") -> Path:
     return path
 
 
+# (folder, topmost folder check_out_dir created for it), for out_dirs_removed_on_failure
+_CREATED_OUT_DIRS: list[tuple[Path, Path]] = []
+
+
 def check_out_dir(path: str | Path, option: str = "--out") -> Path:
     """``path`` is a folder or can become one (no file in the way, here or above), and a file can be written in it:
-    the folder is created here, before any model runs."""
+    the folder is created here, before any model runs (and removed again by :func:`out_dirs_removed_on_failure`
+    when the command fails later with nothing written)."""
     from ..io.atomic import check_writable_folder
 
     path = Path(path)
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise UserInputError(f"{option} {path}: {part} is a file; give a folder")
+    missing = [part for part in (path, *path.parents) if not part.exists()]
     try:
-        return check_writable_folder(path)
+        folder = check_writable_folder(path)
     except OSError as err:
         raise UserInputError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
+    if missing:
+        _CREATED_OUT_DIRS.append((path, missing[-1]))
+    return folder
+
+
+@contextmanager
+def out_dirs_removed_on_failure() -> Iterator[None]:
+    """Around a command: when it fails, remove the folders :func:`check_out_dir` created for it that are still
+    empty (a command refused after its checks leaves no empty folder behind). A folder that holds anything is kept,
+    and so is every folder above it."""
+    start = len(_CREATED_OUT_DIRS)
+    try:
+        yield
+    except BaseException:
+        for folder, top in reversed(_CREATED_OUT_DIRS[start:]):
+            for part in (folder, *folder.parents):
+                try:
+                    part.rmdir()
+                except OSError:  # not empty (or gone): what is above it stays
+                    break
+                if part == top:
+                    break
+        raise
+    finally:
+        del _CREATED_OUT_DIRS[start:]
 
 
 def check_out_file(path: str | Path, option: str = "--out") -> Path:

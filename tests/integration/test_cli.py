@@ -215,6 +215,27 @@ def test_bad_input_is_one_line_and_exit_2(bad_files, argv, names, monkeypatch, c
     assert names in err, err
 
 
+def test_a_command_refused_after_its_checks_leaves_no_empty_output_folder(bad_files, tmp_path, capsys):
+    """--out folders are created when the arguments are checked; a later refusal (here a damaged model) removes
+    those it created while they are empty, and keeps a folder the user had and one that holds anything."""
+    image, model = str(bad_files / "ct.nii.gz"), str(bad_files / "model_weights")
+    new = tmp_path / "new" / "deeper"
+    assert main(["ground", image, "liver", "--model", model, "--out", str(new)]) == 2
+    assert "model.safetensors is damaged" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # "new" and "new/deeper" both went
+    had = tmp_path / "had"
+    had.mkdir()
+    assert main(["ground", image, "liver", "--model", model, "--out", str(had / "sub")]) == 2
+    assert list(tmp_path.iterdir()) == [had] and list(had.iterdir()) == []
+    kept = tmp_path / "kept"
+    (kept / "sub").mkdir(parents=True)
+    (kept / "note.txt").write_text("the user's")
+    assert main(["ground", image, "liver", "--model", model, "--out", str(kept / "sub" / "x")]) == 2
+    assert (
+        sorted(p.name for p in kept.iterdir()) == ["note.txt", "sub"] and list((kept / "sub").iterdir()) == []
+    )
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(
     bad_files, monkeypatch, capsys
 ):
