@@ -88,6 +88,7 @@ class VolumeHeader:
 
     shape: tuple[int, ...]
     components: int = 1
+    data_file: str | None = None  # where a MetaImage / NRRD header puts its voxels when not in the file itself
 
     @property
     def voxels(self) -> int:
@@ -109,13 +110,22 @@ class VolumeLimits:
     Args:
         max_voxels: most voxels (the product of the spatial size).
         max_bytes: most bytes of the decoded data (voxels x components x 4 bytes of float32).
+
+    Files read under limits come from someone else (a server's clients), so a header that keeps its voxels in
+    another file is refused too: it could name any file on the server (``ElementDataFile = /etc/passwd``).
     """
 
     max_voxels: int = DEFAULT_MAX_VOXELS
     max_bytes: int = DEFAULT_MAX_BYTES
 
     def check(self, header: VolumeHeader, name: str) -> None:
-        """Raise :class:`VolumeTooLarge` naming ``name`` when ``header`` exceeds a limit."""
+        """Raise :class:`VolumeTooLarge` naming ``name`` when ``header`` exceeds a limit, and
+        :class:`~monai_medplib.user_input.UserInputError` when it keeps its voxels in another file."""
+        if header.data_file is not None:
+            raise UserInputError(
+                f"image {name!r} keeps its voxels in another file ({header.data_file!r}); send a single-file "
+                "volume (NIfTI, NRRD or MetaImage .mha with the data inside)"
+            )
         size = " x ".join(str(n) for n in header.shape)
         if header.voxels > self.max_voxels:
             raise VolumeTooLarge(
@@ -168,6 +178,29 @@ def probe_volume(path: str | Path, series_uid: str | None = None) -> VolumeHeade
         raise UserInputError(f"{name!r} is not a readable image ({type(err).__name__}: {reason})") from err
 
 
+_HEADER_BYTES = 1 << 16  # MetaImage / NRRD text headers are a few hundred bytes
+
+
+def _detached_data_file(path: Path) -> str | None:
+    """The file a MetaImage (``ElementDataFile``) or NRRD (``data file``) header reads its voxels from, or None when
+    they follow the header in ``path`` itself."""
+    with path.open("rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if head.startswith(b"NRRD"):
+        text = head.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]  # the header ends at the first empty line
+        for line in text.split(b"\n")[1:]:
+            key, sep, value = line.partition(b":")
+            if sep and key.strip().lower() in (b"data file", b"datafile"):
+                return value.strip().decode("utf-8", "replace")
+        return None
+    for line in head.splitlines():
+        key, sep, value = line.partition(b"=")
+        if sep and key.strip() == b"ElementDataFile":  # MetaImage: always the last header line
+            data = value.strip().decode("utf-8", "replace")
+            return None if data.upper() == "LOCAL" else data
+    return None
+
+
 def _probe_itk(path: Path) -> VolumeHeader:
     import itk
 
@@ -177,7 +210,7 @@ def _probe_itk(path: Path) -> VolumeHeader:
     io.SetFileName(str(path))
     io.ReadImageInformation()
     dims = tuple(int(io.GetDimensions(i)) for i in range(io.GetNumberOfDimensions()))
-    return VolumeHeader(dims, int(io.GetNumberOfComponents()))
+    return VolumeHeader(dims, int(io.GetNumberOfComponents()), _detached_data_file(path))
 
 
 def _probe_dicom(file: Path, name: str, count: int) -> VolumeHeader:

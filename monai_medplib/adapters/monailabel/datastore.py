@@ -116,11 +116,11 @@ def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeL
             f"label {name!r} is not a volume file; the server stores {', '.join(STORED_SUFFIXES)}"
         )
     header = probe_volume(path)
+    limits.check(header, name)
     if _spatial(header) != _spatial(image):
         raise UserInputError(
             f"label {name!r} has size {_size(_spatial(header))}; its image has {_size(_spatial(image))}"
         )
-    limits.check(header, name)
     values = np.asarray(_decode(path, name, "label"))
     if values.size and (values.min() < 0 or not np.array_equal(values, np.rint(values))):
         raise UserInputError(

@@ -79,6 +79,39 @@ def test_add_image_checks_names_and_content(store, tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "name, header",
+    [
+        (
+            "leak.mha",
+            b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementType = MET_UCHAR\nElementDataFile = {}\n",
+        ),
+        ("leak.nrrd", b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 4\nencoding: raw\ndata file: {}\n\n"),
+    ],
+)
+def test_a_header_that_reads_its_voxels_from_another_file_is_refused(store, tmp_path, name, header):
+    """A client's MetaImage / NRRD header could name any file on the server as its voxel data."""
+    secret = tmp_path / "other_patient.raw"
+    secret.write_bytes(bytes(range(256)))  # 8 x 8 x 4 bytes: ITK would read it as the image
+    upload = tmp_path / name
+    upload.write_bytes(header.replace(b"{}", str(secret).encode()))
+    with pytest.raises(UserInputError, match=f"{name}' keeps its voxels in another file"):
+        store.add_image("leak", str(upload), {})
+    with pytest.raises(UserInputError, match="keeps its voxels in another file"):
+        store.save_label("ct1", str(upload), "final", {})
+    assert store.list_images() == ["ct1"] and not (tmp_path / "studies" / name).exists()
+    # the same header is read as a volume where no limits apply (a user's own files, through the CLI)
+    from monai_medplib.io.readers import load_volume
+
+    assert tuple(load_volume(upload).shape) == (1, 8, 8, 4)
+    # a MetaImage with its data inside (ElementDataFile = LOCAL, as ITK writes .mha) is stored
+    import itk
+
+    local = tmp_path / "local.mha"
+    itk.imwrite(itk.image_from_array(np.zeros((6, 16, 20), np.int16)), str(local))
+    assert store.add_image("local", str(local), {}) == "local"
+
+
 def test_save_label_checks_against_its_image(store, tmp_path):
     label = _save(tmp_path / "l.nii.gz", (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 3).astype(np.uint8))
     assert store.save_label("ct1", str(label), "final", {}) == "ct1"
