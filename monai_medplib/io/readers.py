@@ -88,7 +88,9 @@ class VolumeHeader:
 
     shape: tuple[int, ...]
     components: int = 1
-    data_file: str | None = None  # where a MetaImage / NRRD header puts its voxels when not in the file itself
+    data_file: str | None = (
+        None  # where a MetaImage / NRRD header puts its voxels when not in the file itself
+    )
 
     @property
     def voxels(self) -> int:

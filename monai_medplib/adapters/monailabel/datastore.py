@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -155,7 +156,11 @@ def binary_label_to_nifti(
     shape = tuple(int(n) for n in image.shape[1:])
     values = np.fromfile(upload, dtype=np.uint8).reshape(shape, order="F")
     affine = np.asarray(image.meta.get("original_affine", image.affine), dtype=np.float64)
-    out = work / f"{upload.name[: -len(BINARY_LABEL_SUFFIX)]}.nii.gz"
+    # a folder of its own: the image may sit in ``work`` under the label's name (infer uploads x.nii.gz + x.bin)
+    out = (
+        Path(tempfile.mkdtemp(prefix="bin-label-", dir=work))
+        / f"{upload.name[: -len(BINARY_LABEL_SUFFIX)]}.nii.gz"
+    )
     nib.save(nib.Nifti1Image(values, affine), str(out))
     return out
 

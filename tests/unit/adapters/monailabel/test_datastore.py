@@ -144,6 +144,21 @@ def test_ohif_binary_label_is_placed_on_the_image_grid(store, tmp_path):
         store.save_label("ct1", str(raw), "final", {})
 
 
+def test_a_binary_label_named_like_its_image_does_not_overwrite_it(tmp_path):
+    """An infer request uploads x.nii.gz and x.bin into one folder; the label's NIfTI must not replace the image."""
+    from monai_medplib.adapters.monailabel.datastore import binary_label_to_nifti
+
+    image = _save(tmp_path / "x.nii.gz", np.full(SHAPE, 99, np.int16))
+    before = image.read_bytes()
+    values = np.zeros(SHAPE, np.uint8)
+    values[2:5, 3:9, 1:4] = 1
+    raw = tmp_path / "x.bin"
+    raw.write_bytes(values.tobytes(order="F"))
+    out = binary_label_to_nifti(image, raw, tmp_path)
+    assert image.read_bytes() == before and out != image
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), values)
+
+
 def test_binary_label_checks_the_image_header_before_decoding_it(tmp_path):
     from monai_medplib.adapters.monailabel.datastore import binary_label_to_nifti
 
