@@ -261,12 +261,14 @@ class GuardedLocalDatastore(LocalDatastore):
                 f"image id {image_id!r} reads like a mask file name ({', '.join(sorted(MASK_WORDS))}); the server "
                 "does not list such files as studies (conf list_masks=false): give the image another id"
             )
-        check_image_file(upload, upload.name, self._limits)
+        header = check_image_file(upload, upload.name, self._limits)
         folder = self._datastore.image_path()
         name = self._filename(image_id, suffix)
         with FileLock(self._lock_file):
-            self._place(upload, Path(folder) / name, self._datastore_path)
             previous = self._datastore.objects.get(image_id)
+            if previous is not None:
+                self._check_labels_fit(image_id, header)
+            self._place(upload, Path(folder) / name, self._datastore_path)
             if previous is not None and previous.image.ext != suffix:
                 Path(folder, self._filename(image_id, previous.image.ext)).unlink(missing_ok=True)
             info = {**(image_info or {}), "ts": int(time.time()), "name": name}
@@ -276,6 +278,23 @@ class GuardedLocalDatastore(LocalDatastore):
             )
             self._update_datastore_file(lock=False)
         return image_id
+
+    def _check_labels_fit(self, image_id: str, header: VolumeHeader) -> None:
+        """A replaced image keeps its labels: refuse a new image that its stored labels do not fit (nothing is
+        dropped silently; the user deletes the labels or picks another id)."""
+        misfits = []
+        for tag in sorted(self._datastore.objects[image_id].labels):
+            uri = self.get_label_uri(image_id, tag)
+            if not uri or not os.path.exists(uri):
+                continue
+            size = _spatial(probe_volume(uri))
+            if size != _spatial(header):
+                misfits.append(f"{tag!r} ({_size(size)})")
+        if misfits:
+            raise UserInputError(
+                f"image {image_id!r} exists with labels {', '.join(misfits)} that do not fit the new image "
+                f"({_size(_spatial(header))}); delete those labels first or upload it under another id"
+            )
 
     def image_header(self, image_id: str) -> VolumeHeader:
         """The header of a stored image (404 if the id is unknown)."""

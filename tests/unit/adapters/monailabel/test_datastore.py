@@ -131,6 +131,25 @@ def test_save_label_checks_against_its_image(store, tmp_path):
     assert open(store.get_label_uri("ct1", "final"), "rb").read() == label.read_bytes()
 
 
+def test_replacing_an_image_that_its_labels_do_not_fit_is_refused_and_loses_nothing(store, tmp_path):
+    label = _save(tmp_path / "l.nii.gz", np.ones(SHAPE, np.uint8))
+    store.save_label("ct1", str(label), "final", {})
+    stored = (tmp_path / "studies" / "ct1.nii.gz").read_bytes()
+    bigger = _save(tmp_path / "ct1.nii.gz", np.zeros((24, 16, 6), np.int16))
+    with pytest.raises(
+        UserInputError,
+        match="labels 'final' \\(20 x 16 x 6\\) that do not fit the new image \\(24 x 16 x 6\\)",
+    ):
+        store.add_image("ct1", str(bigger), {})
+    assert (tmp_path / "studies" / "ct1.nii.gz").read_bytes() == stored
+    assert open(store.get_label_uri("ct1", "final"), "rb").read() == label.read_bytes()
+    # the same size (a re-upload of the volume, as Slicer does) replaces the image and keeps the labels
+    same = _save(tmp_path / "same.nii.gz", np.full(SHAPE, 7, np.int16))
+    assert store.add_image("ct1", str(same), {}) == "ct1"
+    assert (tmp_path / "studies" / "ct1.nii.gz").read_bytes() == same.read_bytes()
+    assert store.get_label_uri("ct1", "final")
+
+
 def test_ohif_binary_label_is_placed_on_the_image_grid(store, tmp_path):
     values = np.zeros(SHAPE, np.uint8)
     values[3:7, 2:5, 1] = 2
