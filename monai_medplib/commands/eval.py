@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     if args.predictions is not None:
         check_out_file(args.predictions, "--predictions")
+        if args.predictions.resolve() == args.out.resolve():  # the predictions would replace the report
+            raise UserInputError(f"--predictions {args.predictions} is the --out file; give another file")
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserInputError(f"--data-root {args.data_root}: no such folder")
     check_model_folder(args)
@@ -161,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.acceptance_every < 1 or args.clicks < 0:
         raise ValueError(
             f"--acceptance-every must be >= 1 and --clicks >= 0, got {args.acceptance_every}, {args.clicks}"

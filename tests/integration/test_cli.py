@@ -200,6 +200,8 @@ BAD_INPUTS = [
     (["ask", "ct.nii.gz", "Q", "--model", "model_weights"], "model.safetensors is damaged"),
     (["ask", "ct.nii.gz", "Q", "--model", "model_config"], "config.json is damaged"),
     (["eval", "--out", "."], "--out . is a folder"),
+    (["eval", "--out", "r.json", "--predictions", "./r.json"], "--predictions r.json is the --out file"),
+    (["eval", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["ask", "ct.nii.gz", "Q", "--point", "1", "1", "--box", "0", "0", "2", "2"], "give one region prompt"),
 ]
 
