@@ -55,7 +55,9 @@ PredKind = Literal["logits", "probs"]
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        # numpy has no bfloat16 (a model's logits in bf16); float32 holds every bf16 / fp16 value exactly
+        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
     return np.asarray(x)
 
 
@@ -519,6 +521,8 @@ def summarize(
         report["vqa"] = dict(vqa)
         closed = vqa["closed"]
         rows.append(("vqa closed", "accuracy", f"{_fmt(closed['accuracy'])}  (n={closed['n']})"))
+        if vqa.get("n_skipped"):
+            rows.append(("vqa", "skipped (answer_type not closed / open)", str(vqa["n_skipped"])))
         open_part = vqa["open"]
         for key, value in open_part.items():
             if key != "n":

@@ -345,6 +345,8 @@ def _vqa_lines(label: str, part: Mapping[str, Any]) -> list[tuple[str, str, str,
     if open_part["n"]:
         scores = " / ".join(_pct(open_part[k]) for k in ("recall", "precision", "f1", "bleu"))
         lines.append((label, "open recall / precision / F1 / BLEU", scores, str(open_part["n"])))
+    if part.get("n_skipped"):  # neither closed nor open: not scored, and said so (the JSON has the count too)
+        lines.append((label, "skipped (answer_type not closed / open)", str(part["n_skipped"]), "-"))
     return lines
 
 

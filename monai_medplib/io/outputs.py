@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,23 @@ REFERENCE_COLOUR = (40, 220, 60)  # outline of a reference label in overlays
 LEGEND_ROW = 16  # pixels per legend line
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinite floats as None: JSON has no NaN (strict parsers refuse the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, content: Any) -> Path:
-    """``content`` as indented JSON (non-JSON values through ``str``), written atomically."""
-    return atomic_write_text(path, json.dumps(content, indent=2, default=str) + "\n")
+    """``content`` as indented JSON (non-JSON values through ``str``, NaN / infinity as ``null``), written
+    atomically."""
+    return atomic_write_text(
+        path, json.dumps(_finite(content), indent=2, default=str, allow_nan=False) + "\n"
+    )
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

@@ -194,3 +194,39 @@ def test_summarize_report_and_table():
     assert report["volume_dice"] == {"liver": 0.9}
     json.dumps(report)  # JSON-serialisable
     assert "mIoU / mDice" in table and "100.00 / 100.00" in table and "90.00" in table
+
+
+def test_skipped_answers_are_counted_in_the_tables_too():
+    """An answer_type that is neither closed nor open is not scored; the printed tables say how many."""
+    from monai_medplib.evaluation.mecovqa import build_report, format_table
+
+    records = [
+        {"gt": "CT", "pred": "ct", "answer_type": "Closed-ended", "task": "vqa", "question_kind": "modality"},
+        {"gt": "yes", "pred": "yes", "answer_type": "closed", "task": "vqa", "question_kind": "visible"},
+    ]
+    _, table = summarize(vqa=vqa_metrics(records))
+    assert "skipped (answer_type not closed / open)  1" in table
+    report = build_report(records)
+    assert report["vqa"]["per_task"]["vqa"]["n_skipped"] == 1
+    assert "skipped (answer_type not closed / open)" in format_table(report)
+
+
+def test_half_precision_logits_are_scored_like_float32():
+    gt = np.zeros((4, 4), bool)
+    gt[0, 0] = True  # sigmoid(-2) = 0.12 > 0.1: the whole image is predicted, IoU 1 / 16
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        meter = GroundingMeter()
+        meter.add("ct_j.png", torch.full((4, 4), -2.0, dtype=dtype), gt)
+        assert meter.result()["miou"] == pytest.approx(1 / 16), dtype
+
+
+def test_an_undefined_dice_is_written_as_json_null(tmp_path):
+    from monai_medplib.io.outputs import write_json
+
+    scores = dice_3d(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), labels={"liver": 1})
+    assert math.isnan(scores["liver"])
+    path = write_json(tmp_path / "r.json", {"volume_dice": scores, "per_slice": [float("inf"), 0.5]})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) == {
+        "volume_dice": {"liver": None},
+        "per_slice": [None, 0.5],
+    }
