@@ -236,6 +236,9 @@ def _too_big_body() -> bytes:
 
 
 _TEXT = b"patient notes, not an image\n" * 20
+# headers that read their voxels from another file of the server (8 x 8 x 4 bytes of /etc/passwd)
+_LEAK_MHA = b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementType = MET_UCHAR\nElementDataFile = /etc/passwd\n"
+_LEAK_NRRD = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 4\nencoding: raw\ndata file: /etc/passwd\n\n"
 _TRUNCATED = _SMALL_CT[: len(_SMALL_CT) // 2]
 
 CASES = [
@@ -524,6 +527,37 @@ CASES = [
         "'model'",
     ),
     Case(17, "unknown model", infer("medplib_nope", {}), 404, "unknown model"),
+    # 18: found by review: detached voxel data, archives that hold no single volume
+    Case(18, "MetaImage reading a server file", put_image("leak.mha", _LEAK_MHA), 400, "keeps its voxels in"),
+    Case(18, "NRRD reading a server file", put_label("leak.nrrd", _LEAK_NRRD), 400, "keeps its voxels in"),
+    Case(
+        18,
+        "session from a header reading a server file",
+        put_session("leak.nrrd", _LEAK_NRRD, uncompress=False),
+        400,
+        "keeps its voxels in another file",
+    ),
+    Case(
+        18,
+        "infer upload reading a server file",
+        infer("medplib_vqa", {}, image=None, files={"file": ("leak.mha", _LEAK_MHA)}),
+        415,
+        "keeps its voxels in another file",
+    ),
+    Case(
+        18,
+        "archive of two volumes",
+        put_session("two.zip", _zip([("a.nii.gz", _SMALL_CT), ("b.nii.gz", _SMALL_CT)])),
+        400,
+        "holds no DICOM series: upload one volume file",
+    ),
+    Case(
+        18,
+        "archive member clashing with a folder",
+        put_session("clash.zip", _zip([("a", b"x"), ("a/b.nii.gz", _SMALL_CT)])),
+        400,
+        "cannot be unpacked at 'a",
+    ),
 ]
 
 
@@ -677,6 +711,21 @@ def test_no_file_left_by_accepted_requests(site):
     assert (
         "nvImageCodec" not in site.server.log_text()
     )  # once-per-read warning pair of MONAI's readers (issue 16.11)
+
+
+def test_an_archive_wrapping_one_volume_or_a_series_in_a_folder_becomes_a_session(site, tmp_path):
+    """What people zip: a folder holding one NIfTI, or a folder holding a DICOM series."""
+    from monai_medplib.io import write_dicom_series
+
+    write_dicom_series(_RNG.normal(0, 100, (32, 32, 6)), np.eye(4), tmp_path / "series")
+    series = [(f"CT_0001/{p.name}", p.read_bytes()) for p in sorted((tmp_path / "series").iterdir())]
+    for name, members in (("nifti.zip", [("case7/ct.nii.gz", _SMALL_CT)]), ("series.zip", series)):
+        reply = put_session(name, _zip(members))(site)
+        assert reply.status_code == 200, (name, reply.text[:300])
+        session_id = reply.json()["session_id"]
+        answer = infer("medplib_vqa", {}, image=None, session_id=session_id)(site)
+        assert answer.status_code == 200, (name, answer.text[:300])
+        assert site.http.delete(f"{site.url}/session/{session_id}", timeout=30).status_code == 200
 
 
 def test_masks_in_the_studies_folder_are_not_studies(site):

@@ -43,8 +43,17 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int, max_members: int 
             _extract_tar(archive, dest, max_bytes, max_members)
         else:
             raise UserInputError(f"{name!r} is not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise UserInputError(f"archive {name!r} cannot be read: {err}") from err
+    except (
+        OSError
+    ) as err:  # a member that clashes with another (a file and a folder of one name): no server path
+        member = ""
+        if err.filename and Path(err.filename).is_relative_to(dest):
+            member = f" at {Path(err.filename).relative_to(dest).as_posix()!r}"
+        raise UserInputError(
+            f"archive {name!r} cannot be unpacked{member}: {err.strerror or type(err).__name__}"
+        ) from err
 
 
 def _too_big(archive: str, total: int, max_bytes: int) -> UserInputError:

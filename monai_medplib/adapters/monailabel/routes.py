@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...io.readers import VolumeLimits, probe_volume
+from ...io.readers import DICOM_SUFFIX, VolumeLimits, probe_volume
 from ...user_input import UserInputError, parse_bool, parse_int
 from . import names
 from .archives import extract_archive, is_archive
+from .datastore import volume_suffix
 from .errors import rejected
 from .settings import ServerSettings
 from .uploads import Form, Staging, read_form
@@ -227,11 +228,36 @@ def _session_source(files: list, folder: Path, uncompress: bool, limits: VolumeL
         unpacked = folder / "unpacked"
         unpacked.mkdir()
         extract_archive(files[0].path, unpacked, limits.max_bytes)
-        source = unpacked
+        source, what = _unpacked_source(unpacked), f"archive {files[0].name!r}"
+    elif len(files) == 1:
+        source, what = files[0].path, repr(files[0].name)
     else:
-        source = files[0].path if len(files) == 1 else files[0].path.parent
-    limits.check(probe_volume(source), files[0].name if len(files) == 1 else "the uploaded series")
+        source, what = files[0].path.parent, f"the {len(files)} uploaded files"
+    try:
+        header = probe_volume(source)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, UserInputError):
+            raise
+        found = "no DICOM series" if isinstance(err, FileNotFoundError) else "several DICOM series"
+        raise UserInputError(
+            f"{what} holds {found}: upload one volume file (NIfTI, NRRD, MetaImage .mha), or the files of one "
+            "DICOM series"
+        ) from None
+    limits.check(header, files[0].name if len(files) == 1 else "the uploaded series")
     return source
+
+
+def _unpacked_source(folder: Path) -> Path:
+    """An unpacked archive's volume: its one volume file, or the folder holding its files (a DICOM series),
+    below any single top folder the archive wraps them in (a zipped series folder)."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    while len(entries) == 1 and entries[0].is_dir():
+        folder = entries[0]
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    suffix = volume_suffix(entries[0].name) if len(entries) == 1 else None
+    if suffix is not None and suffix.lower() != DICOM_SUFFIX:
+        return entries[0]
+    return folder
 
 
 def ohif_router() -> Any:
