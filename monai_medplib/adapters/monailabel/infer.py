@@ -144,6 +144,11 @@ def _check_dicom_seg(datastore: Any, params: dict[str, Any]) -> None:
         raise rejected(400, "output=dicom_seg needs a DICOMweb datastore (--studies URL)")
     if not params.get("label_info"):
         raise rejected(400, "output=dicom_seg needs 'label_info' in params")
+    from .server import check_label_info
+
+    check_label_info(
+        params["label_info"]
+    )  # before the model runs: a bad entry would fail the DICOM-SEG after it
 
 
 def _reply(

@@ -140,6 +140,52 @@ def _numbered_segments(label_path: str) -> str | None:
     return path
 
 
+def check_label_info(label_info: Any) -> list[dict[str, Any]]:
+    """A client's ``label_info`` as a list of segment descriptions, or a user error naming what is wrong.
+
+    Each entry is an object; ``id`` (when given) a whole number >= 0, ``name`` / ``description`` text, ``color`` three
+    whole numbers 0-255, ``segmentAttribute`` an object.
+
+    Raises:
+        UserInputError: naming ``label_info`` and the entry at fault.
+    """
+    import math
+
+    from ...user_input import UserInputError, parse_int
+
+    if label_info is None:
+        return []
+    if not isinstance(label_info, list) or not all(isinstance(e, dict) for e in label_info):
+        raise UserInputError(f"'label_info' must be a list of objects, got {str(label_info)[:80]!r}")
+    for n, entry in enumerate(label_info):
+        where = f"'label_info' entry {n}"
+        if "id" in entry:
+            parse_int(entry["id"], f"{where} id", minimum=0)
+        for key in ("name", "description"):
+            if key in entry and not isinstance(entry[key], str):
+                raise UserInputError(f"{where} {key} must be text, got {str(entry[key])[:40]!r}")
+        if "color" in entry:
+            colour = entry["color"]
+            if (
+                not isinstance(colour, list)
+                or len(colour) != 3
+                or any(
+                    isinstance(c, bool)
+                    or not isinstance(c, int | float)
+                    or not math.isfinite(c)
+                    or c != int(c)
+                    or not 0 <= c <= 255
+                    for c in colour
+                )
+            ):
+                raise UserInputError(
+                    f"{where} color must be three whole numbers 0-255, got {str(colour)[:40]!r}"
+                )
+        if "segmentAttribute" in entry and not isinstance(entry["segmentAttribute"], dict):
+            raise UserInputError(f"{where} segmentAttribute must be an object")
+    return label_info
+
+
 def align_label_info(label_path: str, label_info: Any) -> Any:
     """``label_info`` ordered like the label values present in ``label_path`` (entries matched on ``id``)."""
     if not label_info or not all(isinstance(i, dict) and "id" in i for i in label_info):
@@ -174,7 +220,7 @@ def coded_label_info(label_path: str, label_info: Any) -> list[dict[str, Any]]:
         return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme, "CodeMeaning": c.meaning}
 
     values = _label_values(label_path)
-    aligned = align_label_info(label_path, label_info) or []
+    aligned = align_label_info(label_path, check_label_info(label_info)) or []
     entries = []
     for n, value in enumerate(values):
         entry = dict(aligned[n]) if n < len(aligned) and isinstance(aligned[n], dict) else {}

@@ -76,3 +76,29 @@ def test_positional_label_info_and_unknown_names(series_and_label):
         ("kidney", "91723000", "64033007"),
         ("zorbulon", "85756007", "85756007"),
     ]
+
+
+@pytest.mark.parametrize(
+    "label_info, words",
+    [
+        ({"a": 1}, "must be a list of objects"),
+        (5, "must be a list of objects"),
+        ([{"id": "abc"}], "'label_info' entry 0 id"),
+        ([{"id": None}], "'label_info' entry 0 id"),
+        ([{"id": -1}], "'label_info' entry 0 id"),
+        (
+            [{"name": "liver", "id": 1}, {"id": 2, "color": "red"}],
+            "entry 1 color must be three whole numbers",
+        ),
+        ([{"id": 1, "color": [1e400, 0, 0]}], "color must be three whole numbers 0-255"),
+        ([{"id": 1, "color": [300, 0, 0]}], "color must be three whole numbers 0-255"),
+        ([{"id": 1, "name": 7}], "entry 0 name must be text"),
+    ],
+)
+def test_a_client_label_info_that_cannot_name_segments_is_a_user_error(series_and_label, label_info, words):
+    """A client sends label_info with output=dicom_seg or a DICOMweb label save: a 400 naming it, not a 500."""
+    from monai_medplib.user_input import UserInputError
+
+    series, label = series_and_label
+    with pytest.raises(UserInputError, match=words):
+        server.nifti_to_dicom_seg_pydicom(str(series), str(label), label_info)
