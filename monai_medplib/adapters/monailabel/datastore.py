@@ -376,7 +376,14 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
     ) -> str:
         names.dicom_uid(image_id)
         names.label_tag(label_tag)
-        return super().save_label(image_id, label_filename, label_tag, label_info, *args)
+        image_uri = self.get_image_uri(image_id)  # the series, fetched into MONAI Label's cache
+        upload = Path(label_filename)
+        # checked as on a local datastore before anything is written or sent to the PACS
+        with tempfile.TemporaryDirectory(prefix="medplib-label-") as work:
+            if upload.name.lower().endswith(BINARY_LABEL_SUFFIX):
+                upload = binary_label_to_nifti(image_uri, upload, Path(work), VolumeLimits())
+            check_label_file(upload, upload.name, probe_volume(image_uri), VolumeLimits())
+            return super().save_label(image_id, str(upload), label_tag, label_info, *args)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         # (MONAI Label's own cache fills call LocalDatastore.add_image directly, not this)

@@ -247,3 +247,32 @@ def test_dataset_archive_lands_in_staging(store, tmp_path):
     store.save_label("ct1", str(_save(tmp_path / "l.nii.gz", np.ones(SHAPE, np.uint8))), "final", {})
     path = store.get_dataset_archive(None)
     assert os.path.dirname(os.path.dirname(path)) == str(tmp_path / "studies" / ".medplib" / "staging")
+
+
+def test_dicomweb_labels_are_checked_against_the_cached_series_before_anything_is_written(tmp_path):
+    """On a DICOMweb datastore a label is checked like on a local one (size, byte count), before MONAI Label's own
+    save writes it to the cache or sends it to the PACS."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from monai_medplib.adapters.monailabel.datastore import GuardedDICOMWebDatastore
+
+    root, uid = tmp_path / "cache", "1.2.3.4"
+    (root / uid).mkdir(parents=True)
+    (root / uid / "x.dcm").write_bytes(b"x")  # a cached series folder: MONAI Label downloads nothing
+    _save(root / f"{uid}.nii.gz", np.zeros(SHAPE, np.int16))  # the series as MONAI Label's cache converts it
+    store = LocalDatastore(str(root), extensions=["*.nii.gz"], auto_reload=False)
+    store.__class__ = GuardedDICOMWebDatastore
+    store._client, store._fetch_by_frame, store._convert_to_nifti = None, False, True
+    raw = tmp_path / "label.bin"
+    raw.write_bytes(b"\0" * 10)
+    with pytest.raises(UserInputError, match="has 10 bytes; a raw label of its image \\(20 x 16 x 6\\)"):
+        store.save_label(uid, str(raw), "draft", {})
+    wrong = _save(tmp_path / "w.nii.gz", np.zeros((20, 16, 5), np.uint8))
+    with pytest.raises(UserInputError, match="has size 20 x 16 x 5; its image has 20 x 16 x 6"):
+        store.save_label(uid, str(wrong), "draft", {})
+    assert not (root / "labels" / "draft").exists() or not any((root / "labels" / "draft").iterdir())
+    values = np.zeros(SHAPE, np.uint8)
+    values[1:4, 2:6, 3] = 1
+    raw.write_bytes(values.tobytes(order="F"))
+    store.save_label(uid, str(raw), "draft", {})
+    np.testing.assert_array_equal(np.asarray(nib.load(store.get_label_uri(uid, "draft")).dataobj), values)
