@@ -21,7 +21,7 @@ from lib.configs.medplib_grounding import MedPLIBGroundingConfig
 from lib.configs.medplib_refine import MedPLIBRefineConfig
 from lib.configs.medplib_region_vqa import MedPLIBRegionVQAConfig
 from lib.configs.medplib_vqa import MedPLIBVQAConfig
-from lib.engine import MedPLIBEngine
+from lib.engine import MedPLIBEngine, check_conf_keys
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -47,6 +47,7 @@ class MedPLIBApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         harden_running_server(studies)  # also under a plain `monailabel start_server` (no launcher of ours)
+        check_conf_keys(conf)
         self.engine = MedPLIBEngine.from_conf(conf)
         self.volume_limits = self.engine.limits  # the server's upload checks use the same limits
         self.list_masks = parse_bool(conf.get("list_masks", "false"), "--conf list_masks")

@@ -31,6 +31,43 @@ from .prompts import Point, bad_request
 logger = logging.getLogger(__name__)
 
 
+# every --conf option of the app (README "--conf options"): a misspelt one must not start a server without it
+CONF_KEYS = (
+    "model",
+    "device",
+    "quantization",
+    "models",
+    "preload",
+    "force_seg",
+    "fast_grounding",
+    "keyframes",
+    "grounding_text",
+    "vqa_question",
+    "region_question",
+    "max_voxels",
+    "max_volume_mb",
+    "volume_cache_mb",
+    "decode_slots",
+    "list_masks",
+)
+
+
+def check_conf_keys(conf: dict[str, str]) -> None:
+    """Refuse ``--conf`` keys the app does not read, naming the closest known one.
+
+    Raises:
+        UserInputError: an unknown key (``quantisation`` would otherwise start an unquantised server in silence).
+    """
+    import difflib
+
+    for key in sorted(set(conf) - set(CONF_KEYS)):
+        near = difflib.get_close_matches(key, CONF_KEYS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UserInputError(
+            f"--conf {key}: not an option of the MedPLIB app{hint}; its options: {', '.join(CONF_KEYS)}"
+        )
+
+
 GROUNDING_CACHE_BYTES = 256 * 2**20  # per-slice probabilities kept as refinement priors
 
 
