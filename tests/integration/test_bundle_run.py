@@ -163,6 +163,17 @@ def test_keyframes_setting_runs_the_llm_on_key_slices(tmp_path: Path, pipeline, 
     assert result["resume_key"] != _infer(tmp_path, pipeline, prompt).run()[0][0]["resume_key"]
 
 
+def test_resume_keys_follow_the_dtype_and_the_prompt_template(tmp_path: Path, model_dir: Path, data) -> None:
+    """bf16 changes masks and the template changes the prompt: a cohort re-run with either redoes its studies."""
+    prompt = {"image": str(data["png"]), "question": "What is this?"}
+    keys = {}
+    for dtype, template in (("float32", "vicuna_v1"), ("bfloat16", "vicuna_v1"), ("float32", "llava_v1")):
+        pipe = load_pipeline(str(model_dir), device="cpu", dtype=dtype, template=template)
+        (result,) = _infer(tmp_path / f"{dtype}_{template}", pipe, prompt).run()[0]
+        keys[dtype, template] = result["resume_key"]
+    assert len(set(keys.values())) == 3, keys
+
+
 def test_dicom_series_gets_a_dicom_seg(tmp_path: Path, pipeline, data) -> None:
     (result,) = _infer(
         tmp_path, pipeline, {"image": str(data["dicom"]), "text": "liver", "slices": [1]}
@@ -535,6 +546,24 @@ def test_a_bad_prompt_ends_in_one_line_and_exit_code_2(tmp_path: Path, model_dir
         "region prompt"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_dtype_ends_in_one_line_and_exit_code_2(tmp_path: Path, model_dir: Path, data) -> None:
+    prompt = {"image": str(data["png"]), "question": "What is this?"}
+    proc = _bundle_run(
+        tmp_path,
+        model_dir,
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--dtype",
+        "fp16",
+        "--input_dict",
+        repr(prompt),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert _messages(proc.stderr) == [
+        "error: dtype 'fp16' is not supported; use one of ['float32', 'bfloat16', 'float16']"
+    ]
 
 
 @pytest.mark.slow

@@ -109,8 +109,6 @@ def load_pipeline(
     """
     path = resolve_ckpt_path(ckpt_path, bundle_root)
     resolve_model_path(path)  # "demo" without the demo package fails here, with a clear message
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     components = {}
     for name, value in (("clip_path", clip_path), ("sam_path", sam_path)):
         if value is not None:
@@ -232,9 +230,14 @@ class BundlePromptRunner:
     def settings(self) -> dict[str, Any]:
         """The settings that change a study's outputs (batching does not: batched calls equal single ones)."""
         quantization = getattr(getattr(self.pipeline, "model", None), "quantization", None)
+        placement = getattr(self.pipeline, "placement", None)
         return {
             "model": self.model,
             "quantization": None if quantization is None else quantization.mode,
+            # the LLM's and the image encoders' dtypes (they differ under quantisation) and the prompt template
+            "dtype": str(getattr(self.pipeline, "dtype", None)),
+            "vision_dtype": str(placement("vision")[1]) if placement is not None else None,
+            "template": getattr(self.pipeline, "template", None),
             "max_new_tokens": self.max_new_tokens,
             "force_seg": self.force_seg,
             "fast_grounding": self.fast_grounding,
