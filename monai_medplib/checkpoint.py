@@ -573,7 +573,17 @@ def save_medplib(
     Weights go to ``model.safetensors`` or, above ``max_shard_size``, to ``model-0000i-of-0000n.safetensors`` with a
     ``model.safetensors.index.json``. ``tokenizer`` is a directory to copy the tokenizer files from, a tokenizer
     object with ``save_pretrained``, or None.
+
+    Raises:
+        ValueError: ``model`` was quantised while loading (its packed weights are not the release layout); nothing
+            is written.
     """
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        raise ValueError(
+            f"cannot save a model quantised while loading (quantization={quantization.mode!r}): its weights are "
+            "packed for one kernel; save the model loaded without quantization, and quantise it when loading"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = release_state_dict(model)

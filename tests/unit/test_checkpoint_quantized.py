@@ -105,3 +105,14 @@ def test_the_config_is_read_before_the_weights(tmp_path, public_fixture):
     assert config["num_hidden_layers"] == 2  # layers.2 is outside the model
     with pytest.raises(ValueError, match="outside layers 0-1"):
         load_medplib(out, device_map={"layers.2": "cpu"})
+
+
+def test_saving_a_model_quantised_while_loading_is_refused_before_anything_is_written(
+    tmp_path, public_fixture
+):
+    model, config, _ = load_medplib(public_fixture / "model", quantization="int8", load_tokenizer=False)
+    with pytest.raises(
+        ValueError, match="cannot save a model quantised while loading \\(quantization='int8'\\)"
+    ):
+        checkpoint.save_medplib(model, config, str(public_fixture / "model"), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
