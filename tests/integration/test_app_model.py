@@ -56,6 +56,7 @@ def test_plain_monailabel_start_server_serves_info(plain_server):
         "model": "demo",
         "device": "cpu",
         "dtype": "float32",
+        "llm_dtype": "float32",
         "quantization": "none",
     }
     assert info["datastore"]["total"] == 1

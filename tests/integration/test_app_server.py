@@ -86,6 +86,7 @@ def test_info_lists_tasks_with_config_labels_dimension(server, slicer, demo_dir)
             "model": demo_dir,
             "device": "cpu",
             "dtype": "float32",
+            "llm_dtype": "float32",
             "quantization": "none",
         }
     assert info["datastore"]["total"] == 2

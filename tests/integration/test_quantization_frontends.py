@@ -79,6 +79,9 @@ def test_app_conf_quantization(public_fixture):
     )
     assert engine.describe()["quantization"] == "int8"
     assert engine.pipeline.model.quantization.kinds == {"int8": 21}
+    # what /info says the LLM computes in is what it computes in
+    assert engine.describe()["llm_dtype"] == str(engine.pipeline.dtype).replace("torch.", "") == "bfloat16"
+    assert engine.describe()["dtype"] == str(engine.pipeline.placement("vision")[1]).replace("torch.", "")
     assert MedPLIBEngine.from_conf({"model": "demo", "device": "cpu"}).describe()["quantization"] == "none"
     with pytest.raises(UserInputError, match=r"--conf quantization: quantization 'fp4' is not supported"):
         MedPLIBEngine.from_conf({"model": "demo", "device": "cpu", "quantization": "fp4"})

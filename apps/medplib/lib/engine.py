@@ -184,10 +184,16 @@ class MedPLIBEngine:
             logger.info(f"MedPLIB model {self.model!r} loaded on {self.device} in {self.load_seconds:.1f} s")
 
     def describe(self) -> dict[str, Any]:
+        """What serves the requests (``GET /info/`` and every reply): ``dtype`` is the image encoders' and
+        ``llm_dtype`` the LLM's (bfloat16 when the LLM is quantised)."""
+        from monai_medplib.modeling.quantization import QUANTIZED_LLM_DTYPE
+
+        llm_dtype = QUANTIZED_LLM_DTYPE if self.quantization else self.dtype
         return {
             "model": self.model,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "llm_dtype": str(llm_dtype).replace("torch.", ""),
             "quantization": self.quantization or "none",
         }
 
