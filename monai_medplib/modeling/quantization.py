@@ -331,9 +331,9 @@ def _int8_decode_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if rows > INT8_DECODE_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return nn.functional.linear(x, weight, module.bias)
     # the same product as torchao's (int8 weight times the bf16-rounded row scale), without casting the whole
-    # weight to bf16 first
+    # weight to bf16 first; the kernel needs rows laid out contiguously (a transposed view is not)
     out = torch._weight_int8pack_mm(
-        x.reshape(rows, x.shape[-1]), weight.qdata, weight.scale.view(-1).to(x.dtype)
+        x.reshape(rows, x.shape[-1]).contiguous(), weight.qdata, weight.scale.view(-1).to(x.dtype)
     )
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if module.bias is None else out + module.bias

@@ -170,5 +170,7 @@ def test_the_int8_decode_kernel_is_opt_in_and_close_to_torchao():
     assert not torch.equal(fast, reference[0])  # another kernel really ran ...
     assert torch.allclose(fast.float(), reference[0].float(), atol=0.02, rtol=0.02)  # ... on the same weights
     assert torch.equal(linear(many), reference[1])  # long inputs keep torchao's path
+    transposed = torch.randn(256, 3).bfloat16().t()  # rows not contiguous: the kernel needs a copy
+    assert torch.equal(linear(transposed), linear(transposed.contiguous()))
     q.use_int8_decode_kernel(linear, enabled=False)
     assert torch.equal(linear(few), reference[0])
