@@ -35,7 +35,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--quantization",
-        choices=QUANTIZATION_MODES,
+        type=str.lower,  # any case, as the API, the bundle and the app take it
+        choices=("none", *QUANTIZATION_MODES),
         default=None,
         help="quantise the LLM's linear layers while loading (needs the quant extra; the LLM then runs in "
         "bfloat16); default: none",

@@ -104,3 +104,13 @@ def test_a_bad_mode_or_device_map_fails_before_loading(liver_slice, extra, messa
     errors = [line for line in done.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr and "LOADED" not in done.stderr
+
+
+def test_the_cli_takes_quantization_modes_as_the_api_bundle_and_app_do():
+    """Any case, and "none": a script passing the same value to every front end gets the same model."""
+    from monai_medplib.cli import build_parser
+    from monai_medplib.devices import resolve_quantization
+
+    for value in ("none", "NONE", "int8", "INT8", "Int4"):
+        args = build_parser().parse_args(["ask", "x.png", "Q", "--quantization", value])
+        assert resolve_quantization(args.quantization) == resolve_quantization(value)
