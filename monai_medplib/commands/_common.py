@@ -93,6 +93,10 @@ def check_device(args: argparse.Namespace) -> None:
             f"--device-map must be auto or a JSON object of unit -> device, got {device_map!r}"
         )
     for unit, device in parsed.items():
+        if device is None or isinstance(device, bool):  # resolve_device would read null as "auto"
+            raise UserInputError(
+                f"--device-map {unit}: {device!r} is not a device; name one (cpu, cuda:0, ...)"
+            )
         try:
             resolve_device(f"cuda:{device}" if isinstance(device, int) else device)
         except (ValueError, TypeError) as err:

@@ -103,7 +103,8 @@ def unit_placement(model: nn.Module, unit: str) -> tuple[torch.device, torch.dty
 
 # ---------------------------------------------------------------------------------------------- the map
 def _device(value: str | int | torch.device, unit: str) -> torch.device:
-    if isinstance(value, bool):
+    # resolve_device reads None as "auto": in a map, a unit must name its device (null would land on CUDA unasked)
+    if isinstance(value, bool) or value is None:
         raise ValueError(f"device_map[{unit!r}]: {value!r} is not a device")
     try:
         device = resolve_device(f"cuda:{value}" if isinstance(value, int) else value)

@@ -94,6 +94,7 @@ def test_ground_and_ask_with_int8_in_a_fresh_process(liver_slice, capsys):
     [
         (["--quantization", "int3"], "argument --quantization: invalid choice: 'int3'"),
         (["--device-map", '{"layers": "cuda:99"}'], "--device-map layers: device 'cuda:99'"),
+        (["--device-map", '{"layers": null}'], "--device-map layers: None is not a device"),
     ],
 )
 def test_a_bad_mode_or_device_map_fails_before_loading(liver_slice, extra, message):

@@ -125,6 +125,8 @@ def test_a_map_naming_a_missing_gpu_fails_before_any_weight_is_read(tmp_path, ti
         MedPLIBPipeline.from_pretrained(model, device="cpu", device_map=ALL_CPU)
     with pytest.raises(ValueError, match="device_map must be None, 'auto' or a dict"):
         MedPLIBPipeline.from_pretrained(model, device_map="balanced")
+    with pytest.raises(ValueError, match=r"device_map\['head'\]: None is not a device"):  # not "auto"
+        MedPLIBPipeline.from_pretrained(model, device_map={**ALL_CPU, "head": None})
 
 
 def test_an_all_cpu_map_computes_exactly_what_the_unmapped_model_computes(tiny_model, public_fixture):
