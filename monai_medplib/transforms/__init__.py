@@ -12,6 +12,8 @@ _SUBMODULES = ("planes", "intensity", "slicing", "prompts")
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``transforms.prompts`` as a module, also on the first access
+        return importlib.import_module(f".{name}", __name__)
     for sub in _SUBMODULES:
         module = importlib.import_module(f".{sub}", __name__)
         if name in getattr(module, "__all__", ()):

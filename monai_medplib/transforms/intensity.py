@@ -170,9 +170,14 @@ class SAMed2DNormalize(Transform):
             table = _scale_to_uint8(grey, low, high).numpy()
             return _with_meta_of(img, torch.from_numpy(table[index.numpy()]))
         values = tensor.numpy()
-        if np.isnan(values).all():
-            raise ValueError(f"image of shape {tuple(values.shape)} is all NaN; nothing to normalise")
-        low, high = np.nanpercentile(values, [self.lower, self.upper])
+        finite = np.isfinite(values)
+        if not finite.any():
+            raise ValueError(
+                f"image of shape {tuple(values.shape)} is all NaN / infinite; nothing to normalise"
+            )
+        # percentiles of the finite voxels (an infinite one would make the range infinite and blank the image);
+        # the clip then maps -inf / +inf to 0 / 255 and NaN to 0
+        low, high = np.percentile(values[finite], [self.lower, self.upper])
         return _to_uint8(img, float(low), float(high))
 
 
@@ -202,6 +207,8 @@ class Passthrough8Bit(Transform):
         img = convert_to_tensor(img, track_meta=True)
         if img.dtype == torch.uint8:
             return img
+        if img.dtype == torch.bool:  # a mask: 0 / 1
+            return img.to(torch.uint8)
         values = img.as_tensor() if isinstance(img, MetaTensor) else img
         if values.is_floating_point() and not torch.isfinite(values).all():
             raise ValueError("8-bit passthrough got NaN / infinite values")

@@ -133,7 +133,7 @@ class SliceGeometry:
         return self.spatial_shape[self.row_dim], self.spatial_shape[self.col_dim]
 
     def check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not float(index).is_integer():
+        if isinstance(index, bool | str) or not float(index).is_integer():
             raise ValueError(f"{self.axis} slice index must be an integer, got {index!r}")
         index = int(index)
         if not 0 <= index < self.num_slices:
@@ -304,6 +304,13 @@ class ExtractSlice(InvertibleTransform):
                 "row_flip": geometry.row_flip,
                 "col_flip": geometry.col_flip,
                 "affine": affine,
+                # the input's own affine and space (LPS from ITK readers), restored by the inverse
+                "input_affine": np.asarray(img.affine, dtype=np.float64)
+                if isinstance(img, MetaTensor)
+                else None,
+                "input_space": str(img.meta.get("space", SpaceKeys.RAS))
+                if isinstance(img, MetaTensor)
+                else None,
             },
         )
         return out
@@ -319,13 +326,20 @@ class ExtractSlice(InvertibleTransform):
         raw = data.as_tensor() if isinstance(data, MetaTensor) else data
         volume = torch.zeros((raw.shape[0], *geometry.spatial_shape), dtype=raw.dtype, device=raw.device)
         geometry.put(volume, raw, index)
-        out = MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64))
+        out = MetaTensor(volume)
         if isinstance(data, MetaTensor):
             out.meta = {k: v for k, v in data.meta.items() if not str(k).startswith("slice_")}
             out.applied_operations = list(data.applied_operations)
-        out.affine = torch.as_tensor(affine, dtype=torch.float64)
-        out.meta["space"] = SpaceKeys.RAS
+        _restore_input_geometry(out, transform, affine)
         return out
+
+
+def _restore_input_geometry(out: MetaTensor, transform: Mapping, affine_ras: np.ndarray) -> None:
+    """The affine and space the sliced volume had (its RAS form for traces of older versions)."""
+    info = transform["extra_info"]
+    given = info.get("input_affine")
+    out.affine = torch.as_tensor(affine_ras if given is None else np.asarray(given), dtype=torch.float64)
+    out.meta["space"] = info.get("input_space") or SpaceKeys.RAS
 
 
 def _geometry_from_trace(transform: Mapping) -> tuple[SliceGeometry, np.ndarray, int]:
@@ -391,9 +405,10 @@ def slices_to_volume(slices: Sequence[torch.Tensor], fill: float = 0) -> MetaTen
         elif key != reference:
             raise ValueError(f"slice {n} comes from a different volume or plane than slice 0")
         geometry.put(volume, plane.as_tensor(), index)  # type: ignore[arg-type]
-    out = MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64))
+    out = MetaTensor(volume)
+    out.meta = {k: v for k, v in slices[0].meta.items() if not str(k).startswith("slice_")}
     out.applied_operations = list(slices[0].applied_operations[:-1])
-    out.meta["space"] = SpaceKeys.RAS
+    _restore_input_geometry(out, slices[0].applied_operations[-1], affine)
     return out
 
 
@@ -425,10 +440,10 @@ class ExtractSliced(MapTransform, InvertibleTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         index = None
-        if self.index_key is not None:
+        if self.extractor.index is None and self.index_key is not None:  # a fixed index wins (see Args)
             if self.index_key not in d:
                 raise KeyError(f"slice index key {self.index_key!r} not found in the data (keys: {list(d)})")
-            index = int(d[self.index_key])
+            index = d[self.index_key]  # checked by the extractor: 4.7 is refused, not truncated to 4
         for key in self.key_iterator(d):
             d[key] = self.extractor(d[key], index=index)
         return d

@@ -123,3 +123,29 @@ def test_dictionary_versions_compose():
     )
     assert out["a"].shape == (3, 32, 32, 32) and out["b"].dtype == torch.uint8
     assert torch.equal(out["b"][0], CTWindow("abdomen")(ct)[0])
+
+
+def test_infinite_voxels_do_not_blank_the_image():
+    """Percentiles of the finite voxels; -inf / +inf clip to 0 / 255 (as 1 % of NaN voxels leave the rest)."""
+    values = torch.linspace(0, 100, 1000).reshape(1, 10, 10, 10)
+    with_inf, with_nan = values.clone(), values.clone()
+    with_inf.view(-1)[:10], with_inf.view(-1)[-1] = float("-inf"), float("inf")
+    with_nan.view(-1)[:10], with_nan.view(-1)[-1] = float("nan"), float("nan")
+    out_inf, out_nan = SAMed2DNormalize()(with_inf), SAMed2DNormalize()(with_nan)
+    assert torch.equal(out_inf.view(-1)[10:-1], out_nan.view(-1)[10:-1])  # the finite voxels alike
+    assert len(out_inf.unique()) > 200 and out_inf.view(-1)[0] == 0 and out_inf.view(-1)[-1] == 255
+    with pytest.raises(ValueError, match="all NaN / infinite"):
+        SAMed2DNormalize()(torch.full((1, 2, 2, 2), float("inf")))
+
+
+def test_a_boolean_mask_passes_as_0_and_1():
+    assert Passthrough8Bit()(torch.tensor([[[True, False]]])).tolist() == [[[1, 0]]]
+
+
+def test_transform_submodules_load_on_first_access():
+    import subprocess
+    import sys
+
+    code = "import monai_medplib.transforms as T; print(T.prompts.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "monai_medplib.transforms.prompts", done.stderr

@@ -175,3 +175,33 @@ def test_plane_along_voxel_axis_follows_the_storage_order():
     assert plane_along_voxel_axis(axial) == "axial"
     assert plane_along_voxel_axis(coronal) == "coronal"
     assert plane_along_voxel_axis(coronal, voxel_axis=1) == "axial"
+
+
+def test_a_fixed_index_wins_over_the_index_key_and_fractions_are_refused():
+    volume = MetaTensor(torch.arange(4 * 4 * 6, dtype=torch.float32).reshape(1, 4, 4, 6))
+    fixed = ExtractSliced("image", "axial", index=1, index_key="k")({"image": volume, "k": 4})
+    assert fixed["image"].meta["slice_index"] == 1  # "index: fixed slice index; None = d[index_key]"
+    assert (
+        ExtractSliced("image", "axial", index_key="k")({"image": volume, "k": 4})["image"].meta["slice_index"]
+        == 4
+    )
+    for bad in (4.7, "3"):
+        with pytest.raises(ValueError, match="slice index must be an integer"):
+            ExtractSliced("image", "axial", index_key="k")({"image": volume, "k": bad})
+
+
+def test_the_inverse_gives_back_the_input_s_own_affine_and_space():
+    """An LPS MetaTensor comes back LPS, with its affine and its other meta (per slice and assembled)."""
+    affine = torch.diag(torch.tensor([-0.8, -0.8, 2.5, 1.0], dtype=torch.float64))
+    volume = MetaTensor(
+        torch.rand(1, 6, 5, 4), affine=affine, meta={"space": "LPS", "filename_or_obj": "ct.nrrd"}
+    )
+    extractor = ExtractSlice("axial")
+    back = extractor.inverse(extractor(volume, index=2))
+    assert torch.equal(back.affine, affine) and back.meta["space"] == "LPS"
+    assembled = slices_to_volume(ExtractSlices("axial")(volume))
+    assert torch.equal(assembled.affine, affine) and assembled.meta["space"] == "LPS"
+    assert assembled.meta["filename_or_obj"] == "ct.nrrd" and not any(
+        k.startswith("slice_") for k in assembled.meta
+    )
+    assert torch.equal(assembled.as_tensor(), volume.as_tensor())
