@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..transforms.intensity import CTWindow, SAMed2DNormalize
+from ..transforms.intensity import CTWindow, volume_intensity
 from ..transforms.slicing import ExtractSlice, slice_geometry, volume_affine_ras
 from .atomic import atomic_write_bytes, atomic_write_text
 from .dicom_seg import write_dicom_seg
@@ -203,7 +203,7 @@ def save_overlay_montage(
         The PNG path and the slice indices shown.
     """
     extract = ExtractSlice(axis=axis)
-    shown = CTWindow(window)(image) if window is not None else SAMed2DNormalize()(image)
+    shown = CTWindow(window)(image) if window is not None else volume_intensity("samed2d", image.dtype)(image)
     slice_dim = slice_geometry(volume_affine_ras(label), label.shape[1:], axis).slice_dim
     indices = representative_slices(np.asarray(label[0] > 0), slice_dim, count)
     tiles = []

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..processing import box_region_mask, point_region_mask
 from ..tokenization import grounding_prompt
-from ..transforms.intensity import CT_WINDOWS, CTWindow, Passthrough8Bit, SAMed2DNormalize
+from ..transforms.intensity import volume_intensity
 from ..transforms.prompts import MapPromptsToSliced
 from ..transforms.slicing import SliceGeometry, check_volume, slice_geometry, volume_affine_ras
 from .grounding import ground_features
@@ -78,27 +78,10 @@ def _as_volume(volume: VolumeLike) -> MetaTensor:
     return volume
 
 
-def _normaliser(intensity: Intensity) -> Callable[[torch.Tensor], torch.Tensor]:
-    if callable(intensity):
-        return intensity
-    if intensity == "samed2d":
-        return SAMed2DNormalize()
-    if intensity in ("uint8", "none"):
-        return Passthrough8Bit()
-    if intensity in CT_WINDOWS:
-        return CTWindow(intensity)
-    raise ValueError(
-        f"unknown intensity {intensity!r}: use 'samed2d', 'uint8', a CT window preset {sorted(CT_WINDOWS)} "
-        "or a callable returning a uint8 volume"
-    )
-
-
 def prepare_volume(volume: VolumeLike, intensity: Intensity = "samed2d") -> tuple[MetaTensor, torch.Tensor]:
     """``(input volume as a MetaTensor, its uint8 (X, Y, Z) tensor)``; a uint8 volume is used as is."""
     vol = _as_volume(volume)
-    if vol.dtype == torch.uint8 and intensity == "samed2d":
-        intensity = "uint8"  # already 8-bit: the percentile stretch would change what the user sees
-    eight_bit = _normaliser(intensity)(vol)
+    eight_bit = volume_intensity(intensity, vol.dtype)(vol)
     eight_bit = eight_bit.as_tensor() if isinstance(eight_bit, MetaTensor) else torch.as_tensor(eight_bit)
     if eight_bit.dtype != torch.uint8 or tuple(eight_bit.shape) != tuple(vol.shape):
         raise ValueError(

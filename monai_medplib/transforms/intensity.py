@@ -12,7 +12,7 @@ Values are rounded to the nearest integer (SA-Med2D's rounding is not documented
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from monai.utils import TransformBackends, convert_to_tensor
 
 __all__ = [
     "CT_WINDOWS",
+    "volume_intensity",
     "window_bounds",
     "SAMed2DNormalize",
     "SAMed2DNormalized",
@@ -303,3 +304,26 @@ SAMed2DNormalizeD = SAMed2DNormalizeDict = SAMed2DNormalized
 CTWindowD = CTWindowDict = CTWindowd
 Passthrough8BitD = Passthrough8BitDict = Passthrough8Bitd
 GreyToRGBD = GreyToRGBDict = GreyToRGBd
+
+
+def volume_intensity(
+    intensity: str | Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The uint8 mapping a volume of ``dtype`` gets for ``intensity``: "samed2d" (:class:`SAMed2DNormalize`; a
+    uint8 volume passes through as it is, since the percentile stretch would change what the user sees),
+    "uint8" / "none" (:class:`Passthrough8Bit`), a CT window preset (:class:`CTWindow`) or a callable (as is).
+
+    The one home of the rule: the volume pipeline and the overlays that show what the model saw both use it.
+    """
+    if callable(intensity):
+        return intensity
+    if intensity == "samed2d":
+        return Passthrough8Bit() if dtype == torch.uint8 else SAMed2DNormalize()
+    if intensity in ("uint8", "none"):
+        return Passthrough8Bit()
+    if intensity in CT_WINDOWS:
+        return CTWindow(intensity)
+    raise ValueError(
+        f"unknown intensity {intensity!r}: use 'samed2d', 'uint8', a CT window preset {sorted(CT_WINDOWS)} "
+        "or a callable returning a uint8 volume"
+    )
