@@ -47,8 +47,6 @@ STAGE_PLAN = {
 }
 TISSUE_STEPS = 380  # demo-only tissue-contrast step of the CLIP tower between stage 0 and stage II
 STEP_STAGE = {"stage0b": "stage0"}  # plan step -> training stage it runs
-DATA_COPIES = 6  # training conversations per slice and task
-DATA_MAX_TURNS = 5  # rounds per training conversation: 1..5
 
 
 def _children_cpu() -> float:
@@ -96,11 +94,13 @@ def run_tissue_contrast(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
+    from monai_medplib.data.demo_dataset import RECIPE_DATA
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "demo_training")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=RECIPE_DATA["seed"], help="training and data seed")
     p.add_argument("--stages", nargs="*", default=["stage0", "tissue", *list(STAGE_PLAN)[1:]])
     p.add_argument("--install", action="store_true", help="write the result to monai_medplib/demo_model/")
     p.add_argument("--skip-eval", action="store_true", help="stop after saving the bf16 model")
@@ -123,7 +123,7 @@ def main() -> int:
     t0, cpu0 = time.time(), time.process_time()
     if not (work / "data" / "split.json").is_file():
         summary = build_demo_dataset(
-            work / "data", copies=DATA_COPIES, max_turns=DATA_MAX_TURNS, seed=args.seed
+            work / "data", copies=RECIPE_DATA["copies"], max_turns=RECIPE_DATA["max_turns"], seed=args.seed
         )
         print(json.dumps(summary["counts"]), flush=True)
     tok_dir = work / "tokenizer"
@@ -179,7 +179,7 @@ def main() -> int:
         "timings": timings,
         "plan": plan,
         "budget": {"nproc": args.nproc, "threads": args.threads, "tissue_steps": TISSUE_STEPS},
-        "data": {"copies": DATA_COPIES, "max_turns": DATA_MAX_TURNS},
+        "data": {"copies": RECIPE_DATA["copies"], "max_turns": RECIPE_DATA["max_turns"]},
         "stages": summaries,
         "eval": report,
         "acceptance": acceptance,

@@ -27,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_out_dir(args.out)
 
-    from ..data.demo_dataset import build_demo_dataset
+    from ..data.demo_dataset import RECIPE_DATA, build_demo_dataset
 
-    summary = build_demo_dataset(out, splits=tuple(args.splits))
+    summary = build_demo_dataset(out, splits=tuple(args.splits), **RECIPE_DATA)
     for split, tasks in summary["counts"].items():
         counts = ", ".join(f"{task} {n}" for task, n in tasks.items())
         print(f"{out / split}: {counts}")

@@ -135,14 +135,15 @@ class ProgressBar:
 
 
 def demo_data_root(folder: Path) -> Path:
-    """The demo held-out split under ``folder`` (built from the demo volumes when it is not there yet, or when
-    the folder holds a split of an older, CT-only builder)."""
-    split = folder / "split.json"
-    if not split.is_file() or "volumes" not in json.loads(split.read_text()):
-        from ..data.demo_dataset import build_demo_dataset
+    """The demo held-out split under ``folder``: the one the demo model's card reports (built from the demo volumes
+    with the recipe's settings when it is not there yet, or when the folder holds one of other settings)."""
+    from ..data.demo_dataset import RECIPE_DATA, build_demo_dataset
 
+    split = folder / "split.json"
+    built = json.loads(split.read_text()) if split.is_file() else {}
+    if "volumes" not in built or any(built.get(k) != v for k, v in RECIPE_DATA.items()):
         print(f"building the demo held-out split (LiTS CT, MNI152 MR) into {folder} ...", file=sys.stderr)
-        build_demo_dataset(folder, splits=("test",))
+        build_demo_dataset(folder, splits=("test",), **RECIPE_DATA)
     return folder
 
 

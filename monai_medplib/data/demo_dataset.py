@@ -63,6 +63,7 @@ from .demo_slices import (
 )
 
 __all__ = [
+    "RECIPE_DATA",
     "TEST_FILES",
     "TRAIN_FILES",
     "SlabSplit",
@@ -82,6 +83,10 @@ TEST_FILES = {
     "region": "MeCoVQA_Region_VQA_test.json",
     "grounding": "MeCoVQA_Grounding_test.json",
 }
+# The build the demo model was trained and evaluated on (scripts/train_demo.py): its held-out files, which the
+# model card's figures come from, follow from these settings, so every builder of the demo data for evaluation
+# (medplib eval, medplib demo-data, the bundle) uses them.
+RECIPE_DATA = {"seed": 42, "copies": 6, "max_turns": 5}
 REGION_RADIUS_FRACTION = 0.05  # disc radius as a share of the slice side (6 px on 128, 10 px on 192)
 REGION_PURITY = 0.75  # share of the disc's bounding square that must be of the region's class
 REGIONS_PER_CLASS = 2  # region prompts kept per class and slice
@@ -170,11 +175,14 @@ def _region_question(template: str, path: str) -> str:
 class _SliceWriter:
     """Writes one slice's files and makes its conversations."""
 
-    def __init__(self, demo_slice: DemoSlice, root: Path, modalities: set[str], rng: random.Random) -> None:
+    def __init__(
+        self, demo_slice: DemoSlice, root: Path, modalities: set[str], rng: random.Random, write: bool = True
+    ) -> None:
         self.s, self.root, self.rng = demo_slice, root, rng
         stem = demo_slice.stem
         self.image_rel = f"images/{stem}.png"
-        _save_png(demo_slice.image, root / self.image_rel, rgb=True)
+        save = _save_png if write else (lambda *args, **kwargs: None)
+        save(demo_slice.image, root / self.image_rel, rgb=True)
         presence = demo_slice.presence
         askable = [t for t in TARGETS if TARGETS[t].modality in modalities]
         self.present = [t for t in askable if presence[t] is True]
@@ -183,12 +191,12 @@ class _SliceWriter:
         for code, target in enumerate(demo_slice.volume.target_labels, start=1):
             if target in self.present:
                 rel = f"masks_merged/{stem}--{code:04d}_merged.png"
-                _save_png((demo_slice.target_mask(target) * 255).astype(np.uint8), root / rel)
+                save((demo_slice.target_mask(target) * 255).astype(np.uint8), root / rel)
                 self.mask_rel[target] = rel
         self.regions = []
         for k, (cls, mask) in enumerate(region_masks(demo_slice, rng)):
             rel = f"masks/{stem}--region_{k}.png"
-            _save_png((mask * 255).astype(np.uint8), root / rel)
+            save((mask * 255).astype(np.uint8), root / rel)
             self.regions.append((cls, rel))
 
     def base(self, entry_id: str, **fields) -> dict:
@@ -367,8 +375,12 @@ def build_demo_dataset(
     unknown = sorted(set(splits) - {"train", "test"})
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; use 'train' and / or 'test'")
-    for demo_slice in iter_slices(volumes, tuple(splits), test_fraction, gap):
-        writer = _SliceWriter(demo_slice, root, modalities, rng)
+    # One random stream draws every slice's wordings, targets and regions in volume order, so a split is drawn
+    # (not written) even when it is not asked for: the held-out files of a test-only build are then exactly those
+    # of the build the model was trained beside (same seed, copies and max_turns).
+    for demo_slice in iter_slices(volumes, ("train", "test"), test_fraction, gap):
+        write = demo_slice.split in splits
+        writer = _SliceWriter(demo_slice, root, modalities, rng, write)
         if demo_slice.split == "test":
             parts = [writer.test_entries()]
         else:
@@ -376,8 +388,10 @@ def build_demo_dataset(
             for copy in range(copies):
                 view = writer
                 if max_turns > 1 and rng.random() < CROP_SHARE:
-                    view = _SliceWriter(_random_crop(demo_slice, copy, rng), root, modalities, rng)
+                    view = _SliceWriter(_random_crop(demo_slice, copy, rng), root, modalities, rng, write)
                 parts.append(view.train_entries(copy, max_turns))
+        if not write:
+            continue
         for part in parts:
             for task, items in part.items():
                 data[demo_slice.split][task].extend(items)

@@ -21,7 +21,7 @@ _MARKERS = {"train": "train/MeCoVQA-Grounding.json", "test": "test/MeCoVQA_Groun
 
 def demo_split(folder: str | Path, splits: Sequence[str] = ("test",)) -> str:
     """``folder``, holding the demo dataset's ``splits`` (built there when one of them is missing)."""
-    from ...data.demo_dataset import build_demo_dataset
+    from ...data.demo_dataset import RECIPE_DATA, build_demo_dataset
 
     root = Path(folder)
     unknown = sorted(set(splits) - set(_MARKERS))
@@ -33,7 +33,7 @@ def demo_split(folder: str | Path, splits: Sequence[str] = ("test",)) -> str:
         # keep the splits already there: a build writes every split's files
         keep = [s for s in _MARKERS if s in splits or _has_entries(root / _MARKERS[s])]
         logger.info("building the demo dataset (%s) into %s", ", ".join(keep), root)
-        build_demo_dataset(root, splits=tuple(keep))
+        build_demo_dataset(root, splits=tuple(keep), **RECIPE_DATA)  # the held-out set of the model card
     return str(root)
 
 

@@ -173,3 +173,39 @@ def test_mni_reader_thresholds_the_tissue_maps_and_keeps_the_geometry():
     ijk = np.round(np.linalg.inv(case.affine) @ world).astype(int)[:3]
     assert (case.label[tuple(ijk)] == 1) == (probability[100, 110, 80] >= 0.5)
     assert (case.label == 1).sum() == (probability >= 0.5).sum()  # no grey-matter voxel lost by the crop
+
+
+def test_a_held_out_build_alone_is_the_held_out_part_of_the_full_build(built, volumes, tmp_path):
+    """One random stream draws every slice in volume order: building the test split alone must still give the
+    very test files of the build the model was trained beside (the ones its card reports), and no training file."""
+    root, _, _ = built
+    alone = tmp_path / "alone"
+    build_demo_dataset(
+        alone, test_fraction=0.2, gap=1, volumes=volumes, copies=3, max_turns=4, splits=("test",)
+    )
+    for name in sorted(p.name for p in (root / "test").iterdir()):
+        assert (alone / "test" / name).read_text() == (root / "test" / name).read_text(), name
+    assert all(json.loads(p.read_text()) == [] for p in (alone / "train").iterdir())
+    tests = {e["image"] for p in (alone / "test").iterdir() for e in json.loads(p.read_text())}
+    assert sorted(p.name for p in (alone / "images").iterdir()) == sorted(t.split("/")[-1] for t in tests)
+
+
+def test_evaluation_data_is_built_with_the_recipe_s_settings(tmp_path, monkeypatch):
+    """medplib eval's default held-out split is the one the model card reports: built with RECIPE_DATA, and built
+    again over a folder of other settings."""
+    from monai_medplib.commands import eval as eval_command
+    from monai_medplib.data import demo_dataset
+
+    calls = []
+
+    def fake_build(folder, **kwargs):
+        calls.append(kwargs)
+        (folder / "split.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "split.json").write_text(json.dumps({"volumes": {}, **demo_dataset.RECIPE_DATA}))
+
+    monkeypatch.setattr(demo_dataset, "build_demo_dataset", fake_build)
+    (tmp_path / "split.json").write_text(json.dumps({"volumes": {}, "seed": 0, "copies": 1, "max_turns": 1}))
+    eval_command.demo_data_root(tmp_path)
+    assert calls == [{"splits": ("test",), **demo_dataset.RECIPE_DATA}]
+    eval_command.demo_data_root(tmp_path)  # now of the recipe's settings: kept
+    assert len(calls) == 1
