@@ -362,6 +362,80 @@ def test_cohort_is_resumable_and_reports_a_broken_study(tmp_path: Path, pipeline
     assert (tmp_path / "out" / "p2" / "p2_seg.nii.gz").is_file()
 
 
+def test_a_rerun_clears_the_study_s_old_outputs_first(tmp_path: Path, pipeline, data, monkeypatch) -> None:
+    """A re-run with another prompt removes the old answer before anything else (a run killed mid-study leaves a
+    study that is not done, never an old answer beside new labels) and the old outputs it does not write again."""
+    from monai_medplib.adapters.bundle.runner import BundlePromptRunner, study_done
+
+    two = {"image": str(data["png"]), "text": ["Segment the lung.", "Segment the heart."], "id": "x"}
+    (first,) = _infer(tmp_path, pipeline, two).run()[0]
+    study = tmp_path / "out" / "x"
+    assert sorted(p.name for p in study.iterdir()) == [
+        "x_answer.json",
+        "x_seg.png",
+        "x_seg_1.png",
+        "x_seg_2.png",
+    ]
+
+    def killed(self, prompt, result):  # the run dies after writing its label, before its answer
+        (study / "x_seg.png").write_bytes(b"new label")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BundlePromptRunner, "_image", killed)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        _infer(tmp_path, pipeline, {**two, "text": "Segment the lung."}).run()
+    assert not study_done(tmp_path / "out", "x")  # the next run redoes it
+    monkeypatch.undo()
+    (again,) = _infer(tmp_path, pipeline, {**two, "text": "Segment the lung."}).run()[0]
+    assert sorted(p.name for p in study.iterdir()) == [
+        "x_answer.json",
+        "x_seg.png",
+    ]  # no stale per-text masks
+    assert again["outputs"]["label"].endswith("x_seg.png") and "masks" not in again["outputs"]
+
+
+def test_resume_sees_a_series_rewritten_in_place_and_a_model_retrained_in_place(tmp_path: Path, data) -> None:
+    import os
+    import shutil
+
+    from monai_medplib.adapters.bundle.prompts import parse_prompt
+    from monai_medplib.adapters.bundle.runner import BundlePromptRunner, resume_key
+
+    series = tmp_path / "series"
+    shutil.copytree(data["dicom"], series)
+    prompt = parse_prompt({"image": str(series), "text": "liver"})
+    before = resume_key(prompt, {})
+    first = sorted(series.iterdir())[0]
+    first.write_bytes(
+        first.read_bytes() + b"\0\0"
+    )  # a file of the series replaced; the folder entry unchanged
+    assert resume_key(prompt, {}) != before
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "monai_medplib" / "demo_model", model)
+    runner = BundlePromptRunner(pipeline=None, output_dir=tmp_path / "out", model=str(model))
+    files = runner.model_files()
+    weights = model / "model.safetensors"
+    os.utime(
+        weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9)
+    )  # retrained in place
+    assert (
+        BundlePromptRunner(pipeline=None, output_dir=tmp_path / "out", model=str(model)).model_files()
+        != files
+    )
+
+
+def test_text_overrides_of_switches_are_read_as_words(tmp_path: Path, pipeline) -> None:
+    """monai.bundle passes ``--force_seg false`` as the text "false": it must not switch the option on."""
+    from monai_medplib.adapters.bundle.runner import BundlePromptRunner
+
+    runner = BundlePromptRunner(
+        pipeline, tmp_path / "o", force_seg="false", fast_grounding="False", overwrite="no"
+    )
+    assert (runner.force_seg, runner.fast_grounding, runner.overwrite) == (False, False, False)
+    with pytest.raises(ValueError, match="force_seg"):
+        BundlePromptRunner(pipeline, tmp_path / "o", force_seg="maybe")
+
+
 def test_cohort_from_a_datalist(tmp_path: Path, pipeline, data) -> None:
     datalist = tmp_path / "datalist.json"
     datalist.write_text(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...io.outputs import write_json
+from ...user_input import parse_bool
 from .errors import StudiesFailed
 from .prompts import IMAGE_2D_SUFFIXES, PROMPT_KEYS, VOLUME_SUFFIXES, study_id_of
 from .runner import BundlePromptRunner
@@ -42,10 +43,11 @@ def _entries_from_datalist(datalist: Path, key: str, base_dir: Path | None) -> l
         entry = (
             {"image": item} if isinstance(item, str) else dict(item) if isinstance(item, Mapping) else None
         )
-        if entry is None or "image" not in entry:
+        if entry is None or not isinstance(entry.get("image"), str | os.PathLike) or not str(entry["image"]):
             raise ValueError(
-                f"datalist {datalist}: entry {n} must be a path or a dict with 'image', got {item!r}"
+                f"datalist {datalist}: entry {n} must be a path or a dict with an 'image' path, got {item!r}"
             )
+        entry["image"] = os.fspath(entry["image"])
         for k in ("image", "region_mask"):
             if isinstance(entry.get(k), str) and not Path(entry[k]).is_absolute():
                 entry[k] = str(base / entry[k])
@@ -53,12 +55,16 @@ def _entries_from_datalist(datalist: Path, key: str, base_dir: Path | None) -> l
     return entries
 
 
-def _entries_from_folder(folder: Path) -> list[dict[str, Any]]:
+def _entries_from_folder(folder: Path, exclude: Path | None = None) -> list[dict[str, Any]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"studies folder not found: {folder}")
     entries = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
+            continue
+        if (
+            exclude is not None and path.resolve() == exclude.resolve()
+        ):  # the output folder inside the studies
             continue
         if path.is_dir() or path.name.lower().endswith(IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES):
             entries.append({"image": str(path)})
@@ -71,6 +77,7 @@ def collect_studies(
     prompt: Mapping[str, Any] | None = None,
     data_list_key: str = "testing",
     base_dir: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """The studies of a cohort as ``input_dict``s with unique ``id``s.
 
@@ -83,6 +90,10 @@ def collect_studies(
             studies.
         prompt: the prompt applied to every study (e.g. ``{"text": "Please segment the liver."}``); a study's
             own keys win.
+        exclude: a folder that is not a study (the bundle's ``output_dir``, when it lies in the studies folder).
+
+    Raises:
+        ValueError: a datalist entry without an image path, or two entries with the same explicit ``id``.
     """
     if (datalist is None) == (folder is None):
         raise ValueError("give exactly one of datalist= (a JSON file) or folder= (a folder of studies)")
@@ -91,15 +102,26 @@ def collect_studies(
             Path(datalist), data_list_key, None if base_dir is None else Path(base_dir)
         )
     else:
-        raw = _entries_from_folder(Path(folder))
+        raw = _entries_from_folder(Path(folder), None if exclude is None else Path(exclude))
+    explicit = [entry.get("id") for entry in raw]
     studies = [
         {**dict(prompt or {}), **{k: v for k, v in entry.items() if k in PROMPT_KEYS}} for entry in raw
     ]
-    names = [str(study.get("id") or study_id_of(study["image"])) for study in studies]
-    # a repeated name gets the first free "_2", "_3", ...: free of every study's own name too, so "ct.png" next to
-    # "ct.nii.gz" and a study "ct_2" does not take "ct_2" (two studies writing one folder)
-    reserved, used = set(names), set()
-    for study, name in zip(studies, names):
+    given = [str(i) for i in explicit if i]
+    repeated = sorted({i for i in given if given.count(i) > 1})
+    if repeated:
+        raise ValueError(
+            f"datalist: the id(s) {repeated} are given to more than one study; each study needs its own"
+        )
+    # an id a datalist gives is kept as given; a name taken from a file repeats only by chance and gets the first
+    # free "_2", "_3", ...: free of every study's own name too, so "ct.png" next to "ct.nii.gz" and a study "ct_2"
+    # does not take "ct_2" (two studies writing one folder)
+    names = [str(i) if i else study_id_of(study["image"]) for i, study in zip(explicit, studies)]
+    reserved, used = set(names), set(given)
+    for study, name, own in zip(studies, names, explicit):
+        if own:
+            study["id"] = name
+            continue
         unique, n = name, 1
         while unique in used or (unique != name and unique in reserved):
             n += 1
@@ -143,7 +165,7 @@ class CohortRunner:
     ) -> None:
         self.runner = runner
         self.studies = list(studies)
-        self.distributed = distributed
+        self.distributed = parse_bool(distributed, "distributed")  # "--distributed false" arrives as text
         self.report_name = report_name
         self.report: dict[str, Any] | None = None
 

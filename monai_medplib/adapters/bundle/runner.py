@@ -18,6 +18,7 @@ Cohorts of studies are :mod:`monai_medplib.adapters.bundle.cohort`; the MeCoVQA 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from ...io.readers import DICOM_SUFFIX
 from ...pipeline import MedPLIBPipeline
 from ...pipeline.results import label_from_probs
 from ...tokenization import grounding_prompt
-from ...user_input import parse_keyframes
+from ...user_input import parse_bool, parse_keyframes
 from .prompts import (
     AXES,
     PROMPT_KEYS,
@@ -141,14 +142,24 @@ def answer_path(output_dir: str | os.PathLike, study: str) -> Path:
     return Path(output_dir) / study / f"{study}{ANSWER_SUFFIX}"
 
 
+def files_stat(path: Path, suffixes: tuple[str, ...] = ()) -> list:
+    """Size and modification time of a file, or of every file of a folder (a DICOM series rewritten in place
+    leaves the folder's own entry as it was); with ``suffixes``, only files ending so (a model's weights)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and (not suffixes or f.name.endswith(suffixes)))
+    return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def resume_key(prompt: BundlePrompt, settings: Mapping[str, Any]) -> str:
     """A digest of everything that decides a study's outputs: the prompt as parsed, the input's size and
     modification time, the runner's settings and the model; a finished study is reused only when its answer JSON
     carries the same key."""
-    stat = prompt.image.stat()
     described = {
         "prompt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(prompt).items()},
-        "image_stat": [stat.st_size, stat.st_mtime_ns],
+        "image_stat": files_stat(prompt.image),
+        "region_mask_stat": None if prompt.region_mask is None else files_stat(prompt.region_mask),
         **settings,
     }
     text = json.dumps(described, sort_keys=True, default=str)
@@ -190,7 +201,8 @@ class BundlePromptRunner:
         output_postfix: label file name postfix.
         overwrite: recompute every study; False reuses a finished study with the same prompt, settings and model
             (see :func:`study_done`).
-        model: what ``network_def`` loaded (the bundle's ``ckpt_path``): part of the resume key.
+        model: the folder ``network_def`` loaded (the bundle's resolved ``ckpt_path``): it and the size and time of
+            its weight and config files are part of the resume key.
     """
 
     def __init__(
@@ -217,15 +229,17 @@ class BundlePromptRunner:
         self.pipeline = pipeline
         self.output_dir = Path(output_dir)
         self.max_new_tokens = int(max_new_tokens)
-        self.force_seg = bool(force_seg)
-        self.fast_grounding = bool(fast_grounding)
+        # bundle overrides arrive as text too (--force_seg false): bool("false") would be True
+        self.force_seg = parse_bool(force_seg, "force_seg")
+        self.fast_grounding = parse_bool(fast_grounding, "fast_grounding")
         self.keyframes = parse_keyframes(keyframes, "keyframes")
         self.intensity = intensity
         self.batch_size = int(batch_size)
         self.output_ext = output_ext
         self.output_postfix = output_postfix
-        self.overwrite = overwrite
+        self.overwrite = parse_bool(overwrite, "overwrite")
         self.model = None if model is None else str(model)
+        self._model_files: list | None = None
 
     def settings(self) -> dict[str, Any]:
         """The settings that change a study's outputs (batching does not: batched calls equal single ones)."""
@@ -233,6 +247,7 @@ class BundlePromptRunner:
         placement = getattr(self.pipeline, "placement", None)
         return {
             "model": self.model,
+            "model_files": self.model_files(),
             "quantization": None if quantization is None else quantization.mode,
             # the LLM's and the image encoders' dtypes (they differ under quantisation) and the prompt template
             "dtype": str(getattr(self.pipeline, "dtype", None)),
@@ -246,6 +261,17 @@ class BundlePromptRunner:
             "output_ext": self.output_ext,
             "output_postfix": self.output_postfix,
         }
+
+    def model_files(self) -> list | None:
+        """Size and time of the model's weight and config files (a retrain into the same folder is another
+        model), read once per run."""
+        if self._model_files is None and self.model is not None:
+            try:
+                folder = resolve_model_path(self.model)
+            except (OSError, ValueError):
+                return None
+            self._model_files = files_stat(Path(folder), (".safetensors", ".bin", ".json", ".model"))
+        return self._model_files
 
     def is_done(self, input_dict: Mapping[str, Any]) -> bool:
         """The study's outputs exist for this very prompt, settings and model (False if the prompt is invalid)."""
@@ -275,6 +301,7 @@ class BundlePromptRunner:
         if not self.overwrite and study_done(self.output_dir, prompt.id, key):
             logger.info("%s: outputs exist for this prompt and settings, skipped", prompt.id)
             return json.loads(out_json.read_text())
+        self._clear_previous(prompt)
         start = time.perf_counter()
         result: dict[str, Any] = {
             "id": prompt.id,
@@ -293,6 +320,17 @@ class BundlePromptRunner:
         write_json(out_json, result)
         logger.info("%s: done in %.1f s -> %s", prompt.id, result["seconds"], out_json.parent)
         return result
+
+    def _clear_previous(self, prompt: BundlePrompt) -> None:
+        """Remove an earlier run's outputs of this study before it is run again: the answer first (a run killed
+        now leaves a study that is not done, not an old answer beside new labels), then every ``<id>_*`` file (a
+        DICOM-SEG or per-text mask the new run does not write would otherwise stay, contradicting its answer)."""
+        folder = self._study_dir(prompt)
+        answer_path(self.output_dir, prompt.id).unlink(missing_ok=True)
+        if folder.is_dir():
+            for old in folder.glob(f"{glob.escape(prompt.id)}_*"):
+                if old.is_file():
+                    old.unlink()
 
     # -- 2D images
     def _image(self, prompt: BundlePrompt, result: dict[str, Any]) -> None:

@@ -49,3 +49,36 @@ def test_runner_refuses_an_output_folder_it_cannot_write(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(ValueError, match="output_dir .*ro: cannot write there \\(Read-only file system\\)"):
         BundlePromptRunner(pipeline=None, output_dir=tmp_path / "ro")
+
+
+def test_a_datalist_id_is_kept_as_given_and_given_twice_is_refused(tmp_path):
+    import json
+
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz", "c.nii.gz")
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps([{"image": "a.nii.gz"}, {"image": "b.nii.gz", "id": "a"}, "c.nii.gz"]))
+    ids = {Path(s["image"]).name: s["id"] for s in collect_studies(datalist=datalist)}
+    assert ids == {
+        "b.nii.gz": "a",
+        "a.nii.gz": "a_2",
+        "c.nii.gz": "c",
+    }  # the given id wins, the derived name moves
+    datalist.write_text(json.dumps([{"image": "a.nii.gz", "id": "x"}, {"image": "b.nii.gz", "id": "x"}]))
+    with pytest.raises(ValueError, match=r"the id\(s\) \['x'\] are given to more than one study"):
+        collect_studies(datalist=datalist)
+
+
+@pytest.mark.parametrize("bad", [None, 7, ["c.nii.gz"], {"image": None}, {"image": ""}])
+def test_a_datalist_entry_without_an_image_path_is_named(tmp_path, bad):
+    import json
+
+    datalist = tmp_path / "dl.json"
+    datalist.write_text(json.dumps({"testing": ["a.nii.gz", bad]}))
+    with pytest.raises(ValueError, match="entry 1 must be a path or a dict with an 'image' path"):
+        collect_studies(datalist=datalist)
+
+
+def test_an_output_folder_inside_the_studies_folder_is_not_a_study(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "results/", "b/")
+    ids = sorted(s["id"] for s in collect_studies(folder=tmp_path, exclude=tmp_path / "results"))
+    assert ids == ["a", "b"]
