@@ -174,7 +174,12 @@ class CohortRunner:
 
         started_group = False
         if self.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            backend = "nccl" if self.runner.pipeline.device.type == "cuda" else "gloo"
+            device = self.runner.pipeline.device
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if backend == "nccl":  # NCCL's collectives run on the current device: each rank's own, not cuda:0
+                import torch
+
+                torch.cuda.set_device(device)
             dist.init_process_group(backend=backend)
             started_group = True
         rank = dist.get_rank() if dist.is_initialized() else 0

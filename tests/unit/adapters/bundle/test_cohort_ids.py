@@ -82,3 +82,32 @@ def test_an_output_folder_inside_the_studies_folder_is_not_a_study(tmp_path):
     _touch(tmp_path, "a.nii.gz", "results/", "b/")
     ids = sorted(s["id"] for s in collect_studies(folder=tmp_path, exclude=tmp_path / "results"))
     assert ids == ["a", "b"]
+
+
+def test_each_nccl_rank_works_on_its_own_gpu(tmp_path, monkeypatch):
+    """all_gather_object runs on the current CUDA device: without set_device every rank would use cuda:0."""
+    import torch
+    import torch.distributed as dist
+
+    from monai_medplib.adapters.bundle.cohort import CohortReport, CohortRunner
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: any(c[0] == "init" for c in calls))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, obj]))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+
+    class Pipeline:
+        device = torch.device("cuda", 1)
+
+    class Runner:
+        pipeline, output_dir = Pipeline(), tmp_path
+
+    cohort = CohortRunner(Runner(), [], distributed=True)
+    monkeypatch.setattr(cohort, "_run_shard", lambda studies, world: CohortReport())
+    cohort.run()
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl"), ("destroy",)]
