@@ -232,7 +232,7 @@ def _session_source(files: list, folder: Path, uncompress: bool, limits: VolumeL
     elif len(files) == 1:
         source, what = files[0].path, repr(files[0].name)
     else:
-        source, what = files[0].path.parent, f"the {len(files)} uploaded files"
+        source, what = files[0].path.parent, f"the upload of {len(files)} files"
     try:
         header = probe_volume(source)
     except (FileNotFoundError, ValueError) as err:
