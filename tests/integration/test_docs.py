@@ -418,13 +418,19 @@ def check_readme_cohort(ws: Workspace, done) -> None:
 
 def check_bundle_inference(ws: Workspace, done) -> None:
     out = ws.roots[BUNDLE] / "bundle" / "eval"
-    # the volume grounding's label (its answer JSON is the region question's, asked later under the same id)
-    _label_like(out / "lits_117_ct" / "lits_117_ct_seg.nii.gz", Path(ws.values["ct"]))
+    ct = json.loads((out / "lits_117_ct" / "lits_117_ct_answer.json").read_text())
+    _targets_agree(
+        ct["grounding"]["targets"],
+        _label_like(out / "lits_117_ct" / "lits_117_ct_seg.nii.gz", Path(ws.values["ct"])),
+    )
     dicom = json.loads((out / "lits_117_dicom" / "lits_117_dicom_answer.json").read_text())
     assert list(dicom["grounding"]["targets"]) == ["liver", "liver tumour"]
     label = _label_like(out / "lits_117_dicom" / "lits_117_dicom_seg.nii.gz", Path(ws.values["dicom"]))
     _targets_agree(dicom["grounding"]["targets"], label)
-    for name in ("lits_117_ct", "slice"):
+    for name in (
+        "ct_region",
+        "slice",
+    ):  # region VQA on a voxel of the CT (its own id), and on a box of the slice
         assert json.loads((out / name / f"{name}_answer.json").read_text())["region_vqa"]["answer"].strip()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from ...user_input import UserInputError, parse_bool
 from . import names
 from .errors import rejected
+from .label_info import check_label_info
 from .routes import json_object, read_request, staging
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,8 @@ def _check_dicom_seg(datastore: Any, params: dict[str, Any]) -> None:
         raise rejected(400, "output=dicom_seg needs a DICOMweb datastore (--studies URL)")
     if not params.get("label_info"):
         raise rejected(400, "output=dicom_seg needs 'label_info' in params")
-    from .server import check_label_info
-
-    check_label_info(
-        params["label_info"]
-    )  # before the model runs: a bad entry would fail the DICOM-SEG after it
+    # before the model runs: a bad entry would fail the DICOM-SEG after it
+    check_label_info(params["label_info"])
 
 
 def _reply(
