@@ -148,8 +148,12 @@ def files_stat(path: Path, suffixes: tuple[str, ...] = ()) -> list:
     if not path.is_dir():
         stat = path.stat()
         return [stat.st_size, stat.st_mtime_ns]
-    files = sorted(f for f in path.rglob("*") if f.is_file() and (not suffixes or f.name.endswith(suffixes)))
-    return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stats = []
+    for f in sorted(path.rglob("*")):
+        if (not suffixes or f.name.endswith(suffixes)) and f.is_file():
+            stat = f.stat()  # once per file: a series holds hundreds, and every study's key reads them
+            stats.append([str(f.relative_to(path)), stat.st_size, stat.st_mtime_ns])
+    return stats
 
 
 def resume_key(prompt: BundlePrompt, settings: Mapping[str, Any]) -> str:

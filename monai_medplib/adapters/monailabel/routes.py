@@ -235,9 +235,9 @@ def _session_source(files: list, folder: Path, uncompress: bool, limits: VolumeL
         source, what = files[0].path.parent, f"the upload of {len(files)} files"
     try:
         header = probe_volume(source)
+    except UserInputError:
+        raise
     except (FileNotFoundError, ValueError) as err:
-        if isinstance(err, UserInputError):
-            raise
         found = "no DICOM series" if isinstance(err, FileNotFoundError) else "several DICOM series"
         raise UserInputError(
             f"{what} holds {found}: upload one volume file (NIfTI, NRRD, MetaImage .mha), or the files of one "
