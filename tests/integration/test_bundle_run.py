@@ -424,6 +424,36 @@ def test_resume_sees_a_series_rewritten_in_place_and_a_model_retrained_in_place(
     )
 
 
+def test_resume_sees_separate_clip_and_sam_weights(tmp_path: Path) -> None:
+    """``clip_path`` / ``sam_path`` load weights the model folder lacks: another file, or the same file replaced in
+    place, is another model, so the inference config hands them to the runner's resume key."""
+    from monai.bundle import ConfigParser
+
+    from monai_medplib.adapters.bundle.runner import BundlePromptRunner
+
+    sam = tmp_path / "sam-med2d_b.pth"
+    sam.write_bytes(b"weights")
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.update({"clip_path": None, "sam_path": str(sam)})
+    components = parser.get_parsed_content("inferer#components")
+    assert components == {"clip_path": None, "sam_path": str(sam)}
+
+    def settings() -> dict:
+        return BundlePromptRunner(
+            pipeline=None, output_dir=tmp_path / "out", components=components
+        ).settings()
+
+    before = settings()
+    os.utime(sam, ns=(sam.stat().st_atime_ns, sam.stat().st_mtime_ns + 10**9))  # replaced in place
+    after = settings()
+    assert (
+        after["components"] == {"sam_path": str(sam)}
+        and after["component_files"] != before["component_files"]
+    )
+    assert BundlePromptRunner(pipeline=None, output_dir=tmp_path / "out").settings()["components"] == {}
+
+
 def test_text_overrides_of_switches_are_read_as_words(tmp_path: Path, pipeline) -> None:
     """monai.bundle passes ``--force_seg false`` as the text "false": it must not switch the option on."""
     from monai_medplib.adapters.bundle.runner import BundlePromptRunner

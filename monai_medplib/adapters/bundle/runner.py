@@ -207,6 +207,8 @@ class BundlePromptRunner:
             (see :func:`study_done`).
         model: the folder ``network_def`` loaded (the bundle's resolved ``ckpt_path``): it and the size and time of
             its weight and config files are part of the resume key.
+        components: the separate weights ``network_def`` loaded (``{"clip_path": ..., "sam_path": ...}``, None
+            for one not given): their paths, sizes and times are part of the resume key too.
     """
 
     def __init__(
@@ -223,6 +225,7 @@ class BundlePromptRunner:
         fast_grounding: bool = False,
         model: str | os.PathLike | None = None,
         keyframes: int | str | None = None,
+        components: Mapping[str, str | os.PathLike | None] | None = None,
     ) -> None:
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
@@ -244,6 +247,8 @@ class BundlePromptRunner:
         self.overwrite = parse_bool(overwrite, "overwrite")
         self.model = None if model is None else str(model)
         self._model_files: list | None = None
+        self.components = {k: str(v) for k, v in (components or {}).items() if v is not None}
+        self._component_files: dict[str, list] | None = None
 
     def settings(self) -> dict[str, Any]:
         """The settings that change a study's outputs (batching does not: batched calls equal single ones)."""
@@ -252,6 +257,8 @@ class BundlePromptRunner:
         return {
             "model": self.model,
             "model_files": self.model_files(),
+            "components": self.components,
+            "component_files": self.component_files(),
             "quantization": None if quantization is None else quantization.mode,
             # the LLM's and the image encoders' dtypes (they differ under quantisation) and the prompt template
             "dtype": str(getattr(self.pipeline, "dtype", None)),
@@ -276,6 +283,15 @@ class BundlePromptRunner:
                 return None
             self._model_files = files_stat(Path(folder), (".safetensors", ".bin", ".json", ".model"))
         return self._model_files
+
+    def component_files(self) -> dict[str, list]:
+        """Size and time of the separate CLIP / SAM-Med2D weights (replaced in place, they make another model),
+        read once per run."""
+        if self._component_files is None:
+            self._component_files = {
+                k: files_stat(Path(v)) for k, v in self.components.items() if Path(v).exists()
+            }
+        return self._component_files
 
     def is_done(self, input_dict: Mapping[str, Any]) -> bool:
         """The study's outputs exist for this very prompt, settings and model (False if the prompt is invalid)."""
