@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictions",
         type=Path,
         default=None,
-        help="per-sample predictions JSON (default: <out stem>_predictions.json beside the report)",
+        help="per-sample predictions JSON (default: <out stem>_predictions.json beside the report); a run that "
+        "stops early leaves the predictions scored so far there",
     )
     protocol = parser.add_argument_group("protocol (default: the release evaluation)")
     protocol.add_argument("--batch-size", type=int, default=8, help="samples per generation batch")
@@ -179,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     samples = read_eval_samples(data_root, files, args.tasks, args.limit)
     pipe = load_pipeline(args)
     progress = ProgressBar()
+    predictions = args.predictions or args.out.with_name(f"{args.out.stem}_predictions.json")
+    rows: list[dict] = []  # filled batch by batch: kept on disk if a later batch or the acceptance run raises
     try:
         report, table, rows = evaluate_mecovqa(
             pipe,
@@ -193,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             keep_largest_component=args.keep_largest_component,
             progress=progress,
             samples=samples,
+            rows=rows,
         )
         report = {"model": str(args.model), "data_root": str(data_root), **report}
         acceptance_table = ""
@@ -207,9 +211,17 @@ def run(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             acceptance_table = "\n\n" + format_acceptance(report["acceptance"])
+    except BaseException as err:  # a device error or Ctrl-C hours in: what was scored stays on disk
+        progress.close()
+        if rows:
+            write_json(predictions, {"predictions": rows, "stopped_by": f"{type(err).__name__}: {err}"})
+            print(
+                f"evaluation stopped: the {len(rows)} predictions scored so far are in {predictions}",
+                file=sys.stderr,
+            )
+        raise
     finally:
         progress.close()
-    predictions = args.predictions or args.out.with_name(f"{args.out.stem}_predictions.json")
     for path, content in ((args.out, report), (predictions, {"predictions": rows})):
         write_json(path, content)
     print(table + acceptance_table)

@@ -117,6 +117,7 @@ def evaluate_mecovqa(
     keep_largest_component: bool = False,
     progress: Callable[[str], None] | None = None,
     samples: Mapping[str, list] | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> Evaluation:
     """Evaluate ``pipeline`` on MeCoVQA-layout test files.
 
@@ -135,6 +136,8 @@ def evaluate_mecovqa(
         progress: called with a line after each batch (e.g. ``print``).
         samples: what :func:`read_eval_samples` returned for the same arguments (a caller that checked the
             entries before loading the model); None reads them here, before any inference.
+        rows: a list the per-sample rows are appended to as each batch is scored, so a caller keeps what was
+            scored when a later batch raises (a device error hours into a release-size run); None: a new list.
 
     Returns:
         ``Evaluation(report, table, rows)``. ``report["grounding"]``: :class:`GroundingMeter` result plus
@@ -153,7 +156,7 @@ def evaluate_mecovqa(
     )
     scorer = _Scorer(pipeline, max_new_tokens, force_seg, official_eval_region, keep_largest_component)
     start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows
     for task, samples in every.items():
         for first in range(0, len(samples), batch_size):
             rows.extend(scorer.score(task, samples[first : first + batch_size]))

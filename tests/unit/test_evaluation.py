@@ -234,3 +234,40 @@ def test_cli_writes_report_and_prints_table(
     assert len(predictions) == 6 and {p["task"] for p in predictions} == {"grounding", "vqa", "region_vqa"}
     assert main(["eval", "--data-root", str(split), "--file", "nonsense", "--out", str(out)]) == 2
     assert "TASK=PATH" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_predictions_scored_before_a_failure(
+    split: Path, public_fixture: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A device error on the third batch (hours into a release-size run) must not lose the two scored before it."""
+    from monai_medplib.cli import main
+    from monai_medplib.evaluation import mecovqa
+
+    score, calls = mecovqa._Scorer.score, []
+
+    def failing_third(self, task, samples):
+        calls.append(task)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return score(self, task, samples)
+
+    monkeypatch.setattr(mecovqa._Scorer, "score", failing_third)
+    out = tmp_path / "eval" / "report.json"
+    argv = ["eval", "--data-root", str(split), "--model", str(public_fixture / "model"), "--device", "cpu"]
+    argv += [
+        "--limit",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out),
+        "--no-acceptance",
+    ]
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        main(argv)
+    saved = json.loads((out.parent / "report_predictions.json").read_text())
+    assert [p["task"] for p in saved["predictions"]] == calls[:2] == ["grounding", "grounding"]
+    assert saved["stopped_by"] == "RuntimeError: CUDA out of memory" and not out.exists()
+    assert "the 2 predictions scored so far are in" in capsys.readouterr().err
