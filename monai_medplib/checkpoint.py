@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -54,11 +54,31 @@ class CheckpointMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors
+def _safetensors_header(f, file: Path) -> tuple[dict[str, Any], int]:
+    """The tensor table of an open safetensors file and where its data starts; a truncated or foreign file is a
+    ValueError naming it (the library's own errors name neither the file nor the cause)."""
+    size = file.stat().st_size
+    header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if not 0 < header_len <= size - 8:
+        raise ValueError(f"{file}: not a safetensors file, or a truncated one ({size} bytes)")
+    try:
+        header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        ends = [int(info["data_offsets"][1]) for info in header.values()]
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{file}: not a safetensors file, or a corrupt one ({err})") from None
+    if ends and 8 + header_len + max(ends) > size:
+        raise ValueError(f"{file}: the file ends before its last tensor (truncated checkpoint?)")
+    return header, 8 + header_len
+
+
 def _safetensors_key_map(files: list[Path]) -> dict[str, Path]:
     key_to_file: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+        with file.open("rb") as f:
+            for key in _safetensors_header(f, file)[0]:
                 if key in key_to_file:
                     raise CheckpointMismatchError(
                         f"key {key!r} is stored twice: {key_to_file[key].name} and {file.name}"
@@ -95,10 +115,7 @@ def _iter_safetensors(
     scratch = torch.empty(0, dtype=torch.uint8)
     for file in files:
         with file.open("rb", buffering=0) as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            base = 8 + header_len
+            header, base = _safetensors_header(f, file)
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if info["dtype"] not in _SAFE_DTYPES:
                     raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -155,6 +172,10 @@ def weight_files(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     _check_shard_index(path)
+    if (path / SAFE_INDEX).is_file():  # the shards it names, not whatever else a folder holds
+        return sorted(
+            {path / name for name in json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()}
+        )
     bins = [f for f in sorted(path.glob("*.bin")) if not f.name.startswith(NOT_WEIGHT_FILES)]
     files = sorted(path.glob("*.safetensors")) or bins or sorted(path.glob("*.pth"))
     if not files:
@@ -290,8 +311,7 @@ def _file_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dty
         _safetensors_key_map(safetensors_files)  # a key stored twice is an error
         for file in safetensors_files:
             with file.open("rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            header.pop("__metadata__", None)
+                header = _safetensors_header(f, file)[0]
             for key, info in header.items():
                 if info["dtype"] not in _SAFE_DTYPES:
                     raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -551,7 +571,9 @@ def _copy_tokenizer(tokenizer: Any, out_dir: Path) -> None:
         if not (src / "tokenizer.model").is_file():
             raise FileNotFoundError(f"no tokenizer.model in {src}")
         for name in TOKENIZER_FILES:
-            if (src / name).is_file():
+            if (src / name).is_file() and not (
+                (out_dir / name).exists() and (src / name).samefile(out_dir / name)
+            ):  # saved back into the folder it was loaded from
                 shutil.copyfile(src / name, out_dir / name)
     elif hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
@@ -559,6 +581,21 @@ def _copy_tokenizer(tokenizer: Any, out_dir: Path) -> None:
         raise TypeError(
             f"tokenizer must be a directory or have save_pretrained(), got {type(tokenizer).__name__}"
         )
+
+
+def _remove_stale_weights(out_dir: Path, written: set[str]) -> None:
+    """Weight files of an earlier save into ``out_dir`` (a sharded save then an unsharded one, or another shard
+    count) that this save did not write: left there, the folder would hold each tensor twice."""
+    stale = [
+        f for f in out_dir.glob("model*.safetensors") if f.name not in written and _SHARD_NAME.match(f.name)
+    ]
+    if len(written) == 1:
+        stale.append(out_dir / SAFE_INDEX)
+    for file in stale:
+        file.unlink(missing_ok=True)
+
+
+_SHARD_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
 def save_medplib(
@@ -611,6 +648,7 @@ def save_medplib(
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(out_dir / SAFE_INDEX, json.dumps(index, indent=2))
+    _remove_stale_weights(out_dir, {"model.safetensors"} if len(shards) == 1 else set(weight_map.values()))
     release = config.to_release_dict()
     release["torch_dtype"] = dtype_name(model.dtype)
     atomic_write_text(out_dir / CONFIG_FILE, json.dumps(release, indent=2, sort_keys=True))

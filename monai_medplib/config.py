@@ -8,6 +8,7 @@ the CLIP part a ``CLIPVisionConfig`` only inside ``modeling/``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,35 @@ _REQUIRED = (
 _UPSTREAM_KEY_ALIASES = {"encoder_adapter": "adapter"}
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; a damaged file is a ValueError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_ints(owner: str, values: dict[str, Any], minimum: int = 1) -> None:
+    """Each value is a whole number (not a bool) >= ``minimum``: a size of ``"128"`` or 0 would otherwise fail deep
+    inside torch with an error that names no field."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{owner}{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _check_numbers(owner: str, values: dict[str, Any], positive: bool = True) -> None:
+    """Each value is a finite real number, > 0 when ``positive`` (else >= 0)."""
+    for name, value in values.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):
+            raise ValueError(
+                f"{owner}{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+            )
+
+
 @dataclass
 class SamMed2DConfig:
     """Dimensions of SAM-Med2D. Defaults = the ViT-B build the MedPLIB release hard-codes (input 256 px)."""
@@ -65,6 +95,10 @@ class SamMed2DConfig:
     mask_in_chans: int = 16
 
     def __post_init__(self) -> None:
+        sizes = ("encoder_embed_dim", "encoder_depth", "encoder_num_heads", "image_size", "patch_size")
+        _check_ints("sam_config.", {k: getattr(self, k) for k in (*sizes, "window_size", "prompt_embed_dim")})
+        _check_ints("sam_config.", {"mask_in_chans": self.mask_in_chans})
+        _check_numbers("sam_config.", {"mlp_ratio": self.mlp_ratio})
         self.encoder_global_attn_indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
@@ -164,6 +198,25 @@ class MedPLIBConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        sizes += ("num_key_value_heads", "max_position_embeddings", "num_experts", "top_k_experts")
+        _check_ints(
+            "", {k: getattr(self, k) for k in (*sizes, "mm_hidden_size", "out_dim", "max_sample_point")}
+        )
+        _check_ints("", {k: getattr(self, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, 0)
+        _check_ints("", {"min_capacity": self.min_capacity}, 0)
+        _check_numbers("", {"rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta})
+        factors = ("eval_capacity_factor", "capacity_factor", "router_aux_loss_coef")
+        _check_numbers("", {k: getattr(self, k) for k in factors}, positive=False)
+        if not isinstance(self.clip, dict):
+            raise ValueError(f"clip_config must be a JSON object, got {self.clip!r}")
+        clip_sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        _check_ints("clip_config.", {k: self.clip.get(k) for k in (*clip_sizes, "image_size", "patch_size")})
+        if self.clip["image_size"] % self.clip["patch_size"]:
+            raise ValueError(
+                f"clip_config.image_size {self.clip['image_size']} is not a multiple of its patch_size "
+                f"{self.clip['patch_size']}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -238,6 +291,8 @@ class MedPLIBConfig:
         if missing:
             raise ValueError(f"MedPLIB config.json lacks required fields: {', '.join(missing)}")
         moe = data.get("moe") or {}
+        if not isinstance(moe, dict):
+            raise ValueError(f"config.json 'moe' must be a JSON object or null, got {moe!r}")
         experts = moe.get("num_experts", 2)
         if isinstance(experts, list):
             if len(set(experts)) > 1:
@@ -302,8 +357,7 @@ class MedPLIBConfig:
         cfg_file = path / CONFIG_FILE
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is not a MedPLIB checkpoint: no {CONFIG_FILE} in it")
-        with cfg_file.open() as f:
-            data = json.load(f)
+        data = _read_json_object(cfg_file)
         model_type = data.get("model_type")
         if model_type != MODEL_TYPE and "moe" not in data:
             raise ValueError(
@@ -313,8 +367,7 @@ class MedPLIBConfig:
         clip = None
         clip_file = path / CLIP_SUBDIR / CONFIG_FILE
         if clip_file.is_file():
-            with clip_file.open() as f:
-                clip = json.load(f)
+            clip = _read_json_object(clip_file)
         return cls.from_dict(data, clip=clip)
 
     def to_release_dict(self) -> dict[str, Any]:

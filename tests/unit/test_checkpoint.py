@@ -204,3 +204,44 @@ def test_missing_weights_are_reported(tmp_path, public_fixture):
     out = _model_dir(tmp_path, public_fixture)
     with pytest.raises(FileNotFoundError, match="no weights"):
         load_medplib(out)
+
+
+def test_saving_again_into_a_folder_replaces_its_weights(tmp_path, public_fixture, reference):
+    """A sharded save then an unsharded one (and back) into one folder: the old files go, the folder loads; a model
+    saved back into the folder it was loaded from (its tokenizer files copied onto themselves) too."""
+    model, config, _ = load_medplib(public_fixture / "model")
+    out = tmp_path / "saved"
+    save_medplib(model, config, public_fixture / "model", out, max_shard_size="200KB")
+    save_medplib(model, config, public_fixture / "model", out)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    _same_weights(load_medplib(out)[0], reference)
+    save_medplib(model, config, public_fixture / "model", out, max_shard_size="200KB")
+    shards = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == sorted(set(shards))
+    again, config2, _ = load_medplib(out)
+    _same_weights(again, reference)
+    save_medplib(again, config2, out, out)  # back into its own folder
+    _same_weights(load_medplib(out)[0], reference)
+    (out / "notes.safetensors").write_bytes(b"")  # not one of ours: kept
+    save_medplib(again, config2, out, out, max_shard_size="200KB")
+    assert (out / "notes.safetensors").exists()
+    _same_weights(load_medplib(out)[0], reference)  # the index names the shards: the stray file is not read
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b[: len(b) // 2], "the file ends before its last tensor"),
+        (lambda b: b"", "not a safetensors file, or a truncated one"),
+        (lambda b: b[:4], "not a safetensors file, or a truncated one"),
+        (lambda b: (2**40).to_bytes(8, "little") + b[8:], "not a safetensors file, or a truncated one"),
+        (lambda b: b[:8] + b"#" + b[9:], "not a safetensors file, or a corrupt one"),
+    ],
+)
+def test_a_damaged_weight_file_is_named(tmp_path, public_fixture, damage, message):
+    out = _model_dir(tmp_path, public_fixture)
+    (out / "model.safetensors").write_bytes(
+        damage((public_fixture / "model" / "model.safetensors").read_bytes())
+    )
+    with pytest.raises(ValueError, match=f"model.safetensors: {message}"):
+        load_medplib(out)

@@ -76,3 +76,46 @@ def test_unsupported_moe_is_rejected():
     data["moe"]["top_k_experts"] = 2
     with pytest.raises(ValueError, match="top_k_experts=2"):
         MedPLIBConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden_size", "128", "hidden_size must be a whole number >= 1, got '128'"),
+        ("num_attention_heads", 0, "num_attention_heads must be a whole number >= 1, got 0"),
+        ("num_hidden_layers", True, "num_hidden_layers must be a whole number >= 1, got True"),
+        ("rope_theta", "x", "rope_theta must be a finite number > 0, got 'x'"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite number > 0, got nan"),
+        ("moe", [1], "'moe' must be a JSON object or null, got \\[1\\]"),
+    ],
+)
+def test_a_field_of_the_wrong_type_or_range_is_named(field, value, message):
+    """A hand-edited config.json: each mistake names its field (not a TypeError / ZeroDivisionError in torch)."""
+    data = MedPLIBConfig.tiny().to_release_dict()
+    data[field] = value
+    with pytest.raises(ValueError, match=message):
+        MedPLIBConfig.from_dict(data)
+
+
+def test_nested_sizes_are_checked():
+    data = MedPLIBConfig.tiny().to_release_dict()
+    bad_experts = json.loads(json.dumps(data))
+    bad_experts["moe"]["num_experts"] = [0, 0]
+    with pytest.raises(ValueError, match="num_experts must be a whole number >= 1, got 0"):
+        MedPLIBConfig.from_dict(bad_experts)
+    bad_patch = json.loads(json.dumps(data))
+    bad_patch["clip_config"]["patch_size"] = 0
+    with pytest.raises(ValueError, match="clip_config.patch_size must be a whole number >= 1, got 0"):
+        MedPLIBConfig.from_dict(bad_patch)
+    bad_sam = json.loads(json.dumps(data))
+    bad_sam["sam_config"]["encoder_depth"] = "4"
+    with pytest.raises(ValueError, match="sam_config.encoder_depth must be a whole number >= 1"):
+        MedPLIBConfig.from_dict(bad_sam)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])
+def test_a_damaged_config_file_is_named(tmp_path, public_fixture, text):
+    shutil.copytree(public_fixture / "model" / "vision_tower", tmp_path / "vision_tower")
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"config\.json: (not valid JSON|expected a JSON object)"):
+        MedPLIBConfig.from_pretrained(tmp_path)
