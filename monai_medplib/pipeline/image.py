@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..processing import MaskLike
+from ..special_tokens import REGION_START_TOKEN
 from .features import ImageFeatures
 from .grounding import ground_features
 from .options import AnswerOptions, GroundingOptions
@@ -111,6 +112,14 @@ def answer_region_batch(
     if not official_eval_region:
         if regions is None:
             raise ValueError("region VQA needs a region per question (or official_eval_region=True)")
+        for i, (question, region) in enumerate(zip(questions, regions)):
+            places = max(1, question.count(REGION_START_TOKEN))  # no <region>: one is appended
+            given = len(region) if isinstance(region, list | tuple) else 1
+            if given != places:
+                raise ValueError(
+                    f"regions[{i}]: {given} mask(s) for a question with {places} <region> place(s); give one mask "
+                    "per place (or official_eval_region=True to answer without the region)"
+                )
         grids = region_grids_of(runner, features, regions, keep_largest_component)
     return answers_of(runner, features, questions, grids, AnswerOptions.merge(options), region=True)
 

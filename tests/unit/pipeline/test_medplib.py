@@ -134,6 +134,16 @@ def test_answer_region_batch_matches_single_calls(pipe, cases, inputs, public_fi
     assert official == [cases["b_region_vqa"]["evalpath_greedy"]["text"]]
     with pytest.raises(ValueError, match="2 images, 2 questions, 1 regions"):
         pipe.answer_region_batch([image, image], [question, question], [mask])
+    # a mask per <region> place: none, or one too many, would be dropped without a word
+    for masks, given in (([], 0), ([mask, box], 2)):
+        with pytest.raises(
+            ValueError, match=f"regions\\[0\\]: {given} mask\\(s\\) for a question with 1 <region>"
+        ):
+            pipe.answer_region_batch([image], ["What is in <region>?"], [masks], max_new_tokens=STEPS)
+    two = "Compare <region> with <region>."
+    with pytest.raises(ValueError, match="1 mask\\(s\\) for a question with 2 <region> place"):
+        pipe.answer_region_batch([image], [two], [mask], max_new_tokens=STEPS)
+    assert len(pipe.answer_region_batch([image], [two], [[mask, box]], max_new_tokens=STEPS)) == 1
 
 
 def test_points_and_box_become_the_demo_region_masks(pipe, inputs):
