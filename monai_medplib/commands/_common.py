@@ -167,6 +167,27 @@ def check_out_file(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def check_outputs_spare_inputs(source: str | Path, outputs: dict[str, str | Path]) -> None:
+    """No output replaces the input or another output, and none goes into an input folder (a DICOM series, whose
+    folder every later read takes as a whole): each is refused naming its option, before any model runs.
+
+    Args:
+        source: the input file or folder.
+        outputs: option (or description) -> the file or folder it writes.
+    """
+    src = Path(source).resolve()
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        target = Path(path).resolve()
+        if target == src:
+            raise UserInputError(f"{option} {path} is the input {source}; give another name")
+        if src.is_dir() and src in target.parents:
+            raise UserInputError(f"{option} {path} is inside the input folder {source}; write it elsewhere")
+        if target in seen:
+            raise UserInputError(f"{option} {path} is also {seen[target]}; give each output its own name")
+        seen[target] = option
+
+
 def load_pipeline(args: argparse.Namespace):
     """``MedPLIBPipeline.from_pretrained`` with the command's model options; a model folder that cannot be read
     (corrupt weights, a damaged config or tokenizer) is reported naming the file."""

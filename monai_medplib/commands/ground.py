@@ -22,6 +22,7 @@ from ._common import (
     check_model_folder,
     check_out_dir,
     check_out_file,
+    check_outputs_spare_inputs,
     generation_kwargs,
     load_pipeline,
     require_path,
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     for option, path in (("--mask-out", args.mask_out), ("--overlay-out", args.overlay_out)):
         if path:
             check_out_file(path, option)
+            if Path(path).suffix.lower() not in ("", ".png"):
+                raise UserInputError(f"{option} {path}: written as a PNG; give a name ending in .png")
     check_model_folder(args)
     check_device(args)
 
@@ -88,6 +91,15 @@ def run(args: argparse.Namespace) -> int:
     from ._inputs import read_model_image
 
     image = read_model_image(args.image, args.slice_index, args.axis)
+    stem = image.stem
+    check_outputs_spare_inputs(  # before the model loads
+        args.image,
+        {
+            "--mask-out": args.mask_out or out / f"{stem}_mask.png",
+            "--overlay-out": args.overlay_out or out / f"{stem}_overlay.png",
+            "the report": out / f"{stem}_ground.json",
+        },
+    )
 
     from ..pipeline.results import label_from_probs
     from ..tokenization import grounding_prompt, plain_answer
@@ -105,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
     label = label_from_probs(torch.stack([torch.from_numpy(r.probs) for r in results])).numpy()
     names = {t: n + 1 for n, t in enumerate(texts)}
 
-    stem = image.stem
     outputs: dict[str, str] = {}
     targets = {}
     for (text, value), result in zip(names.items(), results):

@@ -23,6 +23,7 @@ from ._common import (
     check_device,
     check_model_folder,
     check_out_dir,
+    check_outputs_spare_inputs,
     load_pipeline,
     require_path,
     split_texts,
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     keyframes = (
         None if args.keyframes is None else parse_keyframes(args.keyframes, "--keyframes", allow_off=False)
     )
+    check_outputs_spare_inputs(args.volume, {"--out": args.out})
     out = check_out_dir(args.out)
     check_model_folder(args)
     check_device(args)

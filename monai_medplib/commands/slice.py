@@ -9,10 +9,11 @@ the model was trained on SA-Med2D's normalisation, and grounds less well on othe
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..transforms.planes import AXES
 from ..user_input import UserInputError
-from ._common import check_out_file, require_path
+from ._common import check_out_file, check_outputs_spare_inputs, require_path
 
 NAME = "slice"
 HELP = (
@@ -35,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     require_path(args.volume)
     if args.out is not None:
         check_out_file(args.out)
+        if Path(args.out).suffix.lower() not in ("", ".png"):
+            raise UserInputError(
+                f"--out {args.out}: the slice is written as a PNG; give a name ending in .png"
+            )
+        check_outputs_spare_inputs(args.volume, {"--out": args.out})
 
     from ..io.outputs import save_png
     from ._inputs import check_input, read_volume, volume_slice

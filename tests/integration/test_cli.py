@@ -168,6 +168,10 @@ def bad_files(public_fixture, tmp_path_factory):
     png = (public_fixture / "inputs" / "image.png").read_bytes()
     (root / "truncated.png").write_bytes(png[: len(png) // 3])
     (root / "afile").write_text("x")
+    (root / "image.png").write_bytes(png)
+    from monai_medplib.io import write_dicom_series
+
+    write_dicom_series(ct * 100, np.eye(4), root / "series")
     for name, damage in (("weights", "model.safetensors"), ("config", "config.json")):
         model = root / f"model_{name}"
         shutil.copytree(public_fixture / "model", model)
@@ -197,12 +201,25 @@ BAD_INPUTS = [
         ["slice", "ct.nii.gz", "--index", "-1"],
         "--index -1 is outside ct.nii.gz: its axial plane has slices 0-7",
     ),
-    (["ask", "ct.nii.gz", "Q", "--model", "model_weights"], "model.safetensors is damaged"),
-    (["ask", "ct.nii.gz", "Q", "--model", "model_config"], "config.json is damaged"),
+    (["ask", "ct.nii.gz", "Q", "--model", "model_weights"], "model.safetensors: not a safetensors file"),
+    (["ask", "ct.nii.gz", "Q", "--model", "model_config"], "config.json: not valid JSON"),
     (["eval", "--out", "."], "--out . is a folder"),
     (["eval", "--out", "r.json", "--predictions", "./r.json"], "--predictions r.json is the --out file"),
     (["eval", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["ask", "ct.nii.gz", "Q", "--point", "1", "1", "--box", "0", "0", "2", "2"], "give one region prompt"),
+    # an output that would replace the input, another output, or land inside an input series folder
+    (["slice", "ct.nii.gz", "--out", "ct.nii.gz"], "--out ct.nii.gz: the slice is written as a PNG"),
+    (["slice", "ct.nii.gz", "--out", "s.jpg"], "give a name ending in .png"),
+    (["slice", "series", "--out", "series/s.png"], "--out series/s.png is inside the input folder series"),
+    (["slice", "image.png", "--out", "image.png"], "--out image.png is the input image.png"),
+    (
+        ["ground", "image.png", "liver", "--mask-out", "image.png"],
+        "--mask-out image.png is the input image.png",
+    ),
+    (["ground", "image.png", "liver", "--mask-out", "m.png", "--overlay-out", "m.png"], "is also --mask-out"),
+    (["ground", "image.png", "liver", "--mask-out", "m.jpg"], "--mask-out m.jpg: written as a PNG"),
+    (["ground-volume", "series", "liver", "--out", "series"], "--out series is the input series"),
+    (["ground-volume", "series", "liver", "--out", "series/seg"], "is inside the input folder series"),
 ]
 
 
@@ -223,7 +240,7 @@ def test_a_command_refused_after_its_checks_leaves_no_empty_output_folder(bad_fi
     image, model = str(bad_files / "ct.nii.gz"), str(bad_files / "model_weights")
     new = tmp_path / "new" / "deeper"
     assert main(["ground", image, "liver", "--model", model, "--out", str(new)]) == 2
-    assert "model.safetensors is damaged" in capsys.readouterr().err
+    assert "model.safetensors: not a safetensors file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # "new" and "new/deeper" both went
     had = tmp_path / "had"
     had.mkdir()
