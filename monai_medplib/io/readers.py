@@ -224,8 +224,22 @@ def _probe_dicom(file: Path, name: str, count: int) -> VolumeHeader:
     return VolumeHeader((int(ds.Columns), int(ds.Rows), frames * count), samples)
 
 
+# objects with pixel rows that describe a series rather than image it: Segmentation, Surface Segmentation,
+# Parametric Map, RT Dose (PACS exports and our own DICOM-SEG output put them beside the series)
+_DERIVED_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "1.2.840.10008.5.1.4.1.1.66.5",
+        "1.2.840.10008.5.1.4.1.1.30",
+        "1.2.840.10008.5.1.4.1.1.481.2",
+    }
+)
+_DERIVED_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT"})
+
+
 def find_dicom_series(folder: str | Path) -> dict[str, list[Path]]:
-    """Image files in ``folder`` (not its sub-folders) grouped by SeriesInstanceUID; non-DICOM files are skipped."""
+    """Image files in ``folder`` (not its sub-folders) grouped by SeriesInstanceUID; non-DICOM files and derived
+    objects (a DICOM-SEG, a dose grid) are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"DICOM folder not found: {folder}")
@@ -237,6 +251,8 @@ def find_dicom_series(folder: str | Path) -> dict[str, list[Path]]:
             continue
         if "SeriesInstanceUID" not in ds or "Rows" not in ds:  # DICOMDIR, reports, ... are not images
             continue
+        if str(ds.get("SOPClassUID", "")) in _DERIVED_CLASSES or ds.get("Modality") in _DERIVED_MODALITIES:
+            continue  # a segmentation or dose grid exported beside its series is not part of the volume
         series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
     return series
 
@@ -252,7 +268,8 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
     if len(series) > 1:
         listing = ", ".join(f"{uid} ({len(files)} files)" for uid, files in sorted(series.items()))
         raise ValueError(
-            f"folder {folder} mixes {len(series)} DICOM series: {listing}; pass series_uid= to pick one"
+            f"folder {folder} mixes {len(series)} DICOM series: {listing}; put each series in a folder of its "
+            "own (in Python, series_uid= picks one)"
         )
     return next(iter(series.values()))
 
@@ -273,7 +290,7 @@ def _check_series_geometry(files: Sequence[Path], name: str) -> None:
     Raises:
         UserInputError: naming ``name``, the problem and the files involved.
     """
-    if len(files) < 3:
+    if len(files) < 2:
         return
     positions, orientations = [], []
     for path in files:

@@ -192,6 +192,30 @@ def test_a_series_with_a_missing_repeated_or_truncated_slice_is_refused(tmp_path
         load_volume(tmp_path / "cut", reader=reader)
     whole = write_dicom_series(volume, affine, tmp_path / "whole")
     assert len(whole) == 9 and tuple(load_volume(tmp_path / "whole", reader=reader).shape) == (1, 12, 10, 9)
+    pair = write_dicom_series(volume[:, :, :1], affine, tmp_path / "pair")  # one slice, sent twice
+    again = pydicom.dcmread(pair[0])
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    again.save_as(tmp_path / "pair" / "resent.dcm")
+    with pytest.raises(UserInputError, match="'pair' has two files at one slice position"):
+        load_volume(tmp_path / "pair", reader=reader)
+
+
+@pytest.mark.parametrize("reader", ["ITKReader", "PydicomReader"])
+def test_a_dicom_seg_beside_its_series_is_not_read_as_part_of_it(tmp_path, reader):
+    """PACS exports (and a DICOM-SEG written into the series' folder) hold the segmentation beside its images: the
+    folder still loads as the one image series."""
+    rng = np.random.default_rng(1)
+    volume = rng.integers(-500, 500, (12, 10, 6)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    series = tmp_path / "series"
+    write_dicom_series(volume, affine, series)
+    before = load_volume(series, reader=reader)
+    label = np.zeros(volume.shape, np.uint8)
+    label[2:6, 3:7, 2] = 1
+    write_dicom_seg(label, series, series / "seg.dcm", {1: "liver"}, affine=before.affine.numpy())
+    assert list(find_dicom_series(series).values()) == [sorted(series.glob("slice_*.dcm"))]
+    after = load_volume(series, reader=reader)
+    assert torch.equal(after.as_tensor(), before.as_tensor()) and torch.equal(after.affine, before.affine)
 
 
 def test_float_volume_that_needs_a_lossy_slope_round_trips_within_one_step(tmp_path):
