@@ -398,16 +398,27 @@ def binarize(logits: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.T
 MaskLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
+def mask_pixels(pil: Image.Image) -> np.ndarray:
+    """A mask image's pixels as the release reads them (``cv2.imread``, colour): an alpha band is dropped (an
+    opaque RGBA mask is not all region) and a palette image gives its colours, not its palette indices."""
+    if pil.mode in ("RGBA", "P", "PA", "RGBa", "CMYK"):
+        pil = pil.convert("RGB")
+    elif pil.mode in ("LA", "La"):
+        pil = pil.convert("L")
+    return np.asarray(pil)
+
+
 def load_region_mask(mask: MaskLike) -> np.ndarray:
-    """A region mask as uint8 0/1 ``[H, W]``: any non-zero pixel (in any channel) belongs to the region."""
+    """A region mask as uint8 0/1 ``[H, W]``: any non-zero pixel (in any colour channel; an alpha channel, the 4th of
+    4 or the 2nd of 2, is not read) belongs to the region. A file is turned as its EXIF orientation says."""
     if isinstance(mask, str | Path):
         path = Path(mask)
         if not path.is_file():
             raise FileNotFoundError(f"region mask file not found: {path}")
         with Image.open(path) as pil:
-            mask = np.asarray(pil)
+            mask = mask_pixels(ImageOps.exif_transpose(pil))
     elif isinstance(mask, Image.Image):
-        mask = np.asarray(mask)
+        mask = mask_pixels(mask)
     elif isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):
@@ -415,6 +426,8 @@ def load_region_mask(mask: MaskLike) -> np.ndarray:
             f"unsupported region mask type {type(mask).__name__}: give a path, PIL image or array"
         )
     if mask.ndim == 3:  # colour PNG: release reads it with cv2 and keeps every non-zero pixel
+        if mask.shape[2] in (2, 4):  # grey / colour + alpha
+            mask = mask[:, :, :-1]
         mask = mask.any(axis=2)
     if mask.ndim != 2:
         raise ValueError(f"region mask must be (H, W), got shape {tuple(mask.shape)}")

@@ -123,10 +123,9 @@ def read_picture(path: str | Path, as_rgb: bool = True) -> Any:
     """A PNG / JPEG / ... file as uint8 ``(H, W, 3)`` (:func:`monai_medplib.processing.load_rgb`'s rules), or with
     ``as_rgb=False`` its pixel values as stored (region masks); PIL's own decompression-bomb limit is the size
     limit."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..processing import load_rgb
+    from ..processing import load_rgb, mask_pixels
 
     path = Path(path)
     try:
@@ -137,7 +136,8 @@ def read_picture(path: str | Path, as_rgb: bool = True) -> Any:
                     f"{path}: {width}x{height} pixels is too large (at most {Image.MAX_IMAGE_PIXELS:,} pixels)"
                 )
             pil.load()
-            return load_rgb(pil) if as_rgb else np.asarray(pil)
+            pil = ImageOps.exif_transpose(pil)  # as viewers show it, and as load_rgb reads a path
+            return load_rgb(pil) if as_rgb else mask_pixels(pil)
     except UnidentifiedImageError:
         raise UserInputError(
             f"{path}: not an image file PIL can read (PNG, JPEG, BMP, TIFF) nor a volume "

@@ -204,3 +204,37 @@ def test_load_rgb_errors(tmp_path):
         load_rgb(np.array([[0, 4000]], dtype=np.int16))
     with pytest.raises(ValueError, match="NaN"):
         load_rgb(np.array([[np.nan, 0.0]]))
+
+
+def _exif_rotated_picture(path: Path, pixels: np.ndarray) -> None:
+    """``pixels`` stored rotated, with EXIF Orientation 6 (turn 90 degrees clockwise to view), as phones write (a
+    PNG's eXIf chunk: lossless, so pixels can be compared exactly)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(pixels, 1).copy()).save(path, exif=exif)
+
+
+def test_region_masks_ignore_alpha_and_follow_exif(tmp_path: Path) -> None:
+    """cv2.imread (the release's reader) drops an alpha band and turns a JPEG as its EXIF says: an opaque RGBA mask
+    is its white square, not the whole image; the CLI reads masks and images the same way."""
+    from monai_medplib.commands._inputs import read_picture
+    from monai_medplib.processing import load_region_mask
+
+    square = np.zeros((64, 64), np.uint8)
+    square[10:30, 20:40] = 255
+    rgba = np.dstack([square, square, square, np.full_like(square, 255)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([square, np.full_like(square, 255)]), "LA").save(tmp_path / "la.png")
+    for name in ("rgba.png", "la.png"):
+        assert load_region_mask(tmp_path / name).sum() == 400
+        assert load_region_mask(read_picture(tmp_path / name, as_rgb=False)).sum() == 400
+    assert load_region_mask(rgba).sum() == 400  # an RGBA array: the 4th channel is alpha
+
+    tall = np.zeros((80, 40), np.uint8)
+    tall[5:15, 5:35] = 255  # a bar near the top of an 80 x 40 (H x W) picture as viewed
+    _exif_rotated_picture(tmp_path / "turned.png", tall)
+    assert Image.open(tmp_path / "turned.png").size == (80, 40)  # stored 80 wide, 40 high
+    viewed = load_region_mask(tmp_path / "turned.png")
+    assert viewed.shape == (80, 40) and viewed[5:15, 5:35].all() and viewed.sum() == 300
+    image = read_picture(tmp_path / "turned.png")
+    assert image.shape == (80, 40, 3) and np.array_equal(image, load_rgb(tmp_path / "turned.png"))
