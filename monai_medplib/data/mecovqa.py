@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from monai_medplib.io.atomic import atomic_path
@@ -140,8 +140,11 @@ def load_binary_mask(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")
-    with Image.open(path) as pil:
-        grey = np.array(pil.convert("L"))
+    try:
+        with Image.open(path) as pil:
+            grey = np.array(pil.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
     return (grey >= 1).astype(np.uint8)
 
 
@@ -285,7 +288,10 @@ def read_mecovqa(
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"MeCoVQA file not found: {json_path}")
-    entries = json.loads(json_path.read_text())
+    try:
+        entries = json.loads(json_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{json_path}: not valid JSON ({err})") from None
     if not isinstance(entries, list):
         raise ValueError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
     root = Path(root)
@@ -406,15 +412,26 @@ class MeCoVQADataset(Dataset):
         ):
             raise ValueError(f"entry {record.id!r}: the first human turn must contain {IMAGE_PLACEHOLDER}")
         ids, labels = build_training_example(conversations, self.tokenizer, self.template)
-        rgb = load_rgb(record.image)
+        try:
+            rgb = load_rgb(record.image)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"entry {record.id!r}: {record.image} is not a readable image ({err})") from None
         height, width = rgb.shape[:2]
-        grids, region_valid = self._region_grids(record, index, (height, width))
+        try:
+            grids, region_valid = self._region_grids(record, index, (height, width))
+        except ValueError as err:
+            if str(err).startswith("entry "):
+                raise
+            raise ValueError(f"entry {record.id!r}: {err}") from None
         if grids and not region_valid:
             labels = [IGNORE_INDEX] * len(labels)  # release: an invalid region makes the sample unsupervised
         images_sam, resize = sam_pixels(rgb)
         masks = []
         for path in record.mask_paths:
-            mask = load_binary_mask(path)
+            try:
+                mask = load_binary_mask(path)
+            except ValueError as err:
+                raise ValueError(f"entry {record.id!r}: {err}") from None
             if mask.shape != (height, width):
                 raise ValueError(
                     f"entry {record.id!r}: mask {path} is {mask.shape}, image is {(height, width)}"

@@ -20,12 +20,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
 STAGE_NAMES = ("stage0", "stage2", "stage3", "stage4")
 
 HELP = "Run one MedPLIB training stage (stage0 / stage2 / stage3 / stage4); torchrun for several processes."
+
+
+def _whole(least: int):
+    """An argparse type: a whole number >= ``least`` (a zero or negative count is refused as the option's error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (``inf`` / ``nan`` learning rates train a NaN model)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,21 +75,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "demo model, to fine-tune it)",
     )
     p.add_argument("--grounding-init", help="stage4: merged stage-III model folder, or 'demo'")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--steps", type=_whole(1), default=100, help="optimizer steps")
     p.add_argument(
-        "--time-budget", type=float, default=None, help="seconds; the schedule follows elapsed time"
+        "--time-budget",
+        type=_positive_number,
+        default=None,
+        help="seconds; the schedule follows elapsed time",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="samples per process and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the stage's)")
+    p.add_argument("--batch-size", type=_whole(1), default=8, help="samples per process and micro-batch")
+    p.add_argument("--grad-accum", type=_whole(1), default=1)
+    p.add_argument(
+        "--lr", type=_positive_number, default=None, help="peak learning rate (default: the stage's)"
+    )
     p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=_whole(0), default=0)
+    p.add_argument("--log-every", type=_whole(1), default=10)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeat", nargs="*", default=[], help="task oversampling, e.g. grounding=2")
-    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-length", type=_whole(1), default=2048)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--threads", type=_whole(1), default=None, help="torch CPU threads per process")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument(
@@ -97,8 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monai_medplib.training ...``; returns the exit code."""
-    return run(build_parser().parse_args(argv))
+    """``python -m monai_medplib.training ...``; returns the exit code (2 and one line for a user's mistake, as
+    ``medplib train``: under torchrun every rank would otherwise print the same traceback)."""
+    from ..user_input import USER_ERRORS
+
+    try:
+        return run(build_parser().parse_args(argv))
+    except USER_ERRORS as err:
+        print(f"python -m monai_medplib.training: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 def run(args: argparse.Namespace) -> int:

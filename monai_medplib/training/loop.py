@@ -7,6 +7,7 @@ Release optimiser (DeepSpeed config of the scripts): AdamW betas (0.9, 0.95), we
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 import time
@@ -75,6 +76,22 @@ class TrainConfig:
     clicks: ClickTraining | None = None
     budget_clock: str = "wall"
     absent_masks: AbsentMasks | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= {least}, got {value!r}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"TrainConfig.save_every must be a whole number >= 0, got {self.save_every!r}")
+        for name in ("lr", "grad_clip", *(["time_budget_s"] if self.time_budget_s is not None else [])):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.budget_clock not in CLOCKS:
+            raise ValueError(f"budget_clock must be one of {sorted(CLOCKS)}, got {self.budget_clock!r}")
 
 
 def warmup_decay(progress: float, warmup_ratio: float) -> float:
@@ -269,6 +286,13 @@ def train(
         "world_size": ctx.world_size,
         "max_steps": cfg.max_steps,
         "lr": cfg.lr,
+        # the schedule and the demo-only objectives: a resumed state must have trained under the same ones
+        "warmup_ratio": cfg.warmup_ratio,
+        "grad_clip": cfg.grad_clip,
+        "time_budget_s": cfg.time_budget_s,
+        "budget_clock": cfg.budget_clock,
+        "clicks": None if cfg.clicks is None else str(cfg.clicks),
+        "absent_masks": cfg.absent_masks is not None,
         **dict(identity or {}),
     }
     if resume and ckpt_path.is_file():
@@ -285,8 +309,6 @@ def train(
     order = BatchOrder(len(dataset), cfg.batch_size, ctx, cfg.seed)
     use_autocast = cfg.bf16 and ctx.device.type == "cuda"
     model.train()
-    if cfg.budget_clock not in CLOCKS:
-        raise ValueError(f"budget_clock must be one of {sorted(CLOCKS)}, got {cfg.budget_clock!r}")
     clock = CLOCKS[cfg.budget_clock]
     start, window = clock() - elapsed, []
     progress = _progress(step, elapsed, cfg)
@@ -304,6 +326,12 @@ def train(
                 (losses["loss"] / cfg.grad_accum).backward()
             window.append({k: float(v.detach()) for k, v in losses.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # the same on every rank (gradients are all-reduced): all stop here
+            raise ValueError(
+                f"step {step + 1}: the loss or its gradient is not finite (loss {window[-1]['loss']:.4g}, gradient "
+                f"norm {float(grad_norm):.4g}); the weights were not updated and nothing was saved for this step "
+                f"(lr {cfg.lr:g}: try a lower --lr)"
+            )
         optimizer.step()
         step += 1
         # every rank must stop at the same step: rank 0's clock decides

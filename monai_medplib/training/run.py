@@ -87,6 +87,9 @@ def stage_dataset(
             raise ValueError(
                 f"{path}: no training entries; {spec.name} trains its {task} task from this file"
             )
+        for record in records:  # such an entry would be dropped from the loss with a tokenizer warning
+            if any(turn.answer is None for turn in record.turns):
+                raise ValueError(f"{path}: entry {record.id!r} has a question without an answer")
         parts += [MeCoVQADataset(records, tokenizer)] * int(task_repeat.get(task, 1))
     return ConcatDataset(parts)
 
@@ -121,9 +124,24 @@ def _where(folder: str | Path | None) -> str:
     return "" if folder is None else str(Path(folder).resolve())
 
 
+def check_out_spares_init(run: StageRun) -> None:
+    """The stage's folder is not a starting model's folder, nor does its ``hf/`` hold one: the merged model would be
+    written over the model it is trained from (a stage re-run from its own output)."""
+    out = Path(run.out_dir).resolve()
+    for name, folder in (("init", run.init), ("grounding_init", run.grounding_init)):
+        if folder is None:
+            continue
+        start = Path(folder).resolve()
+        if out == start or start in (out / MERGED_SUBDIR).parents or start == out / MERGED_SUBDIR:
+            raise ValueError(
+                f"out_dir {run.out_dir} would write its model over the {name} model {folder}; give another out_dir"
+            )
+
+
 def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = print) -> dict[str, object]:
     """Train one stage and save its merged model to ``out_dir/hf``; returns a summary (losses, time, sizes)."""
     spec = get_stage(run.stage)
+    check_out_spares_init(run)
     torch.manual_seed(run.train.seed)
     model, config, tokenizer_dir = _prepare_model(run, spec)
     tokenizer = MedPLIBTokenizer.from_pretrained(tokenizer_dir)
@@ -155,7 +173,15 @@ def run_stage(run: StageRun, ctx: DistContext, log: Callable[[str], None] = prin
         run.out_dir,
         resume=run.resume,
         log=log,
-        identity={"stage": spec.name, "init": _where(run.init), "grounding_init": _where(run.grounding_init)},
+        identity={
+            "stage": spec.name,
+            "init": _where(run.init),
+            "grounding_init": _where(run.grounding_init),
+            "max_length": run.max_length,
+            "task_repeat": dict(sorted(run.task_repeat.items())),
+            "freeze": list(run.freeze),
+            "null_prompt": run.null_prompt,
+        },
     )
     seconds = time.time() - start
     merged: nn.Module = merge_lora(wrapped) if wrapped is not None else model
@@ -186,7 +212,9 @@ def parse_repeat(items: Sequence[str]) -> dict[str, int]:
     out = {}
     for item in items:
         task, _, count = item.partition("=")
-        if task not in TASK_FILES or not count.isdigit():
-            raise ValueError(f"bad --repeat {item!r}: expected TASK=N with TASK in {sorted(TASK_FILES)}")
+        if task not in TASK_FILES or not count.isdigit() or int(count) < 1:
+            raise ValueError(
+                f"bad --repeat {item!r}: expected TASK=N with N >= 1 and TASK in {sorted(TASK_FILES)}"
+            )
         out[task] = int(count)
     return out

@@ -236,7 +236,7 @@ def test_resume_refuses_a_state_of_another_stage_start_length_or_rate(tiny, tmp_
     tok, dataset, stage = tiny[:3]
     out = tmp_path / "stage"
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
-    first = {"stage": "stage0", "init": "/models/a", "grounding_init": ""}
+    first = {"stage": "stage0", "init": "/models/a", "grounding_init": "", "freeze": [], "max_length": 2048}
 
     def run(identity, **settings):
         cfg = TrainConfig(**{"max_steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_ratio": 0.0, **settings})
@@ -262,8 +262,143 @@ def test_resume_refuses_a_state_of_another_stage_start_length_or_rate(tiny, tmp_
         ({**first, "stage": "stage2"}, {}, "stage stage0 \\(now stage2\\)"),
         (first, {"max_steps": 3}, "max_steps 2 \\(now 3\\)"),
         (first, {"lr": 1e-3}, "lr 0.003 \\(now 0.001\\)"),
+        (first, {"warmup_ratio": 0.5}, "warmup_ratio 0.0 \\(now 0.5\\)"),
+        ({**first, "freeze": ["^lm_head"]}, {}, "freeze"),
+        ({**first, "max_length": 40}, {}, "max_length"),
     ]
     for identity, settings, words in refused:
         with pytest.raises(UserInputError, match=f"{words}.*--no-resume"):
             run(identity, **settings)
     assert run(first)[-1]["step"] == 2  # the same run resumes as before
+
+
+def _tiny_cli(tiny, tmp_path: Path) -> list[str]:
+    tok, data, tok_dir = tiny[0], tiny[3], tiny[4]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(len(tok)).to_release_dict()))
+    return [
+        "--stage",
+        "stage0",
+        "--data-root",
+        str(data),
+        "--config",
+        str(config),
+        "--tokenizer",
+        str(tok_dir),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--steps", "0", "--steps: must be >= 1, got 0"),
+        ("--steps", "-2", "--steps: must be >= 1, got -2"),
+        ("--batch-size", "0", "--batch-size: must be >= 1, got 0"),
+        ("--grad-accum", "0", "--grad-accum: must be >= 1, got 0"),
+        ("--log-every", "0", "--log-every: must be >= 1, got 0"),
+        ("--threads", "-1", "--threads: must be >= 1, got -1"),
+        ("--max-length", "0", "--max-length: must be >= 1, got 0"),
+        ("--lr", "inf", "--lr: must be a finite number > 0, got inf"),
+        ("--lr", "nan", "--lr: must be a finite number > 0, got nan"),
+        ("--save-every", "-1", "--save-every: must be >= 0, got -1"),
+    ],
+)
+def test_a_count_or_rate_out_of_range_is_the_option_s_error(tiny, tmp_path, capsys, option, value, words):
+    """Before: --steps 0 was a ZeroDivisionError, --steps -2 trained until killed, --lr inf saved a NaN model."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *_tiny_cli(tiny, tmp_path), "--out", str(out), option, value])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err and not out.exists()
+
+
+def test_the_training_entry_reports_user_errors_in_one_line(tiny, tmp_path, capsys):
+    """python -m monai_medplib.training (what torchrun runs) answers as medplib train does: one line, exit 2."""
+    from monai_medplib.training.__main__ import main as training_main
+
+    code = training_main(
+        [*_tiny_cli(tiny, tmp_path), "--out", str(tmp_path / "o"), "--repeat", "grounding=0", "--steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "bad --repeat 'grounding=0': expected TASK=N with N >= 1" in err
+    assert training_main(["--stage", "stage2", "--data-root", str(tmp_path / "nowhere"), "--out", "o"]) == 2
+
+
+def test_a_non_finite_loss_stops_the_stage_before_it_saves(tiny, tmp_path):
+    """A learning rate that blows the weights up (here 1e30) used to end with a NaN model written as the stage's."""
+    from monai_medplib.data.mecovqa import collate_mecovqa
+    from monai_medplib.modeling.medplib import MedPLIBForCausalLM
+    from monai_medplib.training.distributed import DistContext
+
+    tok, dataset, stage = tiny[:3]
+    torch.manual_seed(0)
+    model = MedPLIBForCausalLM(tiny_config(len(tok)))
+    cfg = TrainConfig(max_steps=6, batch_size=2, lr=1e30, warmup_ratio=0.0, grad_clip=1e30, log_every=1)
+    out = tmp_path / "blown"
+    with pytest.raises(
+        ValueError, match=r"step \d: the loss or its gradient is not finite .*try a lower --lr"
+    ):
+        train(
+            model,
+            dataset,
+            collate_mecovqa,
+            stage.loss,
+            tok.seg_id,
+            cfg,
+            DistContext(0, 1, 0, torch.device("cpu")),
+            out,
+            True,
+            lambda _: None,
+        )
+    assert not (out / CHECKPOINT_FILE).exists()
+
+
+def test_damaged_training_files_name_the_file_and_the_entry(tiny, tmp_path):
+    """A damaged JSON, an image or mask that is not a picture, or a question without an answer: each is one error
+    naming the file (and the entry), not a PIL traceback mid-training or a silently ignored sample."""
+    import shutil
+
+    from monai_medplib.data.mecovqa import MeCoVQADataset, read_mecovqa
+    from monai_medplib.training.run import TASK_FILES, stage_dataset
+    from monai_medplib.training.stages import STAGE0
+
+    tok, data = tiny[0], tiny[3]
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    closed = root / TASK_FILES["closed"]
+    entries = json.loads(closed.read_text())
+    closed.write_text(closed.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{closed}: not valid JSON"):
+        read_mecovqa(closed, root)
+    unanswered = [dict(entries[0], conversations=entries[0]["conversations"][:1]), *entries[1:]]
+    closed.write_text(json.dumps(unanswered))
+    with pytest.raises(ValueError, match=f"entry {entries[0]['id']!r} has a question without an answer"):
+        stage_dataset(STAGE0, root, tok, {})
+    closed.write_text(json.dumps(entries))
+    records = read_mecovqa(closed, root)
+    records[0].image.write_text("garbage")
+    with pytest.raises(
+        ValueError, match=f"entry {records[0].id!r}: {records[0].image} is not a readable image"
+    ):
+        MeCoVQADataset(records, tok)[0]
+    shutil.copyfile(data / records[0].image.relative_to(root), records[0].image)
+    grounding = read_mecovqa(root / TASK_FILES["grounding"], root)
+    record = next(r for r in grounding if r.mask_paths)
+    record.mask_paths[0].write_bytes(b"\\x89PNG garbage")
+    with pytest.raises(
+        ValueError, match=f"entry {record.id!r}: {record.mask_paths[0]}: not a readable image"
+    ):
+        MeCoVQADataset([record], tok)[0]
+
+
+def test_a_stage_never_writes_over_its_starting_model(tmp_path):
+    """Re-running a stage from its own output (--init OUT/hf --out OUT) overwrote the starting model, then failed."""
+    from monai_medplib.training.run import StageRun, check_out_spares_init
+
+    def stage(out, init):
+        return StageRun("stage2", tmp_path / "data", out, TrainConfig(), init=init)
+
+    for out, init in ((tmp_path / "w", tmp_path / "w" / "hf"), (tmp_path / "m", tmp_path / "m")):
+        with pytest.raises(ValueError, match=f"out_dir {out} would write its model over the init model"):
+            check_out_spares_init(stage(out, init))
+    check_out_spares_init(stage(tmp_path / "stage3", tmp_path / "stage2" / "hf"))  # the usual chain
