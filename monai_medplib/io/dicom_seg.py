@@ -21,7 +21,7 @@ from .. import __version__
 from ..transforms.slicing import volume_affine_ras
 from .atomic import atomic_path
 from .coded_concepts import Code, coded_concept
-from .readers import _series_files
+from .readers import _SERIES_STEP_TOLERANCE, _series_files
 
 __all__ = ["ALGORITHM_NAME", "write_dicom_seg", "source_frames"]
 
@@ -39,6 +39,11 @@ def _source_voxel_grid(
     to_voxel = lps_to_voxel[:3, :3]
     start = (lps_to_voxel @ np.append(origin, 1.0))[:3]
     return start, to_voxel @ (iop[:3] * col_spacing), to_voxel @ (iop[3:] * row_spacing)
+
+
+# how far (in voxels) a source pixel may lie from the label's voxel centre: the series reader accepts slice
+# positions up to this share of a step off the regular grid (io/readers.py), so the SEG must take them too
+_OFF_GRID_TOLERANCE = _SERIES_STEP_TOLERANCE
 
 
 def source_frames(label: np.ndarray, affine: np.ndarray, datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
@@ -59,9 +64,10 @@ def source_frames(label: np.ndarray, affine: np.ndarray, datasets: Sequence[pydi
         index = np.round(grid).astype(np.int64)
         off_grid = np.abs(grid - index).max()
         outside = any((index[d].min() < 0 or index[d].max() >= label.shape[d]) for d in range(3))
-        if off_grid > 1e-2 or outside:
+        if off_grid > _OFF_GRID_TOLERANCE or outside:
+            name = Path(ds.filename).name if isinstance(getattr(ds, "filename", None), str) else ""
             raise ValueError(
-                f"source image {ds.SOPInstanceUID} does not lie on the label's voxel grid "
+                f"source image {name or ds.SOPInstanceUID} does not lie on the label's voxel grid "
                 f"(shape {label.shape}; off by {off_grid:.3g} voxel, outside={outside})"
             )
         frames.append(label[index[0], index[1], index[2]])

@@ -162,7 +162,8 @@ def write_label_volume(
     if ext not in NIFTI_SUFFIXES:
         raise ValueError(f"label volumes are written as {NIFTI_SUFFIXES}, got {ext!r}")
     out_dir = Path(out_dir)
-    paths: dict[str, Any] = {"nifti": save_nifti(label, out_dir / f"{stem}{ext}")}
+    paths: dict[str, Any] = {}
+    # the DICOM-SEG first: a series it cannot describe is refused before any file is written
     if dicom_source is not None:
         if not Path(dicom_source).is_dir():
             paths["dicom_seg_skipped"] = "DICOM-SEG is written for DICOM series folders, not single files"
@@ -172,7 +173,7 @@ def write_label_volume(
             segments = {value: text for text, value in label_names.items()}
             out = out_dir / f"{seg_stem or stem + '_seg'}.dcm"
             paths["dicom_seg"] = write_dicom_seg(label, dicom_source, out, segments)
-    return paths
+    return {"nifti": save_nifti(label, out_dir / f"{stem}{ext}"), **paths}
 
 
 def representative_slices(mask: np.ndarray, axis_index: int, count: int = 4) -> list[int]:

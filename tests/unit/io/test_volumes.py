@@ -338,3 +338,37 @@ def test_a_header_claiming_more_than_the_file_can_hold_is_refused_before_allocat
     path.write_bytes(gzip.compress(raw))
     with pytest.raises(OSError, match="liar.nii.gz: the header declares 137438953824 bytes"):
         load_volume(path)
+
+
+def test_a_series_the_reader_takes_gets_its_dicom_seg_and_a_refused_seg_leaves_no_files(tmp_path):
+    """The reader accepts slice positions a little off the regular grid (rounding, table jitter: here 0.1 mm of a
+    1.5 mm step); the DICOM-SEG must take them too (it refused anything over 0.01 voxel, after the NIfTI label
+    was already written). A label on another grid is still refused, and then no output is left behind."""
+    from monai_medplib.io.outputs import write_label_volume
+
+    volume = np.random.default_rng(2).integers(-500, 500, (12, 10, 7)).astype(np.float32)
+    files = write_dicom_series(volume, np.diag([0.8, 0.8, 1.5, 1.0]), tmp_path / "jitter")
+    moved = pydicom.dcmread(files[3])
+    position = [float(v) for v in moved.ImagePositionPatient]
+    moved.ImagePositionPatient = [position[0], position[1], position[2] + 0.1]
+    moved.save_as(files[3])
+    loaded = load_volume(tmp_path / "jitter")
+    label = torch.zeros_like(loaded, dtype=torch.uint8)
+    label[0, 2:6, 3:7, 3] = 1
+    label = type(loaded)(label, affine=loaded.affine)
+    paths = write_label_volume(
+        label, {"liver": 1}, tmp_path / "out", "jitter", dicom_source=tmp_path / "jitter"
+    )
+    seg = pydicom.dcmread(paths["dicom_seg"])
+    (frame,) = seg.PerFrameFunctionalGroupsSequence
+    source = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert source == moved.SOPInstanceUID and paths["nifti"].is_file()
+
+    shifted = loaded.affine.clone()
+    shifted[:3, 3] += shifted[:3, 2] * 0.5  # half a slice along k: another grid
+    with pytest.raises(ValueError, match="does not lie on the label's voxel grid"):
+        write_label_volume(
+            type(loaded)(label, affine=shifted), {"liver": 1}, tmp_path / "refused", "x", tmp_path / "jitter"
+        )
+    refused = tmp_path / "refused"
+    assert not refused.exists() or not any(refused.iterdir())
