@@ -8,6 +8,7 @@ one-at-a-time calls give.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,16 @@ def answers_of(
     return [runner.decode_text(ids) for ids in out.new_ids]
 
 
+def _check_lists(images: Sequence[InputImage], texts: Sequence[str], name: str) -> None:
+    """A batch call's images and texts are lists of equal length (one path and one question would otherwise be
+    taken as lists of characters)."""
+    for what, value in (("images", images), (name, texts)):
+        if isinstance(value, str | bytes | Path) or not hasattr(value, "__len__"):
+            raise TypeError(f"{what} must be a list (one item per sample), got {type(value).__name__}")
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} {name}")
+
+
 def _check_texts(texts: Sequence[str], name: str) -> None:
     """Every question / request says something (an empty one would still make the model answer)."""
     blank = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
@@ -59,8 +70,7 @@ def answer_batch(
     options: AnswerOptions | None = None,
 ) -> list[str]:
     """Answer each question about its image (VQA), in one left-padded batch."""
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    _check_lists(images, questions, "questions")
     _check_texts(questions, "questions")
     if not images:
         return []
@@ -102,6 +112,7 @@ def answer_region_batch(
     official ``vqa_infer.py`` evaluation, which drops the region (no feature inserted; the masks are not read).
     ``keep_largest_component`` uses the dataset path's grid (largest 8-connected component only).
     """
+    _check_lists(images, questions, "questions")
     if regions is not None and not len(images) == len(questions) == len(regions):
         raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(regions)} regions")
     _check_texts(questions, "questions")
@@ -154,8 +165,7 @@ def ground_batch(
     options: GroundingOptions | None = None,
 ) -> list[GroundingResult]:
     """Segment what each text asks for in its image: one generation batch, one SAM decoder batch."""
-    if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    _check_lists(images, texts, "texts")
     _check_texts(texts, "texts")
     features = runner.encode_images(images, with_sam=True)
     return ground_features(runner, features, [runner.prompt_ids(t) for t in texts], options)

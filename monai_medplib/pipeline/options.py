@@ -48,6 +48,10 @@ class AnswerOptions:
             raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+        ):
+            raise ValueError(f"seed must be a whole number or None, got {self.seed!r}")
 
     @classmethod
     def for_volume(cls: type[_Options]) -> _Options:

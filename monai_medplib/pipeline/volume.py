@@ -109,6 +109,8 @@ def _check_slices(geometry: SliceGeometry, slices: Sequence[int] | None) -> list
 
 def _requests(text: str | Sequence[str]) -> dict[str, str]:
     """``{text as given: the request the model gets}``; structure names become the trained request."""
+    if not isinstance(text, str) and not (isinstance(text, Sequence) and not isinstance(text, bytes)):
+        raise ValueError(f"text must be a non-empty string or a list of them, got {text!r}")
     texts = [text] if isinstance(text, str) else list(text)
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
         raise ValueError(f"text must be a non-empty string or a list of them, got {text!r}")

@@ -269,3 +269,21 @@ def test_ground_batch_with_left_padding_matches_single_calls(pipe, inputs):
         single = pipe.ground(image, text, force_seg=True)
         assert np.abs(result.logits - single.logits).max() <= 1e-3
         assert result.mask.shape == single.mask.shape
+
+
+def test_argument_mistakes_are_named_before_any_model_work(pipe, inputs):
+    """One path and one question to a batch call were taken as lists of characters ("25 images but 21
+    questions"); a text seed reached torch.manual_seed; a volume call without texts failed iterating None."""
+    image = inputs / "image.png"
+    with pytest.raises(TypeError, match="images must be a list \\(one item per sample\\), got str"):
+        pipe.answer_batch(str(image), "Is the liver visible?")
+    with pytest.raises(TypeError, match="questions must be a list .* got str"):
+        pipe.answer_batch([image], "Is the liver visible?")
+    with pytest.raises(TypeError, match="images must be a list .* got PosixPath"):
+        pipe.ground_batch(image, ["liver"])
+    with pytest.raises(ValueError, match="seed must be a whole number or None, got 'x'"):
+        pipe.answer(image, "Is the liver visible?", seed="x")
+    volume = torch.zeros(1, 8, 8, 3)
+    with pytest.raises(ValueError, match="text must be a non-empty string or a list of them, got None"):
+        pipe.ground_volume(volume, None)
+    assert len(pipe.answer_batch((image, image), ("What is this?", "Is it CT?"), max_new_tokens=2)) == 2
