@@ -14,6 +14,7 @@ runner; none of them is called back from here), and what the parity runner and t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -250,7 +251,17 @@ class MedPLIBRunner:
         grids = None
         if region_grids is not None:
             grids = [[g.to(vision_device) for g in sample] for sample in region_grids]
-        return self.model.build_inputs_embeds(prompts, clip, grids, padding_side="left", generator=generator)
+        embeds, mask = self.model.build_inputs_embeds(
+            prompts, clip, grids, padding_side="left", generator=generator
+        )
+        limit = self.model.config.max_position_embeddings
+        if embeds.shape[1] > limit:  # RoPE runs on (as the original does), but the model never saw such positions
+            warnings.warn(
+                f"the prompt is {embeds.shape[1]} positions long (image and region tokens included), longer than the "
+                f"{limit} the model was trained for: its answers will not be reliable; shorten the question",
+                stacklevel=3,
+            )
+        return embeds, mask
 
     @torch.no_grad()
     def prefill(

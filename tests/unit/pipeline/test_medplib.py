@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,18 @@ def test_argument_mistakes_are_named_before_any_model_work(pipe, inputs):
     with pytest.raises(ValueError, match="text must be a non-empty string or a list of them, got None"):
         pipe.ground_volume(volume, None)
     assert len(pipe.answer_batch((image, image), ("What is this?", "Is it CT?"), max_new_tokens=2)) == 2
+
+
+def test_a_prompt_longer_than_the_trained_context_is_warned_about(pipe, inputs, monkeypatch):
+    """A 6,000-token question ran silently and answered "tumour tumour ..."; the positions past the model's
+    context still run (as the original's), with a warning naming both lengths."""
+    image = inputs / "image.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary prompt: no warning
+        pipe.answer(image, "What is this?", max_new_tokens=1)
+    assert pipe.model.config.max_position_embeddings > 100
+    monkeypatch.setattr(pipe.model.config, "max_position_embeddings", 100)
+    with pytest.warns(
+        UserWarning, match=r"the prompt is \d+ positions long .* longer than the 100 the model"
+    ):
+        pipe.answer(image, "What is this?", max_new_tokens=1)
