@@ -150,8 +150,9 @@ class VolumeCache:
     """The last prepared volumes by source, bounded in bytes, single-flight under concurrency.
 
     Keys: a file path with its mtime and size (a replaced file is read again), or a tensor's storage, shape,
-    strides and version counter (a tensor modified in place is prepared again; held weakly, so the cache never
-    keeps a caller's tensor alive). Sources with no stable key (anything else) are prepared and not stored.
+    strides and a digest of its bytes (a tensor modified in place, by torch or through a numpy view, is prepared
+    again; held weakly, so the cache never keeps a caller's tensor alive). Sources with no stable key (anything
+    else) are prepared and not stored.
 
     Args:
         max_bytes: capacity (tensor bytes of the prepared values); a value larger than this is not stored.
@@ -197,7 +198,8 @@ class VolumeCache:
                 return None
             return ("path", str(path.resolve()), stat.st_mtime_ns, stat.st_size, *tags)
         if isinstance(source, torch.Tensor):
-            return ("tensor", source.data_ptr(), tuple(source.shape), source.stride(), source._version, *tags)
+            # the bytes, not the version counter: a write through a numpy view or DLPack leaves _version as it was
+            return ("tensor", source.data_ptr(), tuple(source.shape), source.stride(), content_key(source), *tags)
         return None
 
     def _lookup(self, key: tuple, source: Any) -> Any | None:

@@ -113,3 +113,19 @@ def test_volume_cache_tells_intensity_objects_apart_even_with_one_repr():
         == cache.get(volume, lambda: "x", "samed2d")
     )
     assert VolumeCache.key_of(volume, {"unhashable": 1}) is None  # not cached rather than keyed wrongly
+
+
+def test_a_volume_edited_through_a_numpy_view_is_prepared_again():
+    """Writes through ``tensor.numpy()`` (or DLPack) leave torch's version counter as it was: the cache handed back
+    the volume as it was before the edit."""
+    from monai_medplib.pipeline.cache import VolumeCache
+
+    cache, volume = VolumeCache(max_bytes=1 << 20, max_entries=4), torch.zeros(1, 4, 4, 4)
+    assert cache.get(volume, lambda: "before", "samed2d") == "before"
+    version = volume._version
+    volume.numpy()[0, :, :, 2] = 7.0
+    assert volume._version == version  # torch did not see the write
+    assert cache.get(volume, lambda: "after", "samed2d") == "after"
+    volume.add_(1.0)  # an in-place torch edit, as before
+    assert cache.get(volume, lambda: "again", "samed2d") == "again"
+    assert cache.get(volume, lambda: "not prepared", "samed2d") == "again" and cache.prepared == 3
