@@ -159,6 +159,7 @@ def read_volume(path: str | Path) -> Any:
     path = Path(path)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         _check_nifti_header(path)
+    _quiet_itk()
     try:
         return load_volume(path)
     except (FileNotFoundError, NotADirectoryError) as err:
@@ -177,6 +178,15 @@ def read_volume(path: str | Path) -> Any:
         if type(err).__name__ in ("ImageFileError", "HeaderDataError", "error"):
             raise UserInputError(f"{path}: cannot be read as a volume: {first_line(err)}") from None
         raise
+
+
+def _quiet_itk() -> None:
+    """ITK prints its warnings (a series' "Non uniform sampling") straight to stderr, before and around the command's
+    own one-line report; the geometry they describe is checked by the reader (io/readers.py), so a command turns
+    them off for its process."""
+    import itk
+
+    itk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 def _check_nifti_header(path: Path) -> None:

@@ -199,7 +199,14 @@ class VolumeCache:
             return ("path", str(path.resolve()), stat.st_mtime_ns, stat.st_size, *tags)
         if isinstance(source, torch.Tensor):
             # the bytes, not the version counter: a write through a numpy view or DLPack leaves _version as it was
-            return ("tensor", source.data_ptr(), tuple(source.shape), source.stride(), content_key(source), *tags)
+            return (
+                "tensor",
+                source.data_ptr(),
+                tuple(source.shape),
+                source.stride(),
+                content_key(source),
+                *tags,
+            )
         return None
 
     def _lookup(self, key: tuple, source: Any) -> Any | None:

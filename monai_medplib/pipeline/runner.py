@@ -255,7 +255,9 @@ class MedPLIBRunner:
             prompts, clip, grids, padding_side="left", generator=generator
         )
         limit = self.model.config.max_position_embeddings
-        if embeds.shape[1] > limit:  # RoPE runs on (as the original does), but the model never saw such positions
+        if (
+            embeds.shape[1] > limit
+        ):  # RoPE runs on (as the original does), but the model never saw such positions
             warnings.warn(
                 f"the prompt is {embeds.shape[1]} positions long (image and region tokens included), longer than the "
                 f"{limit} the model was trained for: its answers will not be reliable; shorten the question",

@@ -354,3 +354,21 @@ def test_eval_progress_is_one_bar(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert len(lines) > 50 and err.count("\n") == 1 and "vqa: 100%" in err
+
+
+def test_a_series_the_reader_takes_prints_no_itk_warning(tmp_path, capfd):
+    """A slice 0.1 mm off its place (within the reader's tolerance) made ITK print "Non uniform sampling" lines
+    to the terminal around the command's own output."""
+    import pydicom
+
+    from monai_medplib.io import write_dicom_series
+
+    volume = np.random.default_rng(3).integers(-500, 500, (12, 10, 7)).astype(np.float32)
+    files = write_dicom_series(volume, np.diag([0.8, 0.8, 1.5, 1.0]), tmp_path / "jitter")
+    moved = pydicom.dcmread(files[3])
+    x, y, z = (float(v) for v in moved.ImagePositionPatient)
+    moved.ImagePositionPatient = [x, y, z + 0.1]
+    moved.save_as(files[3])
+    assert main(["slice", str(tmp_path / "jitter"), "--out", str(tmp_path / "s.png")]) == 0
+    out, err = capfd.readouterr()
+    assert err == "" and "axial slice 3 of 7" in out
