@@ -7,11 +7,12 @@ the CLIP part a ``CLIPVisionConfig`` only inside ``modeling/``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .json_files import read_json
 
 MODEL_TYPE = "medplib_moe_llama"
 CONFIG_FILE = "config.json"
@@ -47,17 +48,6 @@ _REQUIRED = (
 
 # Keys of the oracle fixture's ``oracle_sam_config`` (upstream ``_build_sam`` argument names) -> our field names.
 _UPSTREAM_KEY_ALIASES = {"encoder_adapter": "adapter"}
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A config file's JSON object; a damaged file is a ValueError naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _check_ints(owner: str, values: dict[str, Any], minimum: int = 1) -> None:
@@ -357,7 +347,7 @@ class MedPLIBConfig:
         cfg_file = path / CONFIG_FILE
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is not a MedPLIB checkpoint: no {CONFIG_FILE} in it")
-        data = _read_json_object(cfg_file)
+        data = read_json(cfg_file, dict)
         model_type = data.get("model_type")
         if model_type != MODEL_TYPE and "moe" not in data:
             raise ValueError(
@@ -367,7 +357,7 @@ class MedPLIBConfig:
         clip = None
         clip_file = path / CLIP_SUBDIR / CONFIG_FILE
         if clip_file.is_file():
-            clip = _read_json_object(clip_file)
+            clip = read_json(clip_file, dict)
         return cls.from_dict(data, clip=clip)
 
     def to_release_dict(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ the whole sample unsupervised), and :func:`collate_mecovqa` batches them in the 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -34,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from monai_medplib.io.atomic import atomic_path
+from monai_medplib.json_files import read_json
 from monai_medplib.processing import REGION_GRID_SIZE, clip_pixels, load_rgb, region_grid, sam_pixels
 from monai_medplib.tokenization import (
     IGNORE_INDEX,
@@ -288,12 +288,7 @@ def read_mecovqa(
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"MeCoVQA file not found: {json_path}")
-    try:
-        entries = json.loads(json_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{json_path}: not valid JSON ({err})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
+    entries = read_json(json_path, list, "a JSON list of entries")
     root = Path(root)
     cache = Path(cache_dir) if cache_dir is not None else None
     return [_parse_entry(entry, i, root, cache, check_files) for i, entry in enumerate(entries)]
