@@ -74,17 +74,20 @@ def _safetensors_header(f, file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
-def _safetensors_key_map(files: list[Path]) -> dict[str, Path]:
+def _safetensors_headers(files: list[Path]) -> dict[Path, dict[str, Any]]:
+    """Each file's tensor table, read once; a key stored in two files is an error."""
+    headers: dict[Path, dict[str, Any]] = {}
     key_to_file: dict[str, Path] = {}
     for file in files:
         with file.open("rb") as f:
-            for key in _safetensors_header(f, file)[0]:
-                if key in key_to_file:
-                    raise CheckpointMismatchError(
-                        f"key {key!r} is stored twice: {key_to_file[key].name} and {file.name}"
-                    )
-                key_to_file[key] = file
-    return key_to_file
+            headers[file] = _safetensors_header(f, file)[0]
+        for key in headers[file]:
+            if key in key_to_file:
+                raise CheckpointMismatchError(
+                    f"key {key!r} is stored twice: {key_to_file[key].name} and {file.name}"
+                )
+            key_to_file[key] = file
+    return headers
 
 
 _SAFE_DTYPES = {
@@ -218,7 +221,7 @@ def iter_state_dict(
     files = weight_files(path)
     safetensors_files = [f for f in files if f.suffix == ".safetensors"]
     if safetensors_files:
-        _safetensors_key_map(safetensors_files)  # fail early on a key stored twice
+        _safetensors_headers(safetensors_files)  # fail early on a key stored twice
         yield from _iter_safetensors(safetensors_files, target_dtype)
         return
     seen: set[str] = set()
@@ -308,10 +311,7 @@ def _file_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dty
     safetensors_files = [f for f in files if f.suffix == ".safetensors"]
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     if safetensors_files:
-        _safetensors_key_map(safetensors_files)  # a key stored twice is an error
-        for file in safetensors_files:
-            with file.open("rb") as f:
-                header = _safetensors_header(f, file)[0]
+        for file, header in _safetensors_headers(safetensors_files).items():
             for key, info in header.items():
                 if info["dtype"] not in _SAFE_DTYPES:
                     raise ValueError(f"{file.name}: tensor {key!r} has unsupported dtype {info['dtype']}")

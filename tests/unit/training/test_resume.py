@@ -335,21 +335,11 @@ def test_a_non_finite_loss_stops_the_stage_before_it_saves(tiny, tmp_path):
     model = MedPLIBForCausalLM(tiny_config(len(tok)))
     cfg = TrainConfig(max_steps=6, batch_size=2, lr=1e30, warmup_ratio=0.0, grad_clip=1e30, log_every=1)
     out = tmp_path / "blown"
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
     with pytest.raises(
         ValueError, match=r"step \d: the loss or its gradient is not finite .*try a lower --lr"
     ):
-        train(
-            model,
-            dataset,
-            collate_mecovqa,
-            stage.loss,
-            tok.seg_id,
-            cfg,
-            DistContext(0, 1, 0, torch.device("cpu")),
-            out,
-            True,
-            lambda _: None,
-        )
+        train(model, dataset, collate_mecovqa, stage.loss, tok.seg_id, cfg, ctx, out, True, lambda _: None)
     assert not (out / CHECKPOINT_FILE).exists()
 
 
