@@ -45,6 +45,7 @@ from .special_tokens import (
     SEG_TOKEN,
     UNK_TOKEN,
 )
+from .user_input import check_text
 
 _SENTENCEPIECE_SPECIALS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # transformers' clean_up_tokenization (only applied when a tokenizer_config asks for it).
@@ -191,6 +192,7 @@ class MedPLIBTokenizer:
     # ------------------------------------------------------------------------------ encoding
     def _split(self, text: str) -> list[str]:
         """Split on vocabulary tokens and strip whitespace around added tokens (4.31 slow tokenizer)."""
+        check_text(text, "the text")  # sentencepiece cannot take a lone surrogate (its error names nothing)
         parts = [p for p in self._split_pattern.split(text) if p]
         for i, part in enumerate(parts):
             # Only added tokens strip; <s>/</s>/<unk> are AddedTokens with lstrip=rstrip=False.

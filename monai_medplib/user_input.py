@@ -7,12 +7,17 @@ show its message alone: one line, no traceback.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 MAX_SLICE_SELECTION = 4096  # more slices than any CT / MR series has; bounds the work a request can ask for
+# ASCII digits only (str.isdigit() also takes "²", which int() refuses), at most 18 of them: an int64, and far below
+# Python's 4,300-digit limit on int(text)
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,18}")
 
 
 class UserInputError(ValueError):
@@ -27,6 +32,60 @@ def first_line(err: BaseException) -> str:
     """The first line of a library's error message (their details run to tracebacks), or its type's name."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote what a user sent."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def check_text(value: Any, name: str) -> None:
+    """Refuse text that is not valid Unicode anywhere inside ``value`` (strings, and those in lists / dicts).
+
+    A lone UTF-16 surrogate (``"\\ud800"`` in JSON, or a byte of a non-UTF-8 command line that Python kept as
+    ``\\udcff``) is a valid ``str`` that no tokenizer or file format can encode.
+
+    Raises:
+        UserInputError: naming ``name`` and the character's position.
+    """
+    pending = [value]
+    while pending:  # a stack, not recursion: JSON nests as deep as the parser allowed
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                char = item[err.start]
+                raise UserInputError(
+                    f"{name} is not valid Unicode text: a lone surrogate {char!r} at character {err.start}"
+                ) from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+
+
+def parse_json(text: str, name: str) -> Any:
+    """A client's JSON text, decoded; its strings checked with :func:`check_text`.
+
+    Raises:
+        UserInputError: not JSON, nested too deep, a number too long for Python to read, or text that is not
+            valid Unicode, naming ``name``.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{name} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise UserInputError(f"{name} is not usable JSON: it nests too deep") from None
+    except ValueError:  # Python refuses to read an integer of more than 4,300 digits
+        raise UserInputError(
+            f"{name} is not usable JSON: it holds a number with thousands of digits"
+        ) from None
+    check_text(value, name)
+    return value
 
 
 def parse_bool(value: Any, name: str) -> bool:
@@ -45,7 +104,7 @@ def parse_bool(value: Any, name: str) -> bool:
             return True
         if word in FALSE_WORDS:
             return False
-    raise UserInputError(f"{name} must be true or false, got {value!r}")
+    raise UserInputError(f"{name} must be true or false, got {shown(value)}")
 
 
 def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -59,10 +118,10 @@ def parse_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
         number = int(value.strip())
     if number is None:
-        raise UserInputError(f"{name} must be a whole number, got {value!r}")
+        raise UserInputError(f"{name} must be a whole number, got {shown(value)}")
     if minimum is not None and number < minimum or maximum is not None and number > maximum:
         lo = "" if minimum is None else f">= {minimum}"
         hi = "" if maximum is None else f"<= {maximum}"
@@ -116,15 +175,15 @@ def parse_slice_selection(value: Any, num_slices: int, name: str = "slices") -> 
     elif isinstance(value, list | tuple):
         tokens = value
     else:
-        raise UserInputError(f"{name} must be 'all', an index, 'a-b' or 'a,b,c'; got {value!r}")
+        raise UserInputError(f"{name} must be 'all', an index, 'a-b' or 'a,b,c'; got {shown(value)}")
     if not tokens:
         raise UserInputError(f"{name} is empty: give slice indices, or 'all'")
     chosen: set[int] = set()
     for token in tokens:
         if isinstance(token, str) and "-" in token[1:]:
             first, last = (part.strip() for part in token.split("-", 1))
-            if not (first.isdigit() and last.isdigit()):
-                raise UserInputError(f"{name}: {token!r} is not a range 'a-b' of slice indices")
+            if not (_WHOLE_NUMBER.fullmatch(first) and _WHOLE_NUMBER.fullmatch(last)) or "-" in first + last:
+                raise UserInputError(f"{name}: {shown(token)} is not a range 'a-b' of slice indices")
             lo, hi = int(first), int(last)
             if hi < lo:
                 raise UserInputError(f"{name}: range {token!r} runs backwards; write it as '{hi}-{lo}'")

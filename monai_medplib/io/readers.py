@@ -99,6 +99,18 @@ class VolumeHeader:
             count *= int(n)
         return count
 
+    def check_label(self, name: str) -> None:
+        """Refuse a label file with more than one value per voxel, naming ``name``.
+
+        3D Slicer writes a segmentation whose segments overlap as one layer per segment (a ``.seg.nrrd`` read as
+        a vector image); a label here is one whole number per voxel.
+        """
+        if self.components > 1:
+            raise UserInputError(
+                f"label {name!r} holds {self.components} values per voxel (layers of overlapping segments, as 3D "
+                "Slicer saves them); save the segmentation as a labelmap with one value per voxel"
+            )
+
     @property
     def decoded_bytes(self) -> int:
         """Bytes of the data once :func:`load_volume` has decoded it (float32)."""

@@ -240,6 +240,14 @@ _TEXT = b"patient notes, not an image\n" * 20
 _LEAK_MHA = b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementType = MET_UCHAR\nElementDataFile = /etc/passwd\n"
 _LEAK_NRRD = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 4\nencoding: raw\ndata file: /etc/passwd\n\n"
 _TRUNCATED = _SMALL_CT[: len(_SMALL_CT) // 2]
+_NAN_CT = _nifti_bytes(np.full((32, 32, 6), np.nan, np.float32))
+# 3D Slicer's .seg.nrrd of overlapping segments: one layer per segment along a "list" axis (ITK: 2 components)
+_LAYERED_SEG = (
+    f"NRRD0004\ntype: uchar\ndimension: 4\nsizes: 2 {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}\n"
+    "kinds: list domain domain domain\nspace: left-posterior-superior\n"
+    "space directions: none (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\n\n"
+).encode() + np.zeros((*SHAPE[::-1], 2), np.uint8).tobytes()
+_HUGE_NUMBER = "9" * 5000  # past Python's 4,300-digit limit of int(text)
 
 CASES = [
     # 1: image ids that would write outside the studies folder
@@ -557,6 +565,82 @@ CASES = [
         put_session("clash.zip", _zip([("a", b"x"), ("a/b.nii.gz", _SMALL_CT)])),
         400,
         "cannot be unpacked at 'a",
+    ),
+    # 18: found by the fourth review (500s before)
+    Case(18, "all-NaN image upload", put_image("nan.nii.gz", _NAN_CT), 400, "no finite voxel"),
+    Case(
+        18,
+        "all-NaN image sent with the request",
+        infer("medplib_vqa", {"question": "q"}, image=None, files={"file": ("nan.nii.gz", _NAN_CT)}),
+        400,
+        "all NaN",
+    ),
+    Case(
+        18,
+        "5,000-digit number in params",
+        infer("medplib_vqa", '{"question": "q", "slice": ' + _HUGE_NUMBER + "}"),
+        400,
+        "thousands of digits",
+    ),
+    Case(
+        18, "5,000-digit slice", infer("medplib_vqa", {"question": "q", "slice": _HUGE_NUMBER}), 400, "whole"
+    ),
+    Case(
+        18,
+        "5,000-digit slice range",
+        infer("medplib_grounding", {"text": "liver", "slices": "0-" + _HUGE_NUMBER}),
+        400,
+        "not a range",
+    ),
+    Case(
+        18,
+        "5,000-digit point",
+        infer("medplib_region_vqa", {"question": "q", "foreground": f"[[{_HUGE_NUMBER}, 1, 1]]"}),
+        400,
+        "thousands of digits",
+    ),
+    Case(18, "superscript slice", infer("medplib_vqa", {"question": "q", "slice": "\u00b2"}), 400, "whole"),
+    Case(18, "params nested 100,000 deep", infer("medplib_grounding", "[" * 100_000), 400, "nests too deep"),
+    Case(
+        18,
+        "image info nested 100,000 deep",
+        call("PUT", "/datastore/image/info", params={"image": "ct1"}, data={"info": "[" * 100_000}),
+        400,
+        "nests too deep",
+    ),
+    Case(
+        18,
+        "lone surrogate in a question",
+        infer("medplib_vqa", '{"question": "\\ud800?"}'),
+        400,
+        "lone surrogate",
+    ),
+    Case(
+        18,
+        "lone surrogate in a segment name",
+        infer("medplib_region_vqa", '{"question": "q", "foreground": [[5, 5, 3]], "label": "seg\\udc00"}'),
+        400,
+        "lone surrogate",
+    ),
+    Case(18, "layered .seg.nrrd label", put_label("multi.seg.nrrd", _LAYERED_SEG), 400, "values per voxel"),
+    Case(
+        18,
+        "layered .seg.nrrd scribble",
+        infer(
+            "medplib_region_vqa",
+            {"question": "q", "selected_label_name": "tumour"},
+            files={"label": ("multi.seg.nrrd", _LAYERED_SEG)},
+        ),
+        415,
+        "values per voxel",
+    ),
+    Case(18, "refine text 5", infer("medplib_refine", {"text": 5, "foreground": [[60, 60, 5]]}), 400, "text"),
+    Case(
+        18,
+        "refine from two texts",
+        infer("medplib_refine", {"text": "liver, spleen", "foreground": [[60, 60, 5]]}),
+        400,
+        "starts from one",
     ),
 ]
 

@@ -189,3 +189,11 @@ def test_save_and_reload(tokenizer, tmp_path):
     again = MedPLIBTokenizer.from_pretrained(tmp_path)
     text = "USER: <im_start><image><im_end>\nSegment <region></region> ASSISTANT: <SEG></s>"
     assert again.encode_prompt(text) == tokenizer.encode_prompt(text)
+
+
+def test_text_that_is_not_unicode_is_refused_by_name(tokenizer):
+    # a non-UTF-8 byte on a command line reaches Python as a lone surrogate ("\udcff"); sentencepiece's own error
+    # for it names neither the text nor the character
+    with pytest.raises(ValueError, match=r"lone surrogate '\\udcff' at character 6"):
+        tokenizer.encode("liver \udcff")
+    assert tokenizer.decode(tokenizer.encode("liver \U0001f600")) == "liver \U0001f600"  # a pair is text

@@ -210,7 +210,7 @@ class MedPLIBEngine:
         if not path or not os.path.exists(path):
             raise bad_request(f"image not found: {Path(path).name!r}", status=404)
         volume = self._volumes.get(path, lambda: self._decode(path))
-        self.pipeline.prepare_volume(volume)  # again only if the pipeline has dropped it meanwhile
+        self._prepare(volume, path)  # again only if the pipeline has dropped it meanwhile
         return volume
 
     def _decode(self, path: str) -> MetaTensor:
@@ -218,8 +218,14 @@ class MedPLIBEngine:
         # decodes' peak memory (a few times the volume each) at the same time. Outside the model lock.
         with self._decode_slots:
             volume = load_volume(path, self.limits)
-            self.pipeline.prepare_volume(volume)
+            self._prepare(volume, path)
         return volume
+
+    def _prepare(self, volume: MetaTensor, path: str) -> None:
+        try:
+            self.pipeline.prepare_volume(volume)
+        except ValueError as e:  # nothing to normalise: every voxel NaN / infinite
+            raise bad_request(f"the image {Path(path).name!r} cannot be used: {e}") from e
 
     @staticmethod
     def slice_axis(volume: MetaTensor) -> str:
@@ -365,6 +371,7 @@ def load_label(path: str, shape: tuple[int, ...], limits: VolumeLimits | None = 
     try:
         header = probe_volume(path)
         (limits or VolumeLimits()).check(header, name)
+        header.check_label(name)
     except VolumeTooLarge as e:
         raise bad_request(f"the uploaded label is too large: {e}", 413) from e
     except UserInputError as e:

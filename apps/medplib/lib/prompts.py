@@ -6,14 +6,13 @@ bad request never reaches the model and the server answers 4xx instead of 500.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import HTTPException
 
-from monai_medplib.user_input import UserInputError, parse_int, parse_slice_selection
+from monai_medplib.user_input import UserInputError, parse_int, parse_json, parse_slice_selection
 
 MAX_TEXT_CHARS = 2000  # a question longer than this is not a question (the model context is 2048 tokens)
 MAX_TEXTS = 8  # grounding targets per request
@@ -30,9 +29,9 @@ def json_value(request: dict[str, Any], key: str, default: Any = None) -> Any:
     value = request.get(key, default)
     if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
-            raise bad_request(f"'{key}' is not valid JSON: {value[:80]!r}") from e
+            return parse_json(value, f"'{key}'")
+        except UserInputError as e:
+            raise bad_request(f"{e} ({value[:80]!r})") from e
     return value
 
 
@@ -69,6 +68,17 @@ def grounding_texts(request: dict[str, Any], key: str = "text") -> list[str]:
         if len(t) > MAX_TEXT_CHARS:
             raise bad_request(f"'{key}' entry has {len(t)} characters; at most {MAX_TEXT_CHARS}")
     return texts
+
+
+def refine_target(request: dict[str, Any], key: str = "text") -> str | None:
+    """The one structure whose grounding click refinement starts from; None when the request names none."""
+    value = request.get(key)
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    texts = grounding_texts(request, key)
+    if len(texts) > 1:
+        raise bad_request(f"'{key}' names {len(texts)} targets; refinement starts from one (e.g. \"liver\")")
+    return texts[0]
 
 
 def voxel_points(value: Any, shape: Sequence[int], key: str) -> list[Point]:

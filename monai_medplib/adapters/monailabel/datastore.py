@@ -102,7 +102,8 @@ def check_image_file(path: Path, name: str, limits: VolumeLimits) -> VolumeHeade
         raise UserInputError(f"{name!r} is not a volume file; the server stores {', '.join(STORED_SUFFIXES)}")
     header = probe_volume(path)
     limits.check(header, name)
-    _decode(path, name, "image")
+    if not np.isfinite(np.asarray(_decode(path, name, "image"))).any():
+        raise UserInputError(f"image {name!r} has no finite voxel (all NaN / infinite once read as float32)")
     return header
 
 
@@ -118,6 +119,7 @@ def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeL
         )
     header = probe_volume(path)
     limits.check(header, name)
+    header.check_label(name)
     if _spatial(header) != _spatial(image):
         raise UserInputError(
             f"label {name!r} has size {_size(_spatial(header))}; its image has {_size(_spatial(image))}"

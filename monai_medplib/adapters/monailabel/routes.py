@@ -15,14 +15,13 @@ FastAPI's thread pool, and removes the folder when the request ends, accepted or
 * ``/proxy/...`` on a local studies folder: a message instead of a crash (the proxy is for DICOMweb).
 """
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from ...io.readers import DICOM_SUFFIX, VolumeLimits, probe_volume
-from ...user_input import UserInputError, parse_bool, parse_int
+from ...user_input import UserInputError, parse_bool, parse_int, parse_json
 from . import names
 from .archives import extract_archive, is_archive
 from .datastore import volume_suffix
@@ -52,10 +51,7 @@ def json_object(raw: str | None, field: str) -> dict[str, Any]:
     """A form field holding a JSON object (empty or missing: ``{}``)."""
     if raw is None or not raw.strip():
         return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"form field {field!r} is not valid JSON: {err}") from err
+    value = parse_json(raw, f"form field {field!r}")
     if not isinstance(value, dict):
         raise UserInputError(
             f"form field {field!r} must be a JSON object {{...}}, got {type(value).__name__}"

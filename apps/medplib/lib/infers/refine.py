@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import MedPLIBEngine
-from ..prompts import bad_request, clicks, slice_index
+from ..prompts import bad_request, clicks, refine_target, slice_index
 from .base import MedPLIBInferTask
 
 
@@ -40,8 +40,7 @@ class MedPLIBRefine(MedPLIBInferTask):
         bg = [p for p in bg if p[2] == index]
         if not fg and not bg:
             raise bad_request(f"no clicks on slice {index}")
-        text = request.get("text")
-        text = text.strip() if isinstance(text, str) and text.strip() else None
+        text = refine_target(request)
         axis = self.engine.slice_axis(volume)
         mask = self.engine.refine(volume, index, fg, bg, axis, text)
         name = (
