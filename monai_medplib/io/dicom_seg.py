@@ -8,6 +8,8 @@ voxels of the source instance it references, whatever order the reader sorted th
 
 from __future__ import annotations
 
+import copy
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from .atomic import atomic_path
 from .coded_concepts import Code, coded_concept
 from .readers import _SERIES_STEP_TOLERANCE, _series_files
 
-__all__ = ["ALGORITHM_NAME", "write_dicom_seg", "source_frames"]
+__all__ = ["ALGORITHM_NAME", "check_seg_source", "segment_label", "write_dicom_seg", "source_frames"]
 
 ALGORITHM_NAME = "MedPLIB"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -85,6 +87,64 @@ SEGMENT_COLOURS = (
 )
 
 
+# Type 1 attributes of the source that the SEG copies and cannot do without (the series reader needs the rest)
+_REQUIRED_SOURCE = ("StudyInstanceUID", "FrameOfReferenceUID", "Modality")
+# Type 2 attributes the SEG copies from the source: present, possibly empty. Anonymised exports often drop them.
+_EMPTY_IF_ABSENT = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def check_seg_source(source: str | Path | pydicom.Dataset) -> None:
+    """Raise ``ValueError`` naming what a DICOM-SEG of this series would lack (a file or folder of the series is
+    read up to its pixels): callers check before the model runs, not after."""
+    if not isinstance(source, pydicom.Dataset):
+        path = Path(source)
+        source = pydicom.dcmread(
+            _series_files(path, None)[0] if path.is_dir() else path, stop_before_pixels=True
+        )
+    missing = [name for name in _REQUIRED_SOURCE if not str(source.get(name, "") or "").strip()]
+    if missing:
+        raise ValueError(
+            f"the DICOM series has no {', '.join(missing)}: a DICOM-SEG must copy "
+            f"{'them' if len(missing) > 1 else 'it'} from its source"
+        )
+
+
+def _conformant_source(ds: pydicom.Dataset, ras: np.ndarray, own: bool) -> pydicom.Dataset:
+    """``ds`` with the absent Type 2 attributes present and empty, and an absent or empty SliceThickness set to
+    the step between slices (the SEG's pixel measures need one: a frame is as thick as the label voxel it was
+    cut from). A dataset that is not ``own`` is copied first: the caller's are not changed."""
+    absent = [name for name in _EMPTY_IF_ABSENT if name not in ds]
+    thick = ds.get("SliceThickness") not in (None, "")
+    if not absent and thick:
+        return ds
+    if not own:
+        ds = copy.deepcopy(ds)  # a shallow copy shares pydicom's element dict
+    for name in absent:
+        setattr(ds, name, "")
+    if not thick:
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        normal = np.cross(iop[:3], iop[3:])
+        ds.SliceThickness = f"{np.abs(normal @ (_RAS_TO_LPS @ ras)[:3, :3]).max():.6g}"
+    return ds
+
+
+def segment_label(text: str) -> str:
+    """A segment's text as a SegmentLabel (LO): no backslash (the value separator), no control characters, at
+    most 64 characters."""
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text.replace("\\", "/"))
+    return " ".join(text.split())[:64]
+
+
 def _hd_code(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
@@ -98,6 +158,7 @@ def write_dicom_seg(
     series_description: str = "MedPLIB segmentation",
     series_number: int = 300,
     series_uid: str | None = None,
+    colours: Mapping[int, Sequence[int]] | None = None,
 ) -> Path:
     """Save a label volume as a binary DICOM-SEG referencing the source series.
 
@@ -109,6 +170,7 @@ def write_dicom_seg(
             coded by :func:`~monai_medplib.io.coded_concepts.coded_concept` (SNOMED CT category and type).
         affine: the label's voxel -> RAS affine; default ``label.affine`` (a MetaTensor from ``load_volume``).
         series_description, series_number, series_uid: identity of the new SEG series.
+        colours: label value -> display RGB (0-255); default :data:`SEGMENT_COLOURS` by segment number.
 
     Returns:
         ``out_path``. Frames exist only for source images with a labelled pixel.
@@ -125,13 +187,16 @@ def write_dicom_seg(
     unknown = sorted(set(np.unique(array).tolist()) - {0} - set(segments))
     if unknown:
         raise ValueError(f"label values {unknown} have no segment name in segments={dict(segments)}")
-    if isinstance(source, (str, Path)):
+    own = isinstance(source, (str, Path))
+    if own:
         datasets = [pydicom.dcmread(p) for p in _series_files(Path(source), None)]
     else:
         datasets = list(source)
+    check_seg_source(datasets[0])
 
     values = sorted(segments)
     frames = source_frames(array, ras, datasets)
+    datasets = [_conformant_source(ds, ras, own) for ds in datasets]
     numbered = np.zeros(frames.shape, dtype=np.uint8)  # highdicom wants segment numbers 1..N
     for number, value in enumerate(values, start=1):
         numbered[frames == value] = number
@@ -144,7 +209,7 @@ def write_dicom_seg(
         concept = coded_concept(text)
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=text[:64],
+            segment_label=segment_label(text),
             segmented_property_category=_hd_code(concept.category),
             segmented_property_type=_hd_code(concept.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -152,7 +217,7 @@ def write_dicom_seg(
             anatomic_regions=None if concept.region is None else [_hd_code(concept.region)],
             # Viewers (OHIF) warn and pick their own colour when a segment has none.
             display_color=hd.color.CIELabColor.from_rgb(
-                *SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]
+                *((colours or {}).get(value) or SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)])[:3]
             ),
         )
         if concept.modifier is not None:
@@ -175,6 +240,11 @@ def write_dicom_seg(
         device_serial_number="0",
         series_description=series_description,
     )
+    texts = [seg.SeriesDescription, *(str(d.SegmentLabel) for d in descriptions)]
+    if not all(t.isascii() for t in texts):
+        # UTF-8 for the whole object: the source's own set (or none, ASCII) may not hold the segment names;
+        # pydicom re-encodes every copied text on writing
+        seg.SpecificCharacterSet = "ISO_IR 192"
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp)

@@ -144,6 +144,8 @@ def write_dicom_series(
             ds.ImageLaterality = "U"
         else:
             ds.BodyPartExamined = body_part
+        if not all(str(t).isascii() for t in (patient_name, patient_id, series_description, body_part or "")):
+            ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the default repertoire is ASCII only
         ds.PatientName, ds.PatientID = patient_name, patient_id
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = series_description, series_number, k + 1
         ds.ImageOrientationPatient = orientation

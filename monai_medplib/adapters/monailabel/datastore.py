@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,15 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from ...io.atomic import atomic_write_text
 from ...io.readers import VOLUME_SUFFIXES, VolumeHeader, VolumeLimits, load_volume, probe_volume
-from ...user_input import UserInputError
+from ...user_input import UserInputError, first_line
 from . import names
+from .errors import UpstreamError
+from .seg_export import SEG_FOLDER
 from .settings import STATE_FOLDER
 from .uploads import Staging
 
@@ -107,8 +113,9 @@ def check_image_file(path: Path, name: str, limits: VolumeLimits) -> VolumeHeade
     return header
 
 
-def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeLimits) -> None:
+def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeLimits) -> int:
     """Check an uploaded label against its image: same size, whole non-negative values, decodes completely.
+    Returns how many voxels it labels.
 
     Raises:
         UserInputError: naming ``name`` and the problem.
@@ -129,6 +136,7 @@ def check_label_file(path: Path, name: str, image: VolumeHeader, limits: VolumeL
         raise UserInputError(
             f"label {name!r} holds values that are not whole numbers >= 0 (a label holds 0, 1, 2, ...)"
         )
+    return int(np.count_nonzero(values))
 
 
 def binary_label_to_nifti(
@@ -367,11 +375,13 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
     """
 
     def get_image_uri(self, image_id: str) -> str:
-        return super().get_image_uri(names.dicom_uid(image_id))
+        with _conversions_removed():
+            return super().get_image_uri(names.dicom_uid(image_id))
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         names.label_tag(label_tag)
-        return super().get_label_uri(names.dicom_uid(label_id, "label"), label_tag, image_id)
+        with _conversions_removed():
+            return super().get_label_uri(names.dicom_uid(label_id, "label"), label_tag, image_id)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: Any, *args: Any
@@ -384,8 +394,20 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         with tempfile.TemporaryDirectory(prefix="medplib-label-") as work:
             if upload.name.lower().endswith(BINARY_LABEL_SUFFIX):
                 upload = binary_label_to_nifti(image_uri, upload, Path(work), VolumeLimits())
-            check_label_file(upload, upload.name, probe_volume(image_uri), VolumeLimits())
-            return super().save_label(image_id, str(upload), label_tag, label_info, *args)
+            labelled = check_label_file(upload, upload.name, probe_volume(image_uri), VolumeLimits())
+            if not labelled and label_tag == DefaultLabelTag.FINAL:
+                # nothing found: no segment for a DICOM-SEG; kept in the server's cache like any other tag
+                logger.info(f"label of {image_id} is empty: kept in the cache, no DICOM-SEG sent to the PACS")
+                return LocalDatastore.save_label(self, image_id, str(upload), label_tag, label_info)
+            folder = SEG_FOLDER.set(Path(work))  # the SEG is written here and removed with it, sent or not
+            try:
+                return super().save_label(image_id, str(upload), label_tag, label_info, *args)
+            except OSError as err:  # requests' errors are OSErrors: the PACS is down or refused the STOW
+                raise UpstreamError(
+                    f"the PACS did not store the DICOM-SEG of {image_id}: {first_line(err)}"
+                ) from err
+            finally:
+                SEG_FOLDER.reset(folder)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         # (MONAI Label's own cache fills call LocalDatastore.add_image directly, not this)
@@ -395,8 +417,48 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         raise UserInputError("this server's images come from its DICOMweb PACS; remove images there")
 
 
+# NIfTI files MONAI Label's DICOMweb datastore converts a series (or SEG) into, in the system temp folder, while
+# a request runs; it copies them into its cache and leaves them there: a patient's volume, readable by every user.
+_CONVERSIONS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "medplib_conversions", default=None
+)
+
+
+@contextlib.contextmanager
+def _conversions_removed() -> Iterator[None]:
+    """Remove the temporary NIfTI files MONAI Label's ``dicom_to_nifti`` writes inside the block."""
+    made: list[str] = []
+    token = _CONVERSIONS.set(made)
+    try:
+        yield
+    finally:
+        _CONVERSIONS.reset(token)
+        for path in made:
+            Path(path).unlink(missing_ok=True)
+
+
+def _record_conversions() -> None:
+    """Rebind MONAI Label's ``dicom_to_nifti`` (once) so :func:`_conversions_removed` sees what it writes."""
+    import monailabel.datastore.dicom as module
+
+    convert = module.dicom_to_nifti
+    if getattr(convert, "_medplib", False):
+        return
+
+    def dicom_to_nifti(*args: Any, **kwargs: Any) -> str:
+        path = convert(*args, **kwargs)
+        made = _CONVERSIONS.get()
+        if made is not None:
+            made.append(path)
+        return path
+
+    dicom_to_nifti._medplib = True
+    module.dicom_to_nifti = dicom_to_nifti
+
+
 def guard_dicomweb(datastore: Any) -> Any:
     """Re-class a MONAI Label ``DICOMWebDatastore`` as :class:`GuardedDICOMWebDatastore` (same state)."""
     if isinstance(datastore, DICOMWebDatastore):
+        _record_conversions()
         datastore.__class__ = GuardedDICOMWebDatastore
     return datastore

@@ -12,6 +12,10 @@ from ...user_input import UserInputError
 logger = logging.getLogger(__name__)
 
 
+class UpstreamError(Exception):
+    """A server this one relies on (the DICOMweb PACS) failed or refused: answered 502 with the message."""
+
+
 def rejected(status: int, message: str) -> Any:
     """The exception a route raises to answer ``status`` with ``message`` (FastAPI's ``HTTPException``)."""
     from fastapi import HTTPException
@@ -34,6 +38,8 @@ def status_of(err: BaseException) -> int:
         return 404
     if isinstance(err, VolumeTooLarge):
         return 413
+    if isinstance(err, UpstreamError):
+        return 502
     if isinstance(err, MONAILabelException):
         return 400 if err.error == MONAILabelError.INVALID_INPUT else 500
     return 400
@@ -59,5 +65,6 @@ def install_exception_handlers(app: Any) -> None:
         return JSONResponse({"detail": f"a form field is not valid JSON: {err}"}, status_code=400)
 
     app.add_exception_handler(UserInputError, handler)
+    app.add_exception_handler(UpstreamError, handler)
     app.add_exception_handler(MONAILabelException, handler)
     app.add_exception_handler(json.JSONDecodeError, bad_json)

@@ -12,11 +12,9 @@ What changes against the stock route:
   mistake is a 4xx with a message.
 """
 
-import importlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from . import names
 from .errors import rejected
 from .label_info import check_label_info
 from .routes import json_object, read_request, staging
+from .seg_export import SEG_FOLDER, nifti_to_dicom_seg
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +192,14 @@ def _reply(
 
 
 def _dicom_seg(datastore: Any, image_id: str, label: str, label_info: Any, folder: Path) -> Path:
-    """The result label as DICOM-SEG (MONAI Label's converter as :mod:`.server` configures it), in ``folder``."""
-    convert = importlib.import_module("monailabel.endpoints.infer").nifti_to_dicom_seg
+    """The result label as DICOM-SEG (:func:`.seg_export.nifti_to_dicom_seg`), in ``folder``."""
     uri = datastore.get_image_uri(image_id)
     series_dir = next((uri[: -len(s)] for s in (".nii.gz", ".nii", ".nrrd") if uri.endswith(s)), uri)
-    made = Path(convert(series_dir, label, label_info))
-    if not made.is_file():
-        raise rejected(500, "the DICOM-SEG could not be written")
+    token = SEG_FOLDER.set(folder)  # written into the request's staging folder, removed with it
+    try:
+        made = Path(nifti_to_dicom_seg(series_dir, label, label_info))
+    finally:
+        SEG_FOLDER.reset(token)
     target = folder / "result.dcm"
-    shutil.move(str(made), target)  # the converter writes to the system temp folder
+    made.replace(target)
     return target

@@ -7,7 +7,8 @@ What this launcher adds to a plain ``monailabel start_server --app apps/medplib`
   is registered before MONAI Label is imported.
 * No download at start-up: MONAI Label fetches the dcmqi tools when the studies are a DICOMweb URL
   unless an ``itkimage2segimage`` executable is found; a stub is placed on ``PATH``.
-* DICOM-SEG through pydicom (``use_itk=False``), which needs no dcmqi binary.
+* DICOM-SEG through this package's writer (:mod:`.seg_export`), which needs no dcmqi binary and keeps the
+  series' frame of reference and text.
 * Hardening for a server next to patient data (:mod:`.hardening`): our own ``/infer``, datastore, session
   and OHIF routes, the operational routes off, no CORS by default, a bearer token (:mod:`.guard`), and a
   refusal to listen on a non-loopback address without one (:mod:`.launch`, :mod:`.settings`).
@@ -17,7 +18,6 @@ The MONAI Label app itself (``apps/medplib``) is found by :func:`app_dir`.
 """
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .label_info import check_label_info
+from .seg_export import use_medplib_dicom_seg
 
 logger = logging.getLogger(__name__)
 
@@ -93,150 +93,6 @@ def install_dcmqi_stub(bin_dir: str | Path | None = None) -> Path:
     return tool
 
 
-def nifti_to_dicom_seg_pydicom(
-    series_dir: str, label: str, label_info: Any, file_ext: str = "*", **_: Any
-) -> str:
-    """MONAI Label's NIfTI -> DICOM-SEG converter on its pydicom path (no dcmqi), with segments named and coded.
-
-    MONAI Label pairs ``label_info[i]`` with the i-th label value present in the mask and codes every segment as
-    Spleen; here each segment gets its SNOMED CT codes from :mod:`monai_medplib.io.coded_concepts` (see
-    :func:`coded_label_info`).
-    """
-    from monailabel.datastore.utils import convert
-
-    info = coded_label_info(label, label_info)
-    numbered = _numbered_segments(label)  # DICOM numbers segments 1..N without gaps
-    try:
-        for number, entry in enumerate(info, start=1):
-            entry["segmentAttribute"] = {**entry["segmentAttribute"], "labelID": number}
-        return convert.nifti_to_dicom_seg(
-            series_dir, numbered or label, info, file_ext=file_ext, use_itk=False
-        )
-    finally:
-        if numbered:
-            os.unlink(numbered)
-
-
-def _numbered_segments(label_path: str) -> str | None:
-    """A copy of the label with its values renumbered 1..N (same geometry), or None when they already are.
-
-    The pydicom-seg writer turns each label value into the segment number of the same value, and the standard
-    wants segment numbers to run 1, 2, ... without gaps; a grounding text that found nothing leaves a gap.
-    """
-    import numpy as np
-    import SimpleITK as sitk
-
-    values = _label_values(label_path)
-    if values == list(range(1, len(values) + 1)):
-        return None
-    image = sitk.ReadImage(label_path)
-    array = sitk.GetArrayFromImage(image)
-    renumbered = np.zeros(array.shape, dtype=np.uint16)
-    for number, value in enumerate(values, start=1):
-        renumbered[array == value] = number
-    out = sitk.GetImageFromArray(renumbered)
-    out.CopyInformation(image)
-    handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix="medplib-seg-")
-    os.close(handle)
-    sitk.WriteImage(out, path)
-    return path
-
-
-def align_label_info(label_path: str, label_info: Any) -> Any:
-    """``label_info`` ordered like the label values present in ``label_path`` (entries matched on ``id``)."""
-    if not label_info or not all(isinstance(i, dict) and "id" in i for i in label_info):
-        return label_info
-    by_id = {int(i["id"]): i for i in label_info}
-    return [by_id.get(v, {"name": f"label {v}"}) for v in _label_values(label_path)]
-
-
-def _label_values(label_path: str) -> list[int]:
-    import numpy as np
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(
-        label_path
-    )  # held: a view of a temporary image reads freed memory once it is collected
-    return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v != 0]
-
-
-def coded_label_info(label_path: str, label_info: Any) -> list[dict[str, Any]]:
-    """One ``label_info`` entry per label value present in ``label_path``, each with a dcmqi ``segmentAttribute``.
-
-    Entries are matched to values on ``id`` (or by position, as MONAI Label does); an entry that already has a
-    ``segmentAttribute`` keeps it. The segment's category, type and anatomic region come from
-    :func:`~monai_medplib.io.coded_concepts.coded_concept` of its name. A laterality modifier is left out: the
-    pydicom-seg writer would put it beside the type instead of inside it, which the standard does not allow;
-    the side stays in the segment label.
-    """
-    from ...io.coded_concepts import coded_concept
-    from ...io.dicom_seg import ALGORITHM_NAME, SEGMENT_COLOURS
-
-    def code(c: Any) -> dict[str, str]:
-        return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme, "CodeMeaning": c.meaning}
-
-    values = _label_values(label_path)
-    aligned = align_label_info(label_path, check_label_info(label_info)) or []
-    entries = []
-    for n, value in enumerate(values):
-        entry = dict(aligned[n]) if n < len(aligned) and isinstance(aligned[n], dict) else {}
-        name = str(entry.get("name") or f"label {value}")
-        entry.setdefault("name", name)
-        if "segmentAttribute" not in entry:
-            concept = coded_concept(name)
-            colour = entry.get("color") or SEGMENT_COLOURS[(value - 1) % len(SEGMENT_COLOURS)]
-            attribute = {
-                "labelID": value,
-                "SegmentLabel": name[:64],
-                "SegmentDescription": str(entry.get("description", name))[:64],
-                "SegmentAlgorithmType": "AUTOMATIC",
-                "SegmentAlgorithmName": ALGORITHM_NAME,
-                "SegmentedPropertyCategoryCodeSequence": code(concept.category),
-                "SegmentedPropertyTypeCodeSequence": code(concept.type),
-                "recommendedDisplayRGBValue": [int(x) for x in list(colour)[:3]],
-            }
-            if concept.region is not None:
-                attribute["AnatomicRegionSequence"] = code(concept.region)
-            entry["segmentAttribute"] = attribute
-        entries.append(entry)
-    return entries
-
-
-def label_info_from_result(info: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """DICOM-SEG segment descriptions from an infer result's ``label_names`` ({name: value})."""
-    names = (info.get("params") or {}).get("label_names") if isinstance(info, dict) else None
-    if not isinstance(names, dict) or not names:
-        return None
-    model = f"MedPLIB {info.get('model', '')}".strip()
-    return [
-        {"name": str(name), "id": int(value), "description": str(name), "model_name": model}
-        for name, value in sorted(names.items(), key=lambda item: item[1])
-    ]
-
-
-def use_pydicom_dicom_seg() -> None:
-    """Rebind the converter in the MONAI Label modules that call it with dcmqi by default, and let
-    ``save_label`` on a DICOMweb datastore name the segments from the result's ``label_names``."""
-    for module_name in ("monailabel.datastore.dicom", "monailabel.endpoints.infer"):
-        module = importlib.import_module(module_name)
-        module.nifti_to_dicom_seg = nifti_to_dicom_seg_pydicom
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
-    if getattr(DICOMWebDatastore.save_label, "_medplib", False):
-        return
-    stock_save_label = DICOMWebDatastore.save_label
-
-    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
-        if isinstance(label_info, dict) and not label_info.get("label_info"):
-            derived = label_info_from_result(label_info)
-            if derived:
-                label_info = {**label_info, "label_info": derived}
-        return stock_save_label(self, image_id, label_filename, label_tag, label_info, label_id)
-
-    save_label._medplib = True
-    DICOMWebDatastore.save_label = save_label
-
-
 def prepare_environment(bin_dir: str | Path | None = None) -> None:
     """Everything that must happen before ``monailabel`` server modules are imported."""
     install_pydicom3_compat()
@@ -245,12 +101,12 @@ def prepare_environment(bin_dir: str | Path | None = None) -> None:
 
 def harden_running_server(studies: str) -> None:
     """Harden the MONAI Label FastAPI app this process serves (called first by the app's ``__init__``, so a plain
-    ``monailabel start_server --app apps/medplib`` is hardened too) and use the pydicom DICOM-SEG writer."""
+    ``monailabel start_server --app apps/medplib`` is hardened too) and use this package's DICOM-SEG writer."""
     from .hardening import prepare_app
 
     prepare_app(studies)
     if "monailabel.app" in sys.modules:
-        use_pydicom_dicom_seg()
+        use_medplib_dicom_seg()
 
 
 def build_app() -> Any:
@@ -260,7 +116,7 @@ def build_app() -> Any:
     prepare_environment(_state_bin())
     from monailabel.app import app as fastapi_app
 
-    use_pydicom_dicom_seg()
+    use_medplib_dicom_seg()
     harden(fastapi_app)
     return fastapi_app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -15,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from monai_medplib import __version__
 from monai_medplib.io import find_dicom_series, load_volume, save_nifti, write_dicom_seg, write_dicom_series
+from monai_medplib.io.dicom_seg import check_seg_source
 from monai_medplib.transforms import PLANES, ExtractSlices, SAMed2DNormalize
 from monai_medplib.user_input import UserInputError
 from tests.support.realdata import lits_variant
@@ -257,6 +259,88 @@ def test_dicom_seg_segments_carry_a_display_colour(tmp_path):
     assert len(colours) == 2 and colours[0] != colours[1]
     r, g, b = hd.color.CIELabColor.from_dicom_value(colours[0]).to_rgb()
     assert r > 2 * max(g, b)  # segment 1 is shown red
+
+
+def _small_series(tmp_path, **kwargs):
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    files = write_dicom_series(np.zeros((8, 8, 3), dtype=np.float32), affine, tmp_path / "ct", **kwargs)
+    label = np.zeros((8, 8, 3), dtype=np.uint8)
+    label[2:5, 2:5, 1], label[5:7, 5:7, 2] = 1, 2
+    return files, affine, label
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in run.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_dicom_seg_of_an_anonymised_series_without_type_2_attributes(tmp_path):
+    """Anonymised exports drop Type 2 attributes; highdicom copies them and failed with an AttributeError after
+    the whole grounding had run. They are written empty (SliceThickness: the step between slices)."""
+    files, affine, label = _small_series(tmp_path)
+    dropped = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate")
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ds in datasets:
+        for name in (*dropped, "AccessionNumber", "StudyTime", "SliceThickness"):
+            if name in ds:
+                delattr(ds, name)
+    seg_path = write_dicom_seg(label, datasets, tmp_path / "seg.dcm", {1: "liver", 2: "tumour"}, affine)
+    seg = pydicom.dcmread(seg_path)
+    assert all(seg[name].value in ("", None) for name in dropped)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 2.0  # the affine's slice step
+    assert "PatientName" not in datasets[0]  # the caller's datasets are not changed
+    assert hd.seg.segread(seg_path).number_of_segments == 2
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(seg_path) == []
+
+
+def test_dicom_seg_refuses_a_series_without_its_frame_of_reference_by_name(tmp_path):
+    files, affine, label = _small_series(tmp_path)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    with pytest.raises(ValueError, match="no FrameOfReferenceUID"):
+        check_seg_source(tmp_path / "ct")  # what ground-volume asks before the model runs
+    with pytest.raises(ValueError, match="no FrameOfReferenceUID"):
+        write_dicom_seg(label, tmp_path / "ct", tmp_path / "seg.dcm", {1: "a", 2: "b"}, affine)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_dicom_seg_segment_labels_in_any_script_and_without_separators(tmp_path):
+    """Non-ASCII segment names were written as undeclared Latin-1 or as '??'; a backslash split the label into two
+    values and a newline is not allowed in LO."""
+    _, affine, label = _small_series(tmp_path)
+    label[1:3, 1:3, 0] = 3
+    names = {1: "Leberläsion", 2: "肝臓", 3: "left kidney\\right\nkidney"}
+    seg_path = write_dicom_seg(label, tmp_path / "ct", tmp_path / "seg.dcm", names, affine)
+    seg = pydicom.dcmread(seg_path)
+    assert seg.SpecificCharacterSet == "ISO_IR 192"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Leberläsion",
+        "肝臓",
+        "left kidney/right kidney",
+    ]
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(seg_path) == []
+
+
+def test_series_and_seg_keep_non_ascii_patient_text(tmp_path):
+    """A UTF-8 source's text is copied as it is into the SEG; the series writer declares UTF-8 when it needs it
+    (it wrote '山田' as '??')."""
+    _, affine, label = _small_series(tmp_path, patient_name="山田^太郎", series_description="Bauch – nativ")
+    source = pydicom.dcmread(tmp_path / "ct" / "slice_0000.dcm")
+    assert (source.SpecificCharacterSet, source.PatientName, source.SeriesDescription) == (
+        "ISO_IR 192",
+        "山田^太郎",
+        "Bauch – nativ",
+    )
+    seg = pydicom.dcmread(
+        write_dicom_seg(label, tmp_path / "ct", tmp_path / "seg.dcm", {1: "a", 2: "b"}, affine)
+    )
+    assert (seg.SpecificCharacterSet, seg.PatientName) == ("ISO_IR 192", "山田^太郎")
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
 
 
 @pytest.mark.parametrize(
