@@ -81,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
     if check_input(args.volume) == "image":
         raise UserInputError(f"{args.volume}: a 2D image, not a volume; use medplib ground")
 
+    from ..io.dicom_seg import check_seg_source
     from ..io.outputs import save_overlay_montage, write_json, write_label_volume
     from ..io.readers import file_stem
     from ..transforms.slicing import slice_geometry, volume_affine_ras
 
     source = Path(args.volume)
     volume = read_volume(source)
+    if source.is_dir():  # a series its DICOM-SEG cannot describe is refused before the model runs, not after
+        check_seg_source(source)
     num_slices = slice_geometry(volume_affine_ras(volume), volume.shape[1:], args.axis).num_slices
     slices = (
         None if args.slices is None else parse_slice_selection(",".join(args.slices), num_slices, "--slices")

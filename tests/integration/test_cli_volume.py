@@ -47,6 +47,24 @@ def test_ground_volume_on_a_dicom_folder_also_writes_dicom_seg(lits, public_fixt
     assert "dicom_seg" in report["outputs"] or report["targets"]["liver"]["voxels"] == 0
 
 
+def test_ground_volume_refuses_a_series_its_dicom_seg_cannot_describe_before_the_model_runs(
+    lits, tmp_path, capsys, monkeypatch
+):
+    series = tmp_path / "series"
+    for path in write_dicom_series(lits.image[:, :, 60:63], lits.affine, series):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID  # Type 1: a SEG must copy it
+        ds.save_as(path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a series the DICOM-SEG refuses")
+
+    monkeypatch.setattr("monai_medplib.commands.ground_volume.load_pipeline", no_model)
+    assert main(["ground-volume", str(series), "liver", "--out", str(tmp_path / "out")]) == 2
+    assert "no FrameOfReferenceUID" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_ground_volume_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["ground-volume", str(tmp_path / "nope.nii.gz"), "liver"]) == 2
     assert "nope.nii.gz" in capsys.readouterr().err
