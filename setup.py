@@ -34,11 +34,14 @@ class BuildPyWithShipped(build_py):
     """build_py, then copy the app and the bundle into the package and the start-up hook beside it."""
 
     def run(self) -> None:
+        build_lib = Path(self.build_lib)
+        if not getattr(self, "editable_mode", False):
+            # build/ of an earlier build keeps modules since deleted or renamed; they would ship in the wheel
+            shutil.rmtree(build_lib / "monai_medplib", ignore_errors=True)
         super().run()
         if getattr(self, "editable_mode", False):
             return  # pip install -e: the clone's folders are found in place, install.sh writes the hook
         layout = _shipped_layout()
-        build_lib = Path(self.build_lib)
         for stale in list(
             build_lib.rglob("__pycache__")
         ):  # left in build/ by an earlier build of a used tree

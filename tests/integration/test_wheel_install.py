@@ -122,6 +122,7 @@ class Venv:
         return _run([self.bin("python"), "-c", code], cwd=cwd).stdout.strip()
 
 
+STALE_MODULE = "_deleted_since_the_last_build.py"
 # What the module's venv takes on disk (measured 3.6 GB: itk 1.5, torch 0.75) plus pip's unpacking room.
 NEEDS_FREE_GB = 5
 
@@ -135,6 +136,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             f"{root} has {free_gb:.1f} GB free; installing the wheel into a fresh venv needs {NEEDS_FREE_GB}"
         )
     dist = root / "dist"
+    # a module an earlier build of this clone left in build/ after it was deleted or renamed: not the wheel's
+    stale = REPO / "build" / "lib" / "monai_medplib" / STALE_MODULE
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("RENAMED = True\n")
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", ".", "-w", dist],
         REPO,
@@ -160,6 +165,18 @@ def test_the_wheel_carries_the_app_the_bundle_and_the_start_up_hook(installed):
     assert "monai_medplib/_shipped/bundle/configs/inference.json" in names
     assert "monai_medplib_pydicom_compat.pth" in names
     assert not [n for n in names if "/logs/" in n or "__pycache__" in n]
+
+
+def test_the_wheel_ships_the_clones_modules_and_no_stale_one(installed):
+    import zipfile
+
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    shipped = {n for n in names if n.startswith("monai_medplib/") and "/_shipped/" not in n}
+    tracked = subprocess.run(
+        ["git", "ls-files", "monai_medplib"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert f"monai_medplib/{STALE_MODULE}" not in shipped
+    assert {n for n in shipped if n.endswith(".py")} == {n for n in tracked if n.endswith(".py")}
 
 
 def test_torch_unchanged_transformers_and_peft_import(installed):
