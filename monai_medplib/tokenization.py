@@ -332,7 +332,7 @@ _SYSTEM = (
 TEMPLATES: dict[str, ConversationTemplate] = {
     # Official evaluation (vqa_infer.py, conv_templates["v1"]).
     "vicuna_v1": ConversationTemplate("vicuna_v1", _SYSTEM.format(who="user")),
-    # Training (--conv_type llava_v1) and the demo.
+    # Training (--conv_type llava_v1), the release's and the demo model's.
     "llava_v1": ConversationTemplate("llava_v1", _SYSTEM.format(who="human")),
 }
 
@@ -400,7 +400,7 @@ def build_prompt(
     Args:
         question: the current human question; any ``<image>`` in it is removed (the image goes to
             the front of the first human turn).
-        template: ``"vicuna_v1"`` (official evaluation) or ``"llava_v1"`` (training / demo).
+        template: ``"vicuna_v1"`` (official evaluation) or ``"llava_v1"`` (training).
         answer: the assistant answer; ``None`` ends the prompt with ``"ASSISTANT:"`` (generation).
         history: earlier (question, answer) turns; the first one carries the image.
         region: a region prompt accompanies the question; if the question has no ``<region>``,

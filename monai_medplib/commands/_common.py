@@ -31,7 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--template",
         default="vicuna_v1",
         choices=("vicuna_v1", "llava_v1"),
-        help="conversation template: vicuna_v1 (official evaluation) or llava_v1 (training / demo)",
+        help="conversation template: vicuna_v1 (the release's evaluation; default, and what the demo figures were "
+        "measured with) or llava_v1 (the release's training template, which training uses)",
     )
     group.add_argument(
         "--quantization",

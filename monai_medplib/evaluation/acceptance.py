@@ -75,6 +75,7 @@ ACCEPTANCE: dict[str, tuple[str, float]] = {
     "doc questions answered": (">=", 1.0),
     "click gain after 1 click": (">", 0.0),
 }
+CLICK_GAIN = "click gain after 1 click"  # measured only when clicks are asked for (``clicks`` > 0)
 DEFAULT_MAX_NEW_TOKENS = 32  # the demo's longest answer ("No white matter is visible in this image.") is ~12
 _REGION_SEED = 1234
 
@@ -394,7 +395,7 @@ def evaluate_acceptance(
     report["closed"] = ev.closed()
     report["doc_questions"] = ev.doc_questions()
     report["figures"] = _figures(report)
-    report["checks"] = acceptance_checks(report["figures"])
+    report["checks"] = acceptance_checks(report["figures"], skipped=() if clicks else (CLICK_GAIN,))
     return report
 
 
@@ -414,17 +415,25 @@ def _figures(report: dict[str, Any]) -> dict[str, float | None]:
     docs = report["doc_questions"]
     figures["doc questions answered"] = docs["correct"] / docs["n"] if docs["n"] else None
     clicks = g["clicks"]
-    figures["click gain after 1 click"] = clicks.get("all", {}).get("gain_after_1")
+    figures[CLICK_GAIN] = clicks.get("all", {}).get("gain_after_1")
     return figures
 
 
-def acceptance_checks(figures: dict[str, float | None]) -> dict[str, bool]:
-    """Figure -> whether it meets :data:`ACCEPTANCE` (a figure that could not be measured fails)."""
+def acceptance_checks(
+    figures: dict[str, float | None], skipped: Sequence[str] = ()
+) -> dict[str, bool | None]:
+    """Figure -> whether it meets :data:`ACCEPTANCE`: a figure that could not be measured fails, one the caller
+    chose not to measure (``skipped``) is None."""
     ops = {">=": np.greater_equal, "<=": np.less_equal, ">": np.greater}
     return {
-        name: figures.get(name) is not None and bool(ops[op](figures[name], threshold))
+        name: None
+        if name in skipped
+        else figures.get(name) is not None and bool(ops[op](figures[name], threshold))
         for name, (op, threshold) in ACCEPTANCE.items()
     }
+
+
+_VERDICT = {True: "yes", False: "NO", None: "skipped"}
 
 
 def format_acceptance(report: dict[str, Any]) -> str:
@@ -434,7 +443,7 @@ def format_acceptance(report: dict[str, Any]) -> str:
     for name, (op, threshold) in ACCEPTANCE.items():
         value = figures.get(name)
         shown = "-" if value is None else f"{value:.3f}"
-        lines.append(f"{name:<40} {shown:>7}  {op} {threshold:<5g} {'yes' if checks[name] else 'NO'}")
+        lines.append(f"{name:<40} {shown:>7}  {op} {threshold:<5g} {_VERDICT[checks[name]]}")
     g = report["grounding"]
     lines.append("")
     lines.append(

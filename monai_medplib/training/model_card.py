@@ -54,7 +54,7 @@ def acceptance_table(acceptance: dict[str, Any]) -> str:
     lines = ["| figure | held-out value | target | met |", "|---|---|---|---|"]
     for name, (op, threshold) in ACCEPTANCE.items():
         value = acceptance["figures"].get(name)
-        met = "yes" if acceptance["checks"].get(name) else "**no**"
+        met = {True: "yes", None: "skipped"}.get(acceptance["checks"].get(name), "**no**")
         lines.append(f"| {name} | {_num(value)} | {op} {threshold:g} | {met} |")
     return "\n".join(lines)
 
@@ -131,7 +131,7 @@ def limits(acceptance: dict[str, Any]) -> str:
     missed = [
         f"{name} ({_num(acceptance['figures'].get(name))}, target {ACCEPTANCE[name][0]} {ACCEPTANCE[name][1]:g})"
         for name, ok in acceptance["checks"].items()
-        if not ok
+        if ok is False
     ]
     first = (
         "- Misses these acceptance figures: " + "; ".join(missed) + "."

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monai_medplib.evaluation.acceptance import ACCEPTANCE, _balanced, acceptance_checks
+from monai_medplib.evaluation.acceptance import (
+    ACCEPTANCE,
+    CLICK_GAIN,
+    _balanced,
+    acceptance_checks,
+    format_acceptance,
+)
 from monai_medplib.evaluation.clicks import dice, next_click, simulate_clicks
 
 
@@ -74,3 +80,17 @@ def test_balanced_accuracy_and_checks():
     figures["liver vs tumour mask dice"] = None  # not measured: fails
     checks = acceptance_checks(figures)
     assert not checks["mdice tumour"] and not checks["liver vs tumour mask dice"]
+
+
+def test_a_figure_not_asked_for_is_skipped_not_failed():
+    """``medplib eval --clicks 0`` ("0 skips") printed the click check as NO and stored false."""
+    figures = {name: None for name in ACCEPTANCE}
+    checks = acceptance_checks(figures, skipped=[CLICK_GAIN])
+    assert checks[CLICK_GAIN] is None and checks["mdice liver"] is False
+    report = {
+        "figures": figures,
+        "checks": checks,
+        "grounding": {"mean_over_targets": 0.5, "zero_prompt_mean_over_targets": 0.1, "clicks": {}},
+    }
+    lines = {line.split("  ")[0].strip(): line for line in format_acceptance(report).splitlines()}
+    assert lines[CLICK_GAIN].endswith("skipped") and lines["mdice liver"].endswith("NO")

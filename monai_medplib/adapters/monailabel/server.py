@@ -146,7 +146,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     parser.add_argument(
-        "--app", default=None, help="MONAI Label app dir (default: the repository's apps/medplib)"
+        "--app",
+        default=None,
+        help="MONAI Label app dir (default: the app installed with the package; apps/medplib in a clone)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need a token)"
