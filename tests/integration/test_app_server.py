@@ -137,6 +137,23 @@ def test_slicer_vqa_answer_in_json(slicer):
     assert result["medplib"]["slice"] == 3 and result["medplib"]["axis"] == "axial"
 
 
+def test_slicer_uploads_a_volume_under_its_node_name_and_asks_about_it(studies, slicer, tmp_path):
+    """Slicer's Upload sends the node name as the image id; a series loaded from DICOM is named "2: CT Abdomen",
+    which the server refused ("may only hold letters, digits...")."""
+    import shutil
+
+    _, client = slicer
+    local = tmp_path / "upload.nii.gz"
+    shutil.copy(studies[0] / "ct1.nii.gz", local)
+    assert client.upload_image(str(local), "2: CT Abdomen")["image"] == "2: CT Abdomen"
+    params = slicer_config_params(client.info(), "medplib_vqa")
+    params.update(question="Is the liver visible in this image?", slice=3)
+    _, reply = slicer_infer(client, "medplib_vqa", "2: CT Abdomen", params)
+    assert json.loads(reply["params"])["answer"] == "yes"
+    assert (studies[0] / "2: CT Abdomen.nii.gz").is_file()  # stored in the studies folder under that name
+    client.datastore()  # the server keeps listing
+
+
 def test_slicer_vqa_defaults_to_the_middle_slice(slicer):
     _, client = slicer
     _, reply = slicer_infer(

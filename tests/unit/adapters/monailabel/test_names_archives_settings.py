@@ -35,8 +35,10 @@ TOKEN = "0123456789abcdef-token"
         ("..", "'..'"),
         ("a..b", "'..'"),
         ("", "is empty"),
-        (".hidden", "must start with"),
-        ("ct 1", "may only hold"),
+        (".hidden", "start with a letter or digit"),
+        (" ct", "start with a letter or digit"),
+        ("ct.", "end with one"),
+        ("ct;1", "may only hold"),
         ("x" * 129, "longer than 128"),
         ("ct\n1", "control characters"),
     ],
@@ -48,6 +50,9 @@ def test_bad_image_ids_are_refused_with_the_reason(value, problem):
 
 def test_good_names_pass_unchanged():
     assert names.image_id("lits-117_v2.ct") == "lits-117_v2.ct"
+    # 3D Slicer uploads under the volume node's name: a DICOM-loaded series is "<number>: <description>"
+    for slicer_name in ("2: CT Abdomen", "CT Abdomen (contrast)", "Lebér", "山田"):
+        assert names.image_id(slicer_name) == slicer_name
     assert names.label_tag("final") == "final"
     assert names.upload_name("C:\\Users\\me\\scan.nii.gz", "file") == "scan.nii.gz"  # Slicer sends full paths
     assert names.upload_name("/home/me/scribbles.nrrd", "label") == "scribbles.nrrd"
