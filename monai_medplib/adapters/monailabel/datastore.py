@@ -375,13 +375,17 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
     """
 
     def get_image_uri(self, image_id: str) -> str:
-        with _conversions_removed():
-            return super().get_image_uri(names.dicom_uid(image_id))
+        image_id = names.dicom_uid(image_id)
+        with _conversions_removed() as made:
+            uri = super().get_image_uri(image_id)
+        # a first conversion answers with the temporary file (now removed); the cache holds the copy
+        return LocalDatastore.get_image_uri(self, image_id) if uri in made else uri
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         names.label_tag(label_tag)
-        with _conversions_removed():
-            return super().get_label_uri(names.dicom_uid(label_id, "label"), label_tag, image_id)
+        with _conversions_removed() as made:
+            uri = super().get_label_uri(names.dicom_uid(label_id, "label"), label_tag, image_id)
+        return LocalDatastore.get_label_uri(self, image_id, label_tag) if uri in made else uri
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: Any, *args: Any
@@ -425,12 +429,13 @@ _CONVERSIONS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def _conversions_removed() -> Iterator[None]:
-    """Remove the temporary NIfTI files MONAI Label's ``dicom_to_nifti`` writes inside the block."""
+def _conversions_removed() -> Iterator[list[str]]:
+    """Remove the temporary NIfTI files MONAI Label's ``dicom_to_nifti`` writes inside the block (the list it
+    yields names them)."""
     made: list[str] = []
     token = _CONVERSIONS.set(made)
     try:
-        yield
+        yield made
     finally:
         _CONVERSIONS.reset(token)
         for path in made:
