@@ -305,6 +305,36 @@ def _post(server, model, image="ct1", params=None, raw_params=None, files=None, 
     return requests.post(f"{server.url}/infer/{model}", params=query, files=form, timeout=timeout)
 
 
+def test_a_page_of_another_site_cannot_change_the_server(server):
+    """A browser posts a multipart form to 127.0.0.1 without a preflight: any web page the user opens could save
+    an empty "spleen" result over the final label of an open server (no token, loopback: the default)."""
+    save = {"save_label": True, "label_tag": "final", "text": "spleen", "slices": "0"}
+    form = {"params": (None, json.dumps(save))}
+    url = f"{server.url}/infer/medplib_grounding"
+    stats = lambda: requests.get(f"{server.url}/datastore/", params={"output": "stats"}, timeout=30).json()  # noqa: E731
+    before = stats()
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},  # a sandboxed frame or a local file
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},  # a browser that sends no Origin
+    ):
+        reply = requests.post(
+            url, params={"image": "ct1", "output": "json"}, files=form, headers=headers, timeout=60
+        )
+        assert reply.status_code == 403 and "another site" in reply.json()["detail"], reply.text
+    assert stats() == before
+    # the server's own pages (OHIF at /ohif/) and clients without an Origin (Slicer, scripts) are served
+    own = {"Origin": server.url}
+    reply = requests.post(
+        url.replace("grounding", "vqa"),
+        params={"image": "ct1", "output": "json"},
+        files={"params": (None, json.dumps({"question": "q", "slice": 1}))},
+        headers=own,
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+
+
 BAD_REQUESTS = [
     ("unknown model", dict(model="medplib_nope", params={"question": "q"}), 404, "unknown model"),
     (

@@ -6,7 +6,11 @@
    cookie set by ``/auth/login`` for OHIF), compared in constant time; it is removed from the request once
    checked, so MONAI Label's DICOMweb proxy never forwards it to the PACS;
 3. operational routes that are off (``settings.FEATURES``) answered 403 with how to turn them on;
-4. the request body size, from ``Content-Length`` and counted as it streams.
+4. the request body size, from ``Content-Length`` and counted as it streams;
+5. requests that change something (not GET / HEAD / OPTIONS) sent by a web page of another site (its ``Origin``,
+   or ``Sec-Fetch-Site: cross-site``) unless that origin is one the operator allowed: a browser sends a
+   multipart POST to 127.0.0.1 without asking, with the user's cookie, so any page could otherwise overwrite a
+   label. 3D Slicer and scripts send no ``Origin``; OHIF served by this server is same-origin.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .settings import AUTH_COOKIE, FEATURES, ServerSettings, is_loopback
 
 # Reachable without a token: what a client needs to learn that auth is on and to log in.
 OPEN_PATHS = frozenset({"/auth", "/auth/", "/auth/token", "/auth/login"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class _BodyTooLarge(Exception):
@@ -64,6 +69,16 @@ class RequestGuard:
 
         if self.check_host and _host_name(headers.get("host", "")) not in self.hosts:
             await _answer(scope, receive, send, 400, f"host {headers.get('host', '')!r} is not served here")
+            return
+        if method not in SAFE_METHODS and not self._same_site_or_allowed(headers):
+            await _answer(
+                scope,
+                receive,
+                send,
+                403,
+                f"a page of another site ({headers.get('origin') or 'cross-site'}) may not change this server; "
+                "allow its origin with --cors-origin if it is your viewer",
+            )
             return
         if self.token is not None and path not in OPEN_PATHS:
             if not self._authorised(headers):
@@ -112,6 +127,15 @@ class RequestGuard:
             if started:
                 raise
             await _answer(scope, receive, send, 413, _too_large(limit))
+
+    def _same_site_or_allowed(self, headers: Any) -> bool:
+        origin = headers.get("origin", "").rstrip("/")
+        if not origin:  # not from a page (Slicer, curl), or a browser that says where from without Origin
+            return headers.get("sec-fetch-site", "") != "cross-site"
+        if origin in self.settings.cors_origins or "*" in self.settings.cors_origins:
+            return True
+        scheme, _, authority = origin.partition("://")
+        return scheme in ("http", "https") and authority.lower() == headers.get("host", "").lower()
 
     def _authorised(self, headers: Any) -> bool:
         given = ""
