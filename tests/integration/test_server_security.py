@@ -23,6 +23,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -634,6 +635,13 @@ CASES = [
         415,
         "values per voxel",
     ),
+    Case(
+        18,
+        "next-sample request of 100 KiB (stored in the datastore file and logged)",
+        call("POST", "/activelearning/random", json={"client_id": "A" * 100 * 1024}),
+        413,
+        "the limit of activelearning requests",
+    ),
     Case(18, "refine text 5", infer("medplib_refine", {"text": 5, "foreground": [[60, 60, 5]]}), 400, "text"),
     Case(
         18,
@@ -658,6 +666,34 @@ def test_bad_request_is_4xx_with_a_message_and_changes_nothing(site, case):
     after = _state(site)
     for what in before:
         assert after[what] == before[what], f"{what} changed"
+
+
+def test_an_upload_the_client_abandons_leaves_no_file_and_no_traceback(site):
+    """Every aborted Slicer upload logged a 60-line "Exception in ASGI application" (ClientDisconnect)."""
+    before = _state(site)
+    boundary = "medplibboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.nii.gz"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    with socket.create_connection((site.server.host, site.server.port), timeout=30) as conn:
+        conn.sendall(
+            (
+                "PUT /datastore/image?image=abandoned HTTP/1.1\r\n"
+                f"Host: {site.server.host}:{site.server.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {4 * 2**20}\r\n\r\n"
+            ).encode()
+            + head
+            + b"\0" * 2**20
+        )
+        time.sleep(1)  # the server is reading the body when the client goes
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _state(site) != before:
+        time.sleep(0.5)
+    assert _state(site) == before
+    assert site.http.get(site.url + "/info/", timeout=30).status_code == 200
+    log = site.server.log_text()
+    assert "Exception in ASGI application" not in log and "ClientDisconnect" not in log
 
 
 def test_infer_reads_no_file_named_in_params(site):

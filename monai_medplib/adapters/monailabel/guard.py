@@ -23,6 +23,10 @@ from .settings import AUTH_COOKIE, FEATURES, ServerSettings, is_loopback
 # Reachable without a token: what a client needs to learn that auth is on and to log in.
 OPEN_PATHS = frozenset({"/auth", "/auth/", "/auth/token", "/auth/login"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# MONAI Label routes whose body is a few JSON fields (Slicer's next-sample request): capped small whatever
+# --max-upload-mb says; what they get is stored in the datastore file and logged
+SMALL_BODY_PREFIXES = ("/activelearning",)
+SMALL_BODY_BYTES = 64 * 1024
 
 
 class _BodyTooLarge(Exception):
@@ -98,10 +102,12 @@ class RequestGuard:
                 await _answer(scope, receive, send, 403, self.settings.refusal(feature))
                 return
 
-        limit = self.settings.max_upload_bytes
+        limit, whose = self.settings.max_upload_bytes, "the server's --max-upload-mb"
+        if path.startswith(SMALL_BODY_PREFIXES) and limit > SMALL_BODY_BYTES:
+            limit, whose = SMALL_BODY_BYTES, f"the limit of {path.split('/')[1]} requests"
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _answer(scope, receive, send, 413, _too_large(limit))
+            await _answer(scope, receive, send, 413, too_large(limit, whose))
             return
         received = 0
         started = False
@@ -126,7 +132,7 @@ class RequestGuard:
         except _BodyTooLarge:
             if started:
                 raise
-            await _answer(scope, receive, send, 413, _too_large(limit))
+            await _answer(scope, receive, send, 413, too_large(limit, whose))
 
     def _same_site_or_allowed(self, headers: Any) -> bool:
         origin = headers.get("origin", "").rstrip("/")
@@ -147,8 +153,10 @@ class RequestGuard:
         return bool(given) and hmac.compare_digest(given.encode(), self.token)
 
 
-def _too_large(limit: int) -> str:
-    return f"the request body is larger than {limit / 2**20:,.0f} MiB (the server's --max-upload-mb)"
+def too_large(limit: int, whose: str = "the server's --max-upload-mb") -> str:
+    """The 413 message for a body over ``limit`` bytes."""
+    size = f"{limit / 2**10:,.0f} KiB" if limit < 2**20 else f"{limit / 2**20:,.0f} MiB"
+    return f"the request body is larger than {size} ({whose})"
 
 
 def _host_name(host: str) -> str:

@@ -50,6 +50,9 @@ QUIET_LOGGERS = {
     "monailabel.datastore.local": logging.WARNING,
     "monailabel.utils.async_tasks": logging.WARNING,
     "monailabel.utils.sessions": logging.WARNING,
+    "monailabel.endpoints.activelearning": logging.WARNING,  # logs the request body and the sample's path
+    "monailabel.tasks.activelearning.first": logging.WARNING,
+    "monailabel.tasks.activelearning.random": logging.WARNING,
     "monai.data.nvimgcodec_pydicom_plugin": logging.ERROR,  # "nvImageCodec is not available" on every read
 }
 CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]

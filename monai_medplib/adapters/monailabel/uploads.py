@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 from ...user_input import UserInputError
 from . import names
 from .errors import rejected
+from .guard import too_large
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +122,16 @@ async def read_form(request: Any, folder: Path | None, max_bytes: int, file_fiel
     raise rejected(415, f"unsupported request body type {kind or '(none)'!r}; {FORM_HINT}")
 
 
+def _too_large(limit: int) -> str:
+    return too_large(limit) if limit > SMALL_FORM_BYTES else too_large(limit, "the limit of a form")
+
+
 async def _read_body(request: Any, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise rejected(413, f"the request body is larger than {limit:,} bytes")
+            raise rejected(413, _too_large(limit))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -253,20 +258,21 @@ async def _read_multipart(
             "on_part_end",
         )
     }
+    from starlette.requests import ClientDisconnect
+
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise rejected(
-                    413,
-                    f"the upload is larger than {max_bytes / 2**20:,.0f} MiB (the server's --max-upload-mb)",
-                )
+                raise rejected(413, _too_large(max_bytes))
             parser.write(chunk)
         parser.finalize()
     except FormParserError as err:
         raise rejected(400, f"malformed multipart/form-data body: {err}") from err
+    except ClientDisconnect:  # an aborted upload (Slicer closed, network): nobody to answer, nothing to log
+        raise rejected(400, "the client went away before its upload ended") from None
     finally:
         sink.close()
     return sink.form
