@@ -234,3 +234,61 @@ def test_state_dir():
     assert state_dir("/data/studies", {}) == Path("/data/studies/.medplib")
     assert state_dir("http://pacs/dicom-web", {}).parts[-3:] == (".cache", "monai-medplib", "server")
     assert state_dir("/data/studies", {"MEDPLIB_STATE_DIR": "/srv/state"}) == Path("/srv/state")
+
+
+def _peak_bytes(call) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    except UserInputError as err:
+        message = str(err)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, message
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu"])
+def test_a_tar_member_header_of_megabytes_is_refused_before_it_is_read(tmp_path, kind):
+    """tarfile reads a PAX record or GNU long name whole: a 400 KB tar.gz of one 400 MiB header took the server
+    to 4 GB, and the refusal then quoted the 400 MiB path back. Here 16 MiB, refused at its header."""
+    name = "d/" * (8 * 2**20)  # 16 MiB of path
+    info = tarfile.TarInfo(name + "x.dcm")
+    fmt = tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz", format=fmt) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    assert archive.stat().st_size < 100_000
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    peak, message = _peak_bytes(lambda: extract_archive(archive, dest, max_bytes=2**30))
+    assert "member header" in message and len(message) < 300
+    assert peak < 4 * 2**20, peak  # the header was never held (16 MiB and more before)
+    assert list(dest.iterdir()) == []
+
+
+def test_a_long_but_real_path_in_a_pax_tar_still_unpacks(tmp_path):
+    name = "series/" + "sub/" * 60 + "1.dcm"  # 250 characters: a PAX record of a few hundred bytes
+    archive = tmp_path / "ok.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract_archive(archive, dest, max_bytes=2**20)
+    assert (dest / name).read_bytes() == b"ok"
+
+
+def test_a_zip_of_too_many_members_is_refused_from_its_end_record(tmp_path):
+    """zipfile parses the whole member list before the count can be checked (~7x its size in memory); the end
+    record gives the count first. 70,000 members: the zip64 end record."""
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for n in range(70_000):
+            zf.writestr(f"{n}", b"")
+    peak, message = _peak_bytes(lambda: extract_archive(archive, tmp_path / "dest", max_bytes=2**30))
+    assert "has 70000 members; at most 10000" in message
+    assert peak < 2 * 2**20, peak
