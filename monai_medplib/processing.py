@@ -36,6 +36,12 @@ ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
 # ---------------------------------------------------------------------------------- loading
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array on the CPU; bfloat16 (which numpy lacks) as float32, exactly."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def load_rgb(image: ImageLike) -> np.ndarray:
     """Return an 8-bit RGB array ``[H, W, 3]``.
 
@@ -55,7 +61,7 @@ def load_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = as_numpy(image)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise TypeError(f"unsupported image type {type(image).__name__}: give a path, PIL image or numpy array")
@@ -114,7 +120,7 @@ def load_pixels(image: ImageLike) -> np.ndarray:
     (:func:`clip_pixels` / :func:`sam_pixels` are bit-identical on the two), prepared three times faster, and the
     two forms get one content key in a feature cache."""
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = as_numpy(image)
     if isinstance(image, np.ndarray):
         array = _array_to_uint8(image)
     else:
@@ -261,7 +267,7 @@ def sam_pixels_batch(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[t
 # ---------------------------------------------------------------------------------- regions
 def _binary_mask(mask: np.ndarray | torch.Tensor, name: str = "region mask") -> np.ndarray:
     if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
+        mask = as_numpy(mask)
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"{name} must be a 2D (H, W) array, got shape {tuple(mask.shape)}")
@@ -289,9 +295,18 @@ def region_grid(mask_hw: np.ndarray | torch.Tensor, keep_largest_component: bool
     padded = centre_pad(resized, CLIP_SIZE, (0,))[0]
     grid = padded[::CLIP_PATCH, ::CLIP_PATCH].contiguous()
     if not grid.any():
+        height, width = binary.shape[:2]
+        step = CLIP_PATCH * max(height, width) / CLIP_SIZE
+        side = 2 * POINT_HALF_SIZE + 1
         raise ValueError(
-            "region vanished in the 24x24 grid: it misses the top-left pixel of every 14x14 CLIP patch "
-            "(draw a larger region)"
+            f"region vanished in the 24x24 grid: on this {height}x{width} image the model reads one pixel every "
+            f"{step:.0f} pixels and the region covers none of them; mark a larger region"
+            + (
+                f" (a point becomes a {side}x{side} pixel square, as in the release demo: on an image this size "
+                "give a box or a mask instead)"
+                if step > side
+                else ""
+            )
         )
     if keep_largest_component:
         grid = largest_component(grid)
@@ -420,11 +435,13 @@ def load_region_mask(mask: MaskLike) -> np.ndarray:
     elif isinstance(mask, Image.Image):
         mask = mask_pixels(mask)
     elif isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
+        mask = as_numpy(mask)
     if not isinstance(mask, np.ndarray):
         raise TypeError(
             f"unsupported region mask type {type(mask).__name__}: give a path, PIL image or array"
         )
+    if mask.ndim == 3 and mask.shape[0] == 1 and mask.shape[2] > 4:  # MONAI's channel-first (1, H, W)
+        mask = mask[0]
     if mask.ndim == 3:  # colour PNG: release reads it with cv2 and keeps every non-zero pixel
         if mask.shape[2] in (2, 4):  # grey / colour + alpha
             mask = mask[:, :, :-1]

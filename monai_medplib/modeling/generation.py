@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +37,8 @@ class GenerationOutput:
         """Per sample, the hidden state for the first ``seg_id`` (None when not generated).
 
         ``release_quirk=True`` reproduces the release ``evaluate()`` bug: with exactly one [SEG] it takes position
-        ``L-1+(n-2)`` (n = generated tokens), identical to the clean rule for ``<SEG></s>`` answers.
+        ``L-1+(n-2)`` (n = generated tokens), identical to the clean rule for ``<SEG></s>`` answers. With one
+        generated token (``max_new_tokens=1``) that position would be a prompt row: the clean rule's state is taken.
         """
         out: list[torch.Tensor | None] = []
         for b, ids in enumerate(self.new_ids):
@@ -44,16 +46,23 @@ class GenerationOutput:
                 out.append(None)
                 continue
             j = ids.index(seg_id)
-            if release_quirk and ids.count(seg_id) == 1:
+            if release_quirk and ids.count(seg_id) == 1 and len(ids) >= 2:
                 j = len(ids) - 2
             out.append(self.hidden_for_token(b, j))
         return out
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: Generators) -> torch.Tensor:
     if temperature < GREEDY_BELOW_TEMPERATURE:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
+    if isinstance(generator, Sequence):  # a sample draws the same tokens whatever else is in its batch
+        return torch.cat(
+            [torch.multinomial(probs[b : b + 1], 1, generator=g)[:, 0] for b, g in enumerate(generator)]
+        )
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -74,10 +83,11 @@ def generate(
     max_new_tokens: int,
     eos_id: int,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     return_step_logits: bool = False,
 ) -> GenerationOutput:
-    """Prefill ``inputs_embeds`` then decode up to ``max_new_tokens`` tokens per sample (stop at ``eos_id``)."""
+    """Prefill ``inputs_embeds`` then decode up to ``max_new_tokens`` tokens per sample (stop at ``eos_id``);
+    ``generator`` may be one per sample."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batch, length = inputs_embeds.shape[:2]

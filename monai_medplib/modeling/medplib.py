@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..config import MedPLIBConfig
 from ..special_tokens import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from .generation import GenerationOutput, generate
+from .generation import GenerationOutput, Generators, generate
 from .moe import TopOneMoE
 from .sam_med2d import SamMed2D
 from .vision import CLIPVisionTower, build_projector, build_text_hidden_fcs, pool_region_features
@@ -152,7 +152,7 @@ class MedPLIBForCausalLM(nn.Module):
         clip_feats: torch.Tensor | None,
         region_grids: Sequence[Sequence[torch.Tensor]] | None = None,
         padding_side: str = "right",
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice image rows and region tokens into the text embeddings (release ``prepare_inputs_labels_for_multimodal``).
 
@@ -166,7 +166,14 @@ class MedPLIBForCausalLM(nn.Module):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         rows = [
-            self._embed_one(b, ids, clip_feats, region_grids, generator) for b, ids in enumerate(input_ids)
+            self._embed_one(
+                b,
+                ids,
+                clip_feats,
+                region_grids,
+                generator[b] if isinstance(generator, Sequence) else generator,
+            )
+            for b, ids in enumerate(input_ids)
         ]
         if not rows:
             raise ValueError("input_ids is empty")
@@ -277,7 +284,7 @@ class MedPLIBForCausalLM(nn.Module):
         max_new_tokens: int = 1024,
         eos_id: int | None = None,
         temperature: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         return_step_logits: bool = False,
     ) -> GenerationOutput:
         """KV-cache decoding (greedy, or sampling when ``temperature >= 1e-4`` as the demo worker does).

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..processing import as_numpy
+
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_VOLUME_CACHE_BYTES",
@@ -44,7 +46,7 @@ DEFAULT_VOLUME_CACHE_BYTES = 1024**3  # a 512x512x300 CT as float32 plus its uin
 def content_key(array: np.ndarray | torch.Tensor, *extra: Hashable) -> str:
     """A digest of an array's shape, dtype and bytes, plus any ``extra`` tags (model identity, dtype, ...)."""
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
+        array = as_numpy(array)
     array = np.ascontiguousarray(array)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{array.shape}|{array.dtype.str}|{extra!r}".encode())

@@ -124,15 +124,19 @@ def answer_region_batch(
         if regions is None:
             raise ValueError("region VQA needs a region per question (or official_eval_region=True)")
         for i, (question, region) in enumerate(zip(questions, regions)):
-            places = max(1, question.count(REGION_START_TOKEN))  # no <region>: one is appended
-            given = len(region) if isinstance(region, list | tuple) else 1
-            if given != places:
-                raise ValueError(
-                    f"regions[{i}]: {given} mask(s) for a question with {places} <region> place(s); give one mask "
-                    "per place (or official_eval_region=True to answer without the region)"
-                )
+            _check_places(question, len(region) if isinstance(region, list | tuple) else 1, f"regions[{i}]")
         grids = region_grids_of(runner, features, regions, keep_largest_component)
     return answers_of(runner, features, questions, grids, AnswerOptions.merge(options), region=True)
+
+
+def _check_places(question: str, given: int, where: str) -> None:
+    places = max(1, question.count(REGION_START_TOKEN))  # no <region>: one is appended
+    if given != places:
+        raise ValueError(
+            f"{where}: {given} mask(s) for a question with {places} <region> place(s); give one mask per place "
+            "(answer_region_batch takes a list of masks per question; or official_eval_region=True to answer "
+            "without the region)"
+        )
 
 
 def answer_region(
@@ -153,6 +157,7 @@ def answer_region(
     features = runner.encode_images([image], with_sam=False)
     grids = None
     if not official_eval_region:
+        _check_places(question, 1, "the region")
         size = features[0].original_size
         grids = [[runner.region_grid(size, mask, points, box, keep_largest_component)]]
     return answers_of(runner, features, [question], grids, AnswerOptions.merge(options), region=True)[0]

@@ -234,7 +234,7 @@ class MedPLIBRunner:
         features: Sequence[ImageFeatures],
         prompts: Sequence[Sequence[int]],
         region_grids: Sequence[Sequence[torch.Tensor]] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``(inputs_embeds [B,L,H], attention_mask [B,L])`` of a batch."""
         if len(features) != len(prompts):
@@ -295,9 +295,12 @@ class MedPLIBRunner:
         return_step_logits: bool = False,
     ) -> GenerationOutput:
         """KV-cache decoding of a left-padded batch: greedy, or sampling (demo worker) when temperature >= 1e-4."""
-        region_generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # one generator per sample, each seeded alike: a sample draws what it draws alone, whatever its batch
+        region_generator = None if seed is None else [torch.Generator().manual_seed(seed) for _ in prompts]
         embeds, mask = self.embed(features, prompts, region_grids, region_generator)
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        generator = (
+            None if seed is None else [torch.Generator(self.device).manual_seed(seed) for _ in prompts]
+        )
         return self.model.greedy_generate(
             embeds, mask, max_new_tokens, self.tokenizer.eos_id, temperature, generator, return_step_logits
         )

@@ -27,6 +27,7 @@ from ..tokenization import grounding_prompt
 from ..transforms.intensity import volume_intensity
 from ..transforms.prompts import MapPromptsToSliced
 from ..transforms.slicing import SliceGeometry, check_volume, slice_geometry, volume_affine_ras
+from ..user_input import parse_keyframes
 from .grounding import ground_features
 from .image import answer_batch, answer_region
 from .keyframes import ground_keyframes
@@ -217,6 +218,8 @@ def ground_volume(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if keyframes is not None:  # True / 2.5 / "x" are refused, not read as 1 or a type error
+        keyframes = parse_keyframes(keyframes, "keyframes", allow_off=False)
     requests = _requests(text)
     texts = list(requests)
     opts = GroundingOptions.for_volume() if options is None else options
@@ -325,6 +328,8 @@ def answer_volume_region(
     vol, eight_bit, geometry = _open(runner, volume, axis, intensity)
     if points is not None and len(points) == 0:
         raise ValueError("points is empty: give at least one (i, j, k) voxel")
+    if points is not None and not all(isinstance(p, Sequence | np.ndarray) and len(p) == 3 for p in points):
+        raise ValueError(f"points must be a list of (i, j, k) voxels, e.g. [(60, 57, 64)]; got {points!r:.80}")
     data = {"image": vol, "points": points, "roi": roi, "scribbles": scribble, "slice_index": index}
     mapped = MapPromptsToSliced(axis=axis)(data)
     index = int(mapped["slice_index"])

@@ -96,6 +96,8 @@ def _fake_generation(pipe, new_ids, length=10):
         ([5, 600, 7, 8, 2], "clean", False, [10]),  # spec 5.4 clean rule: L-1+j
         ([600, 7, 600, 2], "release", False, [9]),  # several <SEG>: the first only
         ([600, 7, 600, 2], "release", True, [9, 11]),  # opt-in: every <SEG>
+        # max_new_tokens=1: the quirk's position L-1+(n-2) would be a prompt row; the state that predicted <SEG>
+        ([600], "release", False, [9]),
     ],
 )
 def test_seg_state_selection(pipe, inputs, monkeypatch, new_ids, seg_rule, all_seg, expected_positions):
@@ -303,3 +305,42 @@ def test_a_prompt_longer_than_the_trained_context_is_warned_about(pipe, inputs, 
         UserWarning, match=r"the prompt is \d+ positions long .* longer than the 100 the model"
     ):
         pipe.answer(image, "What is this?", max_new_tokens=1)
+
+
+def test_sampled_batches_equal_one_at_a_time(pipe, inputs):
+    """With a seed, a sample drew other tokens in a batch than alone (one generator shared by the batch)."""
+    images = [inputs / "image.png", inputs / "image_square.png", inputs / "image.png"]
+    questions = ["What is shown?", "Describe the image.", "Which organ is this?"]
+    alone = [
+        pipe.answer(i, q, temperature=2.0, seed=7, max_new_tokens=STEPS) for i, q in zip(images, questions)
+    ]
+    assert len(set(alone)) > 1  # sampling on random weights: the check below can fail
+    assert pipe.answer_batch(images, questions, temperature=2.0, seed=7, max_new_tokens=STEPS) == alone
+
+
+def test_bfloat16_images_and_channel_first_masks(pipe, inputs):
+    """A bf16 tensor failed inside numpy ("unsupported ScalarType BFloat16"); a MONAI-style (1, H, W) mask was read
+    as a 1-row colour image."""
+    rgb = torch.from_numpy(np.asarray(Image.open(inputs / "image_square.png").convert("L"))).float()
+    reference = pipe.answer(rgb, "What is shown?", max_new_tokens=STEPS)
+    assert pipe.answer(rgb.to(torch.bfloat16), "What is shown?", max_new_tokens=STEPS) == reference
+    mask = np.zeros(tuple(rgb.shape), np.uint8)
+    mask[40:120, 50:150] = 1
+    flat = pipe.answer_region(rgb, "What is this?", mask=mask, max_new_tokens=STEPS)
+    assert pipe.answer_region(rgb, "What is this?", mask=mask[None], max_new_tokens=STEPS) == flat
+    assert (
+        pipe.answer_region(rgb, "What is this?", mask=torch.from_numpy(mask)[None], max_new_tokens=STEPS)
+        == flat
+    )
+
+
+def test_region_questions_that_the_region_cannot_answer_say_why(pipe, inputs):
+    image = inputs / "image_square.png"
+    mask = np.zeros((256, 256), np.uint8)
+    mask[10:50, 10:50] = 1
+    with pytest.raises(ValueError, match="1 mask.* 2 <region> place"):
+        pipe.answer_region(image, "Is <region> larger than <region>?", mask=mask)
+    big = np.zeros((2048, 2048), np.uint8)
+    # the release demo's 41-pixel point square falls between the model's samples (one every 85 px here)
+    with pytest.raises(ValueError, match="one pixel every 85 pixels.*give a box or a mask"):
+        pipe.answer_region(big, "What is this?", points=[(300, 300)])

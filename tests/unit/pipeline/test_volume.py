@@ -386,3 +386,26 @@ def test_a_structure_name_grounds_as_its_request_keyed_by_the_name():
     assert torch.equal(by_name.label.as_tensor(), asked.label.as_tensor())
     with pytest.raises(ValueError, match="ask for the same thing"):
         pipe.ground_volume(volume, ["liver", "Please segment the liver."], slices=[64], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (
+            lambda pipe, ct: pipe.ground_volume(ct, "liver", slices=[5], keyframes=True),
+            "keyframes must be a whole",
+        ),
+        (
+            lambda pipe, ct: pipe.ground_volume(ct, "liver", slices=[5], keyframes=2.5),
+            "keyframes must be a whole",
+        ),
+        (
+            lambda pipe, ct: pipe.answer_volume_region(ct, "What?", points=(10, 10, 5)),
+            "a list of \\(i, j, k\\)",
+        ),
+    ],
+)
+def test_volume_calls_name_a_bad_argument(pipe, ct, call, words):
+    """keyframes=True ran as k = 1, 2.5 failed inside range(); one point not in a list was a TypeError."""
+    with pytest.raises(ValueError, match=words):
+        call(pipe, ct)
