@@ -329,7 +329,9 @@ def answer_volume_region(
     if points is not None and len(points) == 0:
         raise ValueError("points is empty: give at least one (i, j, k) voxel")
     if points is not None and not all(isinstance(p, Sequence | np.ndarray) and len(p) == 3 for p in points):
-        raise ValueError(f"points must be a list of (i, j, k) voxels, e.g. [(60, 57, 64)]; got {points!r:.80}")
+        raise ValueError(
+            f"points must be a list of (i, j, k) voxels, e.g. [(60, 57, 64)]; got {points!r:.80}"
+        )
     data = {"image": vol, "points": points, "roi": roi, "scribbles": scribble, "slice_index": index}
     mapped = MapPromptsToSliced(axis=axis)(data)
     index = int(mapped["slice_index"])
