@@ -44,7 +44,7 @@ def image_id(value: str, what: str = "image id") -> str:
     problem = _problem(value)
     if problem is None and not _ID.fullmatch(value):
         problem = (
-            "may only hold letters, digits, spaces and '.', '_', '-', ':', '(', ')', start with a letter or digit "
+            "may only hold letters, digits, spaces and '.', '_', '-', ':', '(', ')', must start with a letter or digit "
             "and end with one or ')'"
         )
     if problem:
