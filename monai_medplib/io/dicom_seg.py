@@ -21,6 +21,7 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from ..transforms.slicing import volume_affine_ras
+from ..user_input import UserInputError
 from .atomic import atomic_path
 from .coded_concepts import Code, coded_concept
 from .readers import _SERIES_STEP_TOLERANCE, _series_files
@@ -113,7 +114,7 @@ def check_seg_source(source: str | Path | pydicom.Dataset) -> None:
         )
     missing = [name for name in _REQUIRED_SOURCE if not str(source.get(name, "") or "").strip()]
     if missing:
-        raise ValueError(
+        raise UserInputError(
             f"the DICOM series has no {', '.join(missing)}: a DICOM-SEG must copy "
             f"{'them' if len(missing) > 1 else 'it'} from its source"
         )

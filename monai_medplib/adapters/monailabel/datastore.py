@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
 from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -406,7 +407,9 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
             folder = SEG_FOLDER.set(Path(work))  # the SEG is written here and removed with it, sent or not
             try:
                 return super().save_label(image_id, str(upload), label_tag, label_info, *args)
-            except OSError as err:  # requests' errors are OSErrors: the PACS is down or refused the STOW
+            except (
+                requests.RequestException
+            ) as err:  # the PACS is down or refused the STOW (not a local error)
                 raise UpstreamError(
                     f"the PACS did not store the DICOM-SEG of {image_id}: {first_line(err)}"
                 ) from err
@@ -453,7 +456,7 @@ def _record_conversions() -> None:
     def dicom_to_nifti(*args: Any, **kwargs: Any) -> str:
         path = convert(*args, **kwargs)
         made = _CONVERSIONS.get()
-        if made is not None:
+        if made is not None and path:
             made.append(path)
         return path
 

@@ -43,9 +43,18 @@ class RequestGuard:
         api_prefix: MONAI Label's API prefix (``MONAI_LABEL_API_STR``), stripped before matching routes.
     """
 
-    def __init__(self, app: Any, settings: ServerSettings, bind_host: str, api_prefix: str = "") -> None:
+    def __init__(
+        self,
+        app: Any,
+        settings: ServerSettings,
+        bind_host: str,
+        api_prefix: str = "",
+        origins: tuple[str, ...] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
+        # the browser origins allowed to call (ours and MONAI Label's MONAI_LABEL_CORS_ORIGINS)
+        self.origins = frozenset(settings.cors_origins if origins is None else origins)
         self.api_prefix = api_prefix.rstrip("/")
         self.check_host = bool(settings.allowed_hosts) or (not settings.auth_token and is_loopback(bind_host))
         hosts = {"localhost", "127.0.0.1", "::1", *settings.allowed_hosts}
@@ -138,10 +147,14 @@ class RequestGuard:
         origin = headers.get("origin", "").rstrip("/")
         if not origin:  # not from a page (Slicer, curl), or a browser that says where from without Origin
             return headers.get("sec-fetch-site", "") != "cross-site"
-        if origin in self.settings.cors_origins or "*" in self.settings.cors_origins:
+        if origin in self.origins or "*" in self.origins:
             return True
         scheme, _, authority = origin.partition("://")
-        return scheme in ("http", "https") and authority.lower() == headers.get("host", "").lower()
+        if scheme not in ("http", "https"):
+            return False
+        # the page's own server: as the request names it, as a proxy forwarded it, or a name the operator listed
+        served = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").lower()}
+        return authority.lower() in served or _host_name(authority) in self.settings.allowed_hosts
 
     def _authorised(self, headers: Any) -> bool:
         given = ""

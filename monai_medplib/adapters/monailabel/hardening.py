@@ -174,6 +174,7 @@ def _replace_middleware(app: Any, settings: ServerSettings, monailabel_origins: 
         settings=settings,
         bind_host=bound_host(sys.argv),
         api_prefix=ml_settings.MONAI_LABEL_API_STR,
+        origins=tuple(origins),
     )
     app.user_middleware[:] = [*ours, guard, *kept]
 

@@ -16,8 +16,8 @@ from ...user_input import UserInputError
 
 MAX_NAME_CHARS = 128
 # 3D Slicer uploads a volume under its node name ("2: CT Abdomen", "Lebér"): letters and digits of any script,
-# spaces, ':' and '()' too; never a separator, and no leading '.' or space, no trailing space or '.'
-_ID = re.compile(r"[^\W_](?:[\w .:()-]*[\w)])?")
+# spaces, ':' and '()' too; never a separator, and no leading '.' or space, no trailing space
+_ID = re.compile(r"[^\W_](?:[\w .:()-]*[\w).-])?")
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SEPARATORS = ("/", "\\", "\x00")
@@ -40,12 +40,12 @@ def _problem(value: str) -> str | None:
 
 def image_id(value: str, what: str = "image id") -> str:
     """An id a new image is stored under: letters and digits (any script), spaces, ``. _ - : ( )``; starting with
-    a letter or digit, ending with one or ``)``."""
+    a letter or digit, not ending with a space."""
     problem = _problem(value)
     if problem is None and not _ID.fullmatch(value):
         problem = (
             "may only hold letters, digits, spaces and '.', '_', '-', ':', '(', ')', must start with a letter or digit "
-            "and end with one or ')'"
+            "and not end with a space"
         )
     if problem:
         raise UserInputError(f"{what} {value!r} {problem}")

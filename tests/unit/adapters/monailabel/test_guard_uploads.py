@@ -25,7 +25,7 @@ def _as_json(request, err):
     return JSONResponse({"detail": err.detail}, status_code=err.status_code)
 
 
-def _app(settings: ServerSettings, bind_host: str = "127.0.0.1", folder=None) -> TestClient:
+def _app(settings: ServerSettings, bind_host: str = "127.0.0.1", folder=None, origins=None) -> TestClient:
     seen = {}
 
     async def echo(request):
@@ -42,7 +42,7 @@ def _app(settings: ServerSettings, bind_host: str = "127.0.0.1", folder=None) ->
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestGuard, settings=settings, bind_host=bind_host)],
+        middleware=[Middleware(RequestGuard, settings=settings, bind_host=bind_host, origins=origins)],
         exception_handlers={HTTPException: _as_json},  # what FastAPI does with an HTTPException
     )
     client = TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=True)
@@ -155,3 +155,20 @@ def test_staging_folders_go_and_leftovers_are_swept(tmp_path):
     (left / "half.nii").write_bytes(b"x")
     (staging.root / "stray").write_bytes(b"x")
     assert staging.sweep() == 2 and list(staging.root.iterdir()) == []
+
+
+def test_viewers_the_operator_allowed_and_proxied_pages_may_write():
+    """The cross-site check refused viewers allowed through MONAI_LABEL_CORS_ORIGINS, and a server's own pages behind
+    a proxy that rewrites Host (the README's TLS set-up)."""
+    viewer = "http://localhost:3000"
+    client = _app(ServerSettings(), origins=(viewer,))
+    assert client.post("/infer/m", headers={"Origin": viewer}).status_code != 403
+    assert client.post("/infer/m", headers={"Origin": "https://evil.example"}).status_code == 403
+    proxied = {"Origin": "https://medplib.hospital.example", "X-Forwarded-Host": "medplib.hospital.example"}
+    assert client.post("/infer/m", headers=proxied).status_code != 403
+    listed = _app(ServerSettings(allowed_hosts=("medplib.hospital.example",)))
+    reply = listed.post(
+        "/infer/m",
+        headers={"Origin": "https://medplib.hospital.example", "Host": "medplib.hospital.example"},
+    )
+    assert reply.status_code != 403
